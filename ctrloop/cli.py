@@ -1,0 +1,171 @@
+"""The `ctrloop` command: the composition root. It alone imports trainer/ (and, later, service/),
+lazily per subcommand, reads settings from the environment and flags, and turns errors into
+messages that say what to do.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from ctrloop.errors import CtrloopError
+
+DEFAULT_CLICK_WINDOW = 120.0
+
+
+def _learning_flags(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("learning (also CTRLOOP_* environment variables)")
+    g.add_argument("--feature-spec", type=Path, help="feature spec JSON (default: inferred)")
+    g.add_argument("--click-window", type=float, help="click-attribution window, event seconds "
+                   f"(default {DEFAULT_CLICK_WINDOW:g})")
+    g.add_argument("--allowed-lateness", type=float, help="watermark lag, seconds (default 30)")
+    g.add_argument("--publish-interval", type=float,
+                   help="event-time seconds between model snapshots (default 1)")
+    g.add_argument("--model", help="architecture: fwfm (default) or lr")
+    g.add_argument("--dim", type=int, help="embedding size (default 16)")
+    g.add_argument("--batch-size", type=int, help="minibatch size (default 1024)")
+    g.add_argument("--sparse-lr", type=float, help="Adagrad learning rate of embeddings")
+    g.add_argument("--dense-lr", type=float, help="Adam learning rate of dense weights")
+    g.add_argument("--no-warmup", dest="warmup", action="store_false", default=None,
+                   help="learn positives of the first click window too")
+    g.add_argument("--seed", type=int, help="model initialisation seed (default 0)")
+
+
+_LEARNING_KEYS = ("feature_spec", "click_window", "allowed_lateness", "publish_interval",
+                  "model", "dim", "batch_size", "sparse_lr", "dense_lr", "warmup", "seed")
+
+
+def _overrides(args: argparse.Namespace, keys: Sequence[str]) -> dict[str, Any]:
+    return {k: getattr(args, k) for k in keys if getattr(args, k, None) is not None}
+
+
+def _print_json(obj: Any) -> None:
+    print(json.dumps(obj, indent=2, default=str))
+
+
+def cmd_simulate(args: argparse.Namespace) -> int:
+    from ctrloop.sim import WorldConfig, write_files
+
+    cfg: dict[str, Any] = {"seed": args.seed}
+    if args.rate is not None:
+        cfg["impressions_per_second"] = args.rate
+    summary = write_files(WorldConfig(**cfg), args.impressions, args.events_out, args.truth_out)
+    print(f"wrote {summary['impressions']:,} impressions and {summary['clicks']:,} clicks to "
+          f"{args.events_out}, truth to {args.truth_out}", file=sys.stderr)
+    _print_json(summary)
+    return 0
+
+
+def cmd_replay(args: argparse.Namespace) -> int:
+    from ctrloop.features import FeatureSpec
+    from trainer.replay import outputs_for, print_progress, replay
+    from trainer.settings import LearningSettings
+
+    settings = LearningSettings(**_overrides(args, _LEARNING_KEYS))
+    outputs = outputs_for(args.predictions_out, args.rejects_out, args.spec_out)
+    spec = FeatureSpec.load(settings.feature_spec) if settings.feature_spec else None
+    print(f"replaying {args.events} ...", file=sys.stderr)
+    summary = replay(args.events, outputs, spec, settings.pipeline_config(), settings.seed,
+                     progress=print_progress)
+    if summary["spec_inferred"]:
+        print(f"feature spec inferred from the first impressions, saved to "
+              f"{outputs.spec} (edit it and pass --feature-spec to reuse)", file=sys.stderr)
+    if args.truth is not None:
+        from ctrloop.evaluate import evaluate
+
+        summary["evaluation"] = evaluate(args.predictions_out, args.truth,
+                                         settings.click_window)
+    if args.summary_out is not None:
+        args.summary_out.write_text(json.dumps(summary, indent=2, default=str))
+    _print_json(summary)
+    m = summary["metrics"]
+    print(f"\n{summary['pipeline']['events']:,} events in {summary['seconds']:.1f} s "
+          f"({summary['events_per_s']:,.0f} events/s); progressive logloss {m['logloss']:.4f}, "
+          f"AUC {m['auc']:.4f}, calibration {m['calibration']:.3f}; {summary['rejected']} "
+          f"rejected lines (see {outputs.rejects})", file=sys.stderr)
+    if "evaluation" in summary:
+        ev = summary["evaluation"]["after_skip"]
+        print(f"served predictions after the first 20%: AUC {ev['auc']:.4f} (oracle "
+              f"{ev['oracle_auc']:.4f}), logloss {ev['logloss']:.4f} (oracle "
+              f"{ev['oracle_logloss']:.4f}), calibration {ev['calibration']:.3f}",
+              file=sys.stderr)
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from trainer.settings import TrainerSettings
+    from trainer.streaming import run_trainer
+
+    keys = (*_LEARNING_KEYS, "kafka_bootstrap", "redis_url", "group_id", "checkpoint_dir",
+            "checkpoint_interval_s", "max_events", "stop_when_idle_s")
+    settings = TrainerSettings(**_overrides(args, keys))
+    summary = run_trainer(settings, args.summary_out)
+    _print_json(summary)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="ctrloop",
+        description="Online-learning CTR service for ads: simulate traffic, replay it through "
+                    "the trainer, or train from Kafka.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("simulate", help="write a simulated events file and its truth file")
+    p.add_argument("--impressions", type=int, default=1_000_000)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--rate", type=float, help="impressions per event-time second (default 300)")
+    p.add_argument("--events-out", type=Path, default=Path("events.jsonl"))
+    p.add_argument("--truth-out", type=Path, default=Path("truth.jsonl"))
+    p.set_defaults(func=cmd_simulate)
+
+    p = sub.add_parser("replay", help="run the joiner and trainer over an events file")
+    p.add_argument("--events", type=Path, required=True, help="JSON Lines events file")
+    p.add_argument("--predictions-out", type=Path, required=True,
+                   help="one {impression_id, pctr, model_version} per impression")
+    p.add_argument("--rejects-out", type=Path, help="default <predictions-out>.rejects.jsonl")
+    p.add_argument("--spec-out", type=Path, help="default <predictions-out>.spec.json")
+    p.add_argument("--truth", type=Path, help="simulator truth file: also score predictions")
+    p.add_argument("--summary-out", type=Path, help="write the summary JSON here")
+    _learning_flags(p)
+    p.set_defaults(func=cmd_replay)
+
+    p = sub.add_parser("train", help="train from Kafka, publish snapshots to Redis")
+    p.add_argument("--kafka-bootstrap", help="host:port (CTRLOOP_KAFKA_BOOTSTRAP)")
+    p.add_argument("--redis-url", help="redis://host:port/db (CTRLOOP_REDIS_URL)")
+    p.add_argument("--group-id", help="Kafka consumer group (default ctrloop-trainer)")
+    p.add_argument("--checkpoint-dir", type=Path, help="default runs/trainer")
+    p.add_argument("--checkpoint-interval-s", type=float, help="wall seconds (default 10)")
+    p.add_argument("--max-events", type=int, help="stop after this many messages")
+    p.add_argument("--stop-when-idle-s", type=float, help="stop after this long caught up")
+    p.add_argument("--summary-out", type=Path, help="write the final summary JSON here")
+    _learning_flags(p)
+    p.set_defaults(func=cmd_train)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("kafka").setLevel(logging.WARNING)
+    try:
+        return int(args.func(args))
+    except CtrloopError as e:
+        print(f"ctrloop: error: {e}", file=sys.stderr)
+        return 2
+    except ValueError as e:  # pydantic's ValidationError: bad settings from flags or env
+        print(f"ctrloop: invalid settings:\n{e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

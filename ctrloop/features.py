@@ -1,0 +1,281 @@
+"""Feature spec (which fields, how encoded) and the encoder from impressions to embedding indices.
+
+The spec is one typed object that travels with every model snapshot (FuxiCTR's persisted feature
+map, torchrec's typed configs): the trainer encodes with it, the service refuses a model whose
+spec it cannot serve. Each field owns a contiguous range of rows in one embedding table; index 0
+of each range is the field's "missing" bucket.
+
+>>> spec = FeatureSpec((Field("user.age", "categorical", "user", 64),
+...                     Field("ad.bid", "numeric", "ad", NUMERIC_BUCKETS)))
+>>> enc = FeatureEncoder(spec)
+>>> row = enc.encode_features({"user.age": "25-34", "ad.bid": 1.5, "other": 1})
+>>> row[0] == row[0] % 64 and 64 <= row[1] < 64 + NUMERIC_BUCKETS, enc.unknown_features
+(True, 1)
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import zlib
+from collections import Counter
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from functools import cached_property
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+
+from ctrloop.errors import FeatureSpecError
+from ctrloop.events import FeatureValue, Impression
+
+Kind = Literal["categorical", "numeric"]
+Part = Literal["user", "context", "ad"]
+KINDS: tuple[str, ...] = ("categorical", "numeric")
+PARTS: tuple[str, ...] = ("user", "context", "ad")
+
+# Signed log bins: round(4*log2(1+|x|)) is at most 160 for |x| <= 1e12 (the contract's bound),
+# so a numeric field has 2*160+1 bins plus the missing bucket and needs no hashing at all.
+NUMERIC_RESOLUTION = 4.0
+NUMERIC_MAX_BIN = 160
+NUMERIC_BUCKETS = 2 * NUMERIC_MAX_BIN + 2
+
+# Ids at the top level of an impression become these categorical fields (docs/events.md).
+ID_FIELDS: dict[str, tuple[str, Part, int]] = {
+    "user.id": ("user_id", "user", 1 << 18),
+    "ad.id": ("ad_id", "ad", 1 << 16),
+    "ad.advertiser_id": ("advertiser_id", "ad", 1 << 12),
+}
+_CACHE_LIMIT = 1 << 18
+
+
+@dataclass(frozen=True, slots=True)
+class Field:
+    name: str
+    kind: Kind
+    part: Part
+    buckets: int
+
+    def __post_init__(self) -> None:
+        if not self.name:
+            raise FeatureSpecError("a field needs a name")
+        if self.kind not in KINDS:
+            raise FeatureSpecError(f"field {self.name!r}: kind must be one of {KINDS}")
+        if self.part not in PARTS:
+            raise FeatureSpecError(f"field {self.name!r}: part must be one of {PARTS}")
+        if not isinstance(self.buckets, int) or not 2 <= self.buckets <= 1 << 24:
+            raise FeatureSpecError(f"field {self.name!r}: buckets must be an integer 2..2^24")
+
+
+def part_of(name: str) -> Part:
+    if name.startswith("user."):
+        return "user"
+    if name.startswith("ad."):
+        return "ad"
+    return "context"
+
+
+@dataclass(frozen=True)
+class FeatureSpec:
+    fields: tuple[Field, ...]
+    version: int = 1
+
+    def __post_init__(self) -> None:
+        names = [f.name for f in self.fields]
+        if not names:
+            raise FeatureSpecError("a feature spec needs at least one field")
+        dupes = [n for n, c in Counter(names).items() if c > 1]
+        if dupes:
+            raise FeatureSpecError(f"duplicate field names in feature spec: {dupes}")
+
+    @property
+    def names(self) -> list[str]:
+        return [f.name for f in self.fields]
+
+    @cached_property
+    def offsets(self) -> tuple[int, ...]:
+        out, acc = [], 0
+        for f in self.fields:
+            out.append(acc)
+            acc += f.buckets
+        return tuple(out)
+
+    @property
+    def total_buckets(self) -> int:
+        return self.offsets[-1] + self.fields[-1].buckets
+
+    @property
+    def num_fields(self) -> int:
+        return len(self.fields)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "version": self.version,
+            "fields": [
+                {"name": f.name, "kind": f.kind, "part": f.part, "buckets": f.buckets}
+                for f in self.fields
+            ],
+        }
+
+    @cached_property
+    def hash(self) -> str:
+        """Content hash: two specs with the same hash encode every event identically."""
+        canon = json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(canon.encode()).hexdigest()[:16]
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> FeatureSpec:
+        try:
+            fields = tuple(
+                Field(str(f["name"]), f["kind"], f.get("part") or part_of(f["name"]),
+                      int(f["buckets"]))
+                for f in d["fields"]
+            )
+            return cls(fields=fields, version=int(d.get("version", 1)))
+        except (KeyError, TypeError, ValueError) as e:
+            raise FeatureSpecError(
+                f"malformed feature spec ({type(e).__name__}: {e}); expected "
+                '{"version": 1, "fields": [{"name", "kind", "part", "buckets"}, ...]}'
+            ) from None
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2)
+
+    def save(self, path: Path) -> None:
+        path.write_text(self.to_json() + "\n")
+
+    @classmethod
+    def load(cls, path: Path) -> FeatureSpec:
+        try:
+            return cls.from_dict(json.loads(Path(path).read_text()))
+        except (OSError, json.JSONDecodeError) as e:
+            raise FeatureSpecError(f"cannot read feature spec {path}: {e}") from None
+
+    def compatible_with(self, other: FeatureSpec) -> bool:
+        return self.hash == other.hash
+
+    @classmethod
+    def infer(cls, impressions: Iterable[Impression]) -> FeatureSpec:
+        """Strings → categorical, numbers → numeric; buckets ~16× the distinct values seen."""
+        kinds: dict[str, set[str]] = {}
+        distinct: dict[str, set[Any]] = {}
+        for imp in impressions:
+            for name, value in imp.features.items():
+                if value is None:
+                    continue
+                kinds.setdefault(name, set()).add("categorical" if isinstance(value, str)
+                                                  else "numeric")
+                seen = distinct.setdefault(name, set())
+                if len(seen) < 4096:
+                    seen.add(value)
+        fields = [Field(name, "categorical", part, buckets)
+                  for name, (_, part, buckets) in ID_FIELDS.items() if name not in kinds]
+        for name in kinds:
+            # A field seen with both strings and numbers can only be encoded as categorical.
+            kind: Kind = "numeric" if kinds[name] == {"numeric"} else "categorical"
+            if kind == "numeric":
+                buckets = NUMERIC_BUCKETS
+            else:
+                buckets = min(1 << 16, max(256, 1 << (16 * len(distinct[name])).bit_length()))
+            fields.append(Field(name, kind, part_of(name), buckets))
+        order = {p: i for i, p in enumerate(PARTS)}
+        fields.sort(key=lambda f: (order[f.part], f.name))
+        return cls(tuple(fields))
+
+
+def numeric_bin(x: float) -> int:
+    """Bucket of a number within a numeric field's range: 1..NUMERIC_BUCKETS-1 (0 = missing)."""
+    b = round(NUMERIC_RESOLUTION * math.log2(1.0 + abs(x)))
+    if b > NUMERIC_MAX_BIN:
+        b = NUMERIC_MAX_BIN
+    return NUMERIC_MAX_BIN + 1 + (b if x >= 0 else -b)
+
+
+def _categorical_key(value: FeatureValue) -> str:
+    if isinstance(value, float) and value.is_integer():
+        return str(int(value))
+    return str(value)
+
+
+class FeatureEncoder:
+    """Impression → one global embedding index per field (a list of ints, spec order).
+
+    Categorical values are hashed with CRC32 of "name=value" — stable across processes, unlike
+    Python's salted `hash` — and cached per field, since ad traffic repeats values constantly.
+    """
+
+    def __init__(self, spec: FeatureSpec) -> None:
+        self.spec = spec
+        self._slot = {f.name: i for i, f in enumerate(spec.fields)}
+        self._numeric = [f.kind == "numeric" for f in spec.fields]
+        self._offsets = spec.offsets
+        self._buckets = [f.buckets for f in spec.fields]
+        self._prefix = [(f.name + "=").encode() for f in spec.fields]
+        self._caches: list[dict[FeatureValue, int]] = [{} for _ in spec.fields]
+        self._missing_row = list(spec.offsets)
+        self._id_slots = [(self._slot[name], attr) for name, (attr, _, _) in ID_FIELDS.items()
+                          if name in self._slot]
+        self.unknown_features = 0
+        self.unknown_names: Counter[str] = Counter()
+        self.type_mismatches = 0
+
+    def _index(self, i: int, value: FeatureValue) -> int:
+        cache = self._caches[i]
+        idx = cache.get(value)
+        if idx is not None:
+            return idx
+        if self._numeric[i]:
+            if isinstance(value, str):
+                self.type_mismatches += 1
+                return self._offsets[i]
+            idx = self._offsets[i] + numeric_bin(float(value)) % self._buckets[i]
+        else:
+            h = zlib.crc32(_categorical_key(value).encode(), zlib.crc32(self._prefix[i]))
+            idx = self._offsets[i] + 1 + h % (self._buckets[i] - 1)
+        if len(cache) >= _CACHE_LIMIT:
+            cache.clear()  # bounded memory; values recur, so the cache refills with the hot ones
+        cache[value] = idx
+        return idx
+
+    def encode_features(self, features: Mapping[str, FeatureValue]) -> list[int]:
+        row = self._missing_row.copy()
+        slot = self._slot
+        caches = self._caches
+        for name, value in features.items():
+            i = slot.get(name)
+            if i is None:
+                self._unknown(name)
+            elif value is not None:
+                idx = caches[i].get(value)  # inlined fast path of _index
+                row[i] = idx if idx is not None else self._index(i, value)
+        return row
+
+    def _unknown(self, name: str) -> None:
+        self.unknown_features += 1
+        if len(self.unknown_names) < 1000 or name in self.unknown_names:
+            self.unknown_names[name] += 1
+
+    def encode(self, imp: Impression) -> list[int]:
+        row = self.encode_features(imp.features)
+        offsets, caches = self._offsets, self._caches
+        for i, attr in self._id_slots:
+            if row[i] == offsets[i]:  # features may carry the id themselves
+                value = getattr(imp, attr)
+                idx = caches[i].get(value)
+                row[i] = idx if idx is not None else self._index(i, value)
+        return row
+
+    def encode_many(self, imps: Iterable[Impression]) -> np.ndarray:
+        rows = [self.encode(imp) for imp in imps]
+        if not rows:
+            return np.zeros((0, self.spec.num_fields), dtype=np.int64)
+        return np.asarray(rows, dtype=np.int64)
+
+    def stats(self) -> dict[str, Any]:
+        return {
+            "unknown_features": self.unknown_features,
+            "unknown_names": dict(self.unknown_names.most_common(20)),
+            "type_mismatches": self.type_mismatches,
+        }

@@ -1,0 +1,295 @@
+"""Event-time join of clicks to impressions into labelled samples.
+
+Pure: no clock, no I/O. The caller feeds events and advances a watermark (event time below which
+no more events are expected); the joiner answers with samples. The same object runs in replay
+and on Kafka, so a replay reproduces what the streaming trainer learned.
+
+Rules (docs/events.md):
+- a click within `click_window` seconds of its impression makes a positive sample at once;
+- an impression whose window has closed under the watermark (ts + window <= watermark) becomes
+  a negative sample;
+- a click that arrives before its impression (topics are read independently) waits as an orphan
+  for `orphan_ttl` seconds of event time;
+- duplicates (same impression id twice, a click twice) are dropped and counted; ids stay
+  remembered for `dedup_horizon` seconds after their sample is released;
+- state is bounded: above `max_pending` impressions the one with the earliest deadline is evicted
+  (emitted as a negative, or dropped, per `evict`), and counted.
+
+>>> j = Joiner(JoinerConfig(click_window=10))
+>>> j.add_impression("a", 100.0, payload=[1, 2])
+[]
+>>> [(s.impression_id, s.label) for s in j.add_click("a", 103.0)]
+[('a', 1)]
+>>> j.add_impression("b", 101.0, payload=[3, 4])
+[]
+>>> [(s.impression_id, s.label) for s in j.advance(111.0)]
+[('b', 0)]
+"""
+
+from __future__ import annotations
+
+import heapq
+from collections import deque
+from dataclasses import asdict, dataclass, field
+from typing import Any, Literal
+
+from ctrloop.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class JoinerConfig:
+    click_window: float = 120.0
+    orphan_ttl: float = 120.0
+    dedup_horizon: float = 3600.0
+    max_pending: int = 2_000_000
+    max_remembered: int = 4_000_000
+    evict: Literal["emit", "drop"] = "emit"
+
+    def __post_init__(self) -> None:
+        if self.click_window <= 0:
+            raise ConfigError("click_window must be > 0 seconds")
+        if self.orphan_ttl < 0 or self.dedup_horizon < 0:
+            raise ConfigError("orphan_ttl and dedup_horizon must be >= 0 seconds")
+        if self.max_pending < 1 or self.max_remembered < 1:
+            raise ConfigError("max_pending and max_remembered must be >= 1")
+        if self.evict not in ("emit", "drop"):
+            raise ConfigError("evict must be 'emit' or 'drop'")
+
+
+@dataclass(slots=True)
+class Sample:
+    impression_id: str
+    ts: float
+    label: int
+    payload: Any
+    label_ts: float
+
+
+@dataclass
+class JoinStats:
+    impressions: int = 0
+    clicks: int = 0
+    positives: int = 0
+    negatives: int = 0
+    duplicate_impressions: int = 0
+    duplicate_clicks: int = 0
+    clicks_outside_window: int = 0
+    late_clicks: int = 0
+    late_impressions: int = 0
+    unmatched_clicks: int = 0
+    evicted: int = 0
+
+
+class Joiner:
+    def __init__(self, config: JoinerConfig | None = None) -> None:
+        self.config = config or JoinerConfig()
+        self.watermark = float("-inf")
+        self.stats = JoinStats()
+        # impression_id -> (ts, payload); deadlines in a heap with lazy deletion
+        self._pending: dict[str, tuple[float, Any]] = {}
+        self._deadlines: list[tuple[float, int, str]] = []
+        self._seq = 0
+        self._orphans: dict[str, float] = {}  # click before impression: id -> click ts
+        # released ids -> label, forgotten in release order (a deque: deleting from the front
+        # of a dict makes every later next(iter(d)) skip the holes, O(n) per call).
+        self._done: dict[str, int] = {}
+        self._forget: deque[tuple[float, str]] = deque()
+
+    @property
+    def pending(self) -> int:
+        return len(self._pending)
+
+    def add_impression(self, impression_id: str, ts: float, payload: Any) -> list[Sample]:
+        if impression_id in self._pending or impression_id in self._done:
+            self.stats.duplicate_impressions += 1
+            return []
+        self.stats.impressions += 1
+        click_ts = self._orphans.pop(impression_id, None)
+        deadline = ts + self.config.click_window
+        if click_ts is not None and click_ts - ts <= self.config.click_window:
+            return [self._release(impression_id, ts, payload, 1, max(click_ts, ts))]
+        if click_ts is not None:
+            self.stats.clicks_outside_window += 1
+        if deadline <= self.watermark:
+            # Arrived after its own window closed: its label is already final.
+            self.stats.late_impressions += 1
+            return [self._release(impression_id, ts, payload, 0, self.watermark)]
+        self._pending[impression_id] = (ts, payload)
+        heapq.heappush(self._deadlines, (deadline, self._seq, impression_id))
+        self._seq += 1
+        if len(self._pending) > self.config.max_pending:
+            return self._evict_one()
+        return []
+
+    def add_click(self, impression_id: str, ts: float) -> list[Sample]:
+        self.stats.clicks += 1
+        entry = self._pending.get(impression_id)
+        if entry is not None:
+            imp_ts, payload = entry
+            if ts - imp_ts > self.config.click_window:
+                self.stats.clicks_outside_window += 1
+                return []
+            del self._pending[impression_id]
+            return [self._release(impression_id, imp_ts, payload, 1, max(ts, imp_ts))]
+        done = self._done.get(impression_id)
+        if done is not None:
+            if done == 1:
+                self.stats.duplicate_clicks += 1
+            else:
+                self.stats.late_clicks += 1
+            return []
+        if impression_id in self._orphans:
+            self.stats.duplicate_clicks += 1
+            return []
+        if ts + self.config.orphan_ttl <= self.watermark:
+            self.stats.unmatched_clicks += 1
+            return []
+        self._orphans[impression_id] = ts
+        return []
+
+    def advance(self, watermark: float) -> list[Sample]:
+        """Move event time forward; returns the negatives whose window closed."""
+        if watermark <= self.watermark:
+            return []
+        self.watermark = watermark
+        out: list[Sample] = []
+        heap = self._deadlines
+        while heap and heap[0][0] <= watermark:
+            _, _, impression_id = heapq.heappop(heap)
+            entry = self._pending.pop(impression_id, None)
+            if entry is not None:  # else: already released as a positive
+                label_ts = entry[0] + self.config.click_window
+                out.append(self._release(impression_id, entry[0], entry[1], 0, label_ts))
+        self._expire(watermark)
+        return out
+
+    def flush(self) -> list[Sample]:
+        """Release everything pending as final (end of a finite replay)."""
+        return self.advance(float("inf"))
+
+    def _release(self, impression_id: str, ts: float, payload: Any, label: int,
+                 label_ts: float) -> Sample:
+        if label:
+            self.stats.positives += 1
+        else:
+            self.stats.negatives += 1
+        self._remember(impression_id, ts + self.config.click_window + self.config.dedup_horizon,
+                       label)
+        return Sample(impression_id, ts, label, payload, label_ts)
+
+    def _evict_one(self) -> list[Sample]:
+        while self._deadlines:
+            deadline, _, impression_id = heapq.heappop(self._deadlines)
+            entry = self._pending.pop(impression_id, None)
+            if entry is None:
+                continue
+            self.stats.evicted += 1
+            if self.config.evict == "emit":
+                return [self._release(impression_id, entry[0], entry[1], 0, deadline)]
+            self._remember(impression_id, deadline + self.config.dedup_horizon, 0)
+            return []
+        return []
+
+    def _expire(self, watermark: float) -> None:
+        ttl = self.config.orphan_ttl
+        if self._orphans:
+            gone = [k for k, ts in self._orphans.items() if ts + ttl <= watermark]
+            for k in gone:
+                del self._orphans[k]
+            self.stats.unmatched_clicks += len(gone)
+        # Released ids are roughly in deadline order; stop at the first one still remembered.
+        forget = self._forget
+        while forget and forget[0][0] <= watermark:
+            self._done.pop(forget.popleft()[1], None)
+
+    def _remember(self, impression_id: str, forget_at: float, label: int) -> None:
+        self._done[impression_id] = label
+        self._forget.append((forget_at, impression_id))
+        if len(self._forget) > self.config.max_remembered:
+            self._done.pop(self._forget.popleft()[1], None)
+
+    def snapshot(self) -> dict[str, Any]:
+        """Plain-data state (JSON-serialisable when payloads are); `restore` inverts it."""
+        pending = sorted((seq, k) for (_, seq, k) in self._deadlines if k in self._pending)
+        seen: set[str] = set()
+        rows = []
+        for _, k in pending:
+            if k not in seen:
+                seen.add(k)
+                ts, payload = self._pending[k]
+                rows.append([k, ts, payload])
+        return {
+            "config": asdict(self.config),
+            "watermark": self.watermark if self.watermark != float("-inf") else None,
+            "pending": rows,
+            "orphans": list(self._orphans.items()),
+            "done": [[k, f, self._done[k]] for f, k in self._forget if k in self._done],
+            "stats": asdict(self.stats),
+        }
+
+    @classmethod
+    def restore(cls, state: dict[str, Any], config: JoinerConfig | None = None) -> Joiner:
+        j = cls(config or JoinerConfig(**state["config"]))
+        wm = state.get("watermark")
+        j.watermark = float("-inf") if wm is None else float(wm)
+        for k, ts, payload in state["pending"]:
+            j._pending[k] = (ts, payload)
+            j._deadlines.append((ts + j.config.click_window, j._seq, k))
+            j._seq += 1
+        heapq.heapify(j._deadlines)
+        j._orphans = {k: float(ts) for k, ts in state["orphans"]}
+        for k, f, label in state["done"]:
+            j._remember(k, float(f), int(label))
+        j.stats = JoinStats(**state["stats"])
+        return j
+
+
+@dataclass
+class WatermarkTracker:
+    """Event-time clock over several sources (Kafka partitions, or one file).
+
+    The clock is the minimum over active sources of the maximum ts each has delivered, so a
+    source that lags (a partition read later) holds event time back instead of having its events
+    judged late. Sources marked idle (caught up, nothing to read) do not hold it back.
+    """
+
+    allowed_lateness: float = 30.0
+    _max_ts: dict[Any, float] = field(default_factory=dict)
+    _idle: set[Any] = field(default_factory=set)
+    _clock: float = float("-inf")
+
+    def observe(self, source: Any, ts: float) -> None:
+        if ts > self._max_ts.get(source, float("-inf")):
+            self._max_ts[source] = ts
+        if self._idle:
+            self._idle.discard(source)
+
+    def set_idle(self, source: Any, idle: bool) -> None:
+        if idle:
+            self._idle.add(source)
+        else:
+            self._idle.discard(source)
+
+    def max_ts(self, source: Any) -> float:
+        return self._max_ts.get(source, float("-inf"))
+
+    @property
+    def clock(self) -> float:
+        if len(self._max_ts) == 1 and not self._idle:  # one source (a file): its max ts
+            (candidate,) = self._max_ts.values()
+            if candidate > self._clock:
+                self._clock = candidate
+            return self._clock
+        active = [t for s, t in self._max_ts.items() if s not in self._idle]
+        candidate = min(active) if active else max(self._max_ts.values(), default=float("-inf"))
+        if candidate > self._clock:  # event time never goes backwards
+            self._clock = candidate
+        return self._clock
+
+    def force(self, clock: float) -> None:
+        """Advance the clock with no events (an idle live stream); never moves it back."""
+        self._clock = max(self._clock, clock)
+
+    @property
+    def watermark(self) -> float:
+        return self.clock - self.allowed_lateness

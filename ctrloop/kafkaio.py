@@ -1,0 +1,313 @@
+"""Thin kafka-python helpers shared by the trainer and the scoring service.
+
+Settings here are tuned against the Tansu broker that `ctrloop.localservers` starts, on a
+2-core machine; every helper takes `**overrides` for anything else.
+
+What works against Tansu 0.6.0 with kafka-python 3.0.12 (checked by hand and in
+tests/integration/test_localservers.py):
+
+- Topics: `KafkaAdminClient.create_topics` with the dict form (`{name: {"num_partitions": n,
+  "replication_factor": 1}}`; a list of `NewTopic` is deprecated in 3.x), `wait_for_metadata`,
+  `delete_topics`, `list_topics`, `describe_topics`. Creating an existing topic answers
+  TopicAlreadyExists (error 36) per topic. Producing to an unknown topic auto-creates it with
+  one partition, so create topics before the first send or the partition count is wrong.
+- Producer: idempotence (kafka-python's default) is really enforced: the broker hands out
+  producer ids, drops a duplicate sequence (the future resolves with `offset == -1`) and rejects
+  a gap with OutOfOrderSequenceNumber. Transactions are not supported; producer state lives in
+  memory, like everything else, and is lost when the broker restarts.
+- Consumer groups: join, sync, heartbeat, rebalance across members, LeaveGroup on close,
+  `commit()` / `commit_async()` and `committed()` work; a restarted member resumes from the
+  committed offset. Commit metadata strings are not stored (`committed(tp, metadata=True)`
+  returns `metadata=None`). Commits also work without joining (`assign()` + a group id).
+- Joining a group costs about half the session timeout, rounded up to whole seconds: the broker
+  holds the second JoinGroup that long (6 s → ~3.1 s, 3 s → ~2.0 s, 2 s → ~1.1 s, kafka-python's
+  default 45 s → ~23 s). A second member joining an active group took ~5 s; after one member
+  closed, the other had its partitions ~7 s later; after one was SIGKILLed, ~8 s later.
+- `seek()`, `seek_to_beginning()`, `pause()` / `resume()` / `paused()`, `position()` and
+  `highwater()` work. `highwater(tp)` is None until the first fetch from that partition returns,
+  then it is exact (it comes from the fetch response).
+- Broken: ListOffsets(latest) answers the *base offset of the last record batch + 1*, so
+  `end_offsets()` and `seek_to_end()` are short by (size of the last batch - 1) whenever the
+  producer batched; use `highwater()` after a fetch for lag and "caught up" checks.
+  `offsets_for_times()` ignores record timestamps (it answers offset 0 with the append time,
+  and offset 0 even for a time past the end) — do event-time alignment on the records' own
+  timestamps, not with it. `beginning_offsets()` is right (0; nothing is ever deleted).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+import uuid
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer
+from kafka.errors import TopicAlreadyExistsError, for_code
+
+log = logging.getLogger(__name__)
+
+_TOPIC_ALREADY_EXISTS = TopicAlreadyExistsError.errno
+
+PRODUCER_DEFAULTS: Mapping[str, Any] = {
+    # Batching is what makes a Python producer fast: per-record overhead dominates, so wait up
+    # to 5 ms to fill large batches. Bigger batches or longer lingering measured no faster.
+    "linger_ms": 5,
+    "batch_size": 256 * 1024,
+    "acks": "all",
+    # Idempotence (on by default in kafka-python 3) keeps retries from duplicating records or
+    # reordering a key's records, and Tansu enforces it; it needs acks=all and <= 5 in flight.
+    "enable_idempotence": True,
+    "retries": 10,
+    "max_in_flight_requests_per_connection": 5,
+    "delivery_timeout_ms": 120_000,
+    "max_request_size": 4 * 1024 * 1024,
+}
+
+CONSUMER_DEFAULTS: Mapping[str, Any] = {
+    # Offsets are committed by the caller after its state is safe (snapshot + dedup), never
+    # in the background.
+    "enable_auto_commit": False,
+    "auto_offset_reset": "earliest",
+    # Tansu holds a JoinGroup for ~half the session timeout: 6 s gives ~3 s joins, while still
+    # surviving a few seconds of a busy trainer (heartbeats run on kafka-python's IO thread).
+    "session_timeout_ms": 6000,
+    "heartbeat_interval_ms": 2000,
+    # Fetch sizes: measured max_poll_records 500/2000/5000 x max_partition_fetch_bytes
+    # 256 KiB/1/4/16 MiB (interleaved runs, 200k records): the differences (<15%) were within
+    # run-to-run noise; 2000 / 4 MiB was best or tied, records per consumer-CPU-second included.
+    "max_poll_records": 2000,
+    "max_partition_fetch_bytes": 4 * 1024 * 1024,
+    "fetch_max_bytes": 32 * 1024 * 1024,
+}
+
+
+def create_topics(
+    bootstrap: str,
+    names: Iterable[str],
+    partitions: int = 1,
+    *,
+    timeout_s: float = 10.0,
+) -> list[str]:
+    """Create the topics that do not exist yet; returns the names it created.
+
+    An existing topic is fine (it is left as it is; a different partition count is logged as
+    a warning, because keyed topics that must co-partition would silently diverge). Returns
+    once every topic is visible in metadata with a leader, so producing right after is safe.
+    """
+    wanted = list(dict.fromkeys(names))
+    if not wanted:
+        return []
+    admin = KafkaAdminClient(
+        bootstrap_servers=bootstrap,
+        client_id="ctrloop-admin",
+        request_timeout_ms=int(timeout_s * 1000),
+    )
+    try:
+        response = admin.create_topics(
+            {name: {"num_partitions": partitions, "replication_factor": 1} for name in wanted},
+            timeout_ms=int(timeout_s * 1000),
+            raise_errors=False,
+        )
+        created: list[str] = []
+        existing: list[str] = []
+        for result in response["topics"]:
+            code = result["error_code"]
+            if code == 0:
+                created.append(result["name"])
+            elif code == _TOPIC_ALREADY_EXISTS:
+                existing.append(result["name"])
+            else:
+                error = for_code(code)
+                raise error(f"creating topic {result['name']!r}: {result.get('error_message')}")
+        admin.wait_for_topics(wanted, timeout_ms=int(timeout_s * 1000))
+        if existing:
+            for topic in admin.describe_topics(existing):
+                n = len(topic["partitions"])
+                if n != partitions:
+                    log.warning(
+                        "topic %s already exists with %d partitions (wanted %d)",
+                        topic["name"],
+                        n,
+                        partitions,
+                    )
+        return created
+    finally:
+        admin.close()
+
+
+def make_producer(bootstrap: str, **overrides: Any) -> KafkaProducer:
+    """A KafkaProducer with `PRODUCER_DEFAULTS`; keys and values are bytes unless overridden.
+
+    Measured here with `python -m ctrloop.kafkaio` (2 cores shared with the broker and with
+    other work, 313-byte JSON values, keyed, one partition, 200k records): median ~37k msg/s,
+    21–42k across runs; the pure-Python producer is the bottleneck, not the broker. With
+    kafka-python's defaults (linger 0, batch 16 KiB) ~14k msg/s; batch 64 KiB ~20k; batch
+    1 MiB, linger 20 ms, acks=1 or idempotence off: no clear change.
+    """
+    config: dict[str, Any] = {"bootstrap_servers": bootstrap, "client_id": "ctrloop-producer"}
+    config.update(PRODUCER_DEFAULTS)
+    config.update(overrides)
+    return KafkaProducer(**config)
+
+
+def make_consumer(
+    bootstrap: str,
+    group_id: str | None,
+    topics: Iterable[str] = (),
+    **overrides: Any,
+) -> KafkaConsumer:
+    """A KafkaConsumer with `CONSUMER_DEFAULTS`, subscribed to `topics` if any are given.
+
+    With no topics the caller `assign()`s partitions itself (commits still work with a group
+    id). Joining the group happens in the first `poll()` calls and takes ~3 s against Tansu
+    with the default 6 s session timeout.
+    """
+    config: dict[str, Any] = {
+        "bootstrap_servers": bootstrap,
+        "group_id": group_id,
+        "client_id": "ctrloop-consumer",
+    }
+    config.update(CONSUMER_DEFAULTS)
+    config.update(overrides)
+    consumer = KafkaConsumer(**config)
+    topic_list = list(topics)
+    if topic_list:
+        consumer.subscribe(topic_list)
+    return consumer
+
+
+def raw_consume_rate(
+    bootstrap: str,
+    topics: Iterable[str],
+    n: int,
+    *,
+    decode_json: bool = False,
+    timeout_s: float = 120.0,
+    **overrides: Any,
+) -> float:
+    """Consume `n` records with a fresh consumer group and return records per second.
+
+    This is the "raw kafka-python rate" the trainer is benchmarked against: no processing
+    beyond `json.loads` of each value when `decode_json` is set. The clock starts at the first
+    non-empty poll, so the group join (~3 s) is not counted; the records of that first poll
+    are not counted either. Raises TimeoutError if fewer than `n` records arrive in time.
+
+    Measured here with `python -m ctrloop.kafkaio` (313-byte JSON, one partition, 200k
+    records, CONSUMER_DEFAULTS): ~80k msg/s raw (77–83k), ~55k msg/s with `json.loads`
+    (43–68k); this shared 2-core machine varies by up to ±30% run to run.
+    """
+    consumer = make_consumer(
+        bootstrap, f"ctrloop-rate-{uuid.uuid4().hex[:12]}", topics, **overrides
+    )
+    try:
+        deadline = time.monotonic() + timeout_s
+        seen = 0
+        counted = 0
+        started: float | None = None
+        while seen < n:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"consumed {seen} of {n} records in {timeout_s:.0f} s")
+            batches = consumer.poll(timeout_ms=500)
+            if not batches:
+                continue
+            got = 0
+            for records in batches.values():
+                if decode_json:
+                    for record in records:
+                        json.loads(record.value)
+                got += len(records)
+            seen += got
+            if started is None:
+                started = time.perf_counter()
+            else:
+                counted += got
+        if started is None or counted == 0:
+            return float("nan")  # everything came in the first poll: too few records to time
+        return counted / (time.perf_counter() - started)
+    finally:
+        consumer.close(autocommit=False)
+
+
+def _example_event(i: int) -> bytes:
+    """A ~300-byte impression like docs/events.md's example."""
+    return json.dumps(
+        {
+            "impression_id": f"r{i:09d}",
+            "ts": 1767225600.25 + i * 0.001,
+            "user_id": f"u{i % 100_000}",
+            "ad_id": f"a{i % 5000}",
+            "advertiser_id": f"adv{i % 300}",
+            "features": {
+                "user.age": "25-34",
+                "user.sessions_7d": 12,
+                "ctx.device": "ios",
+                "ctx.hour": "14",
+                "ad.category": "games",
+                "ad.bid": 1.8,
+            },
+            "position": 1,
+            "model_version": "17",
+            "propensity": 0.42,
+        }
+    ).encode()
+
+
+def _bench(bootstrap: str, n: int) -> dict[str, float]:
+    """Produce n events, then time a group join and the raw consume rate with/without JSON."""
+    topic = f"bench-{uuid.uuid4().hex[:8]}"
+    create_topics(bootstrap, [topic])
+    values = [_example_event(i) for i in range(n)]
+    producer = make_producer(bootstrap)
+    try:
+        producer.send(topic, values[0]).get(timeout=10)  # connect + producer id outside timing
+        start = time.perf_counter()
+        for i, value in enumerate(values):
+            producer.send(topic, value, key=b"%d" % i)
+        producer.flush()
+        produce_s = time.perf_counter() - start
+    finally:
+        producer.close()
+
+    consumer = make_consumer(bootstrap, f"ctrloop-join-{uuid.uuid4().hex[:12]}", [topic])
+    try:
+        start = time.perf_counter()
+        while not consumer.assignment():
+            consumer.poll(timeout_ms=100)
+        join_s = time.perf_counter() - start
+    finally:
+        consumer.close(autocommit=False)
+
+    return {
+        "value_bytes": float(sum(map(len, values)) / n),
+        "produce_msgs_per_s": n / produce_s,
+        "group_join_s": join_s,
+        "consume_raw_msgs_per_s": raw_consume_rate(bootstrap, [topic], n + 1),
+        "consume_json_msgs_per_s": raw_consume_rate(bootstrap, [topic], n + 1, decode_json=True),
+    }
+
+
+def main(argv: list[str] | None = None) -> None:
+    """`python -m ctrloop.kafkaio [--bootstrap HOST:PORT] [-n N]`: the numbers quoted above."""
+    import argparse
+    import tempfile
+
+    from ctrloop.localservers import KafkaBroker
+
+    parser = argparse.ArgumentParser(description=main.__doc__)
+    parser.add_argument("--bootstrap", help="an existing broker (default: start a local Tansu)")
+    parser.add_argument("-n", type=int, default=200_000, help="records (default 200000)")
+    args = parser.parse_args(argv)
+    if args.bootstrap:
+        print(json.dumps(_bench(args.bootstrap, args.n), indent=1))
+        return
+    with (
+        tempfile.TemporaryDirectory(prefix="ctrloop-bench-") as log_dir,
+        KafkaBroker(log_dir) as broker,
+    ):
+        print(json.dumps(_bench(broker.bootstrap, args.n), indent=1))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,26 @@
+"""Architectures by name. A new one subclasses CTRModel and is added to MODELS."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ctrloop.errors import ConfigError
+from ctrloop.features import FeatureSpec
+from ctrloop.models.base import CTRModel
+from ctrloop.models.fwfm import FwFM
+from ctrloop.models.lr import LogisticRegression
+
+MODELS: dict[str, type[CTRModel]] = {m.name: m for m in (FwFM, LogisticRegression)}
+
+
+def build_model(name: str, spec: FeatureSpec, **hparams: Any) -> CTRModel:
+    cls = MODELS.get(name)
+    if cls is None:
+        raise ConfigError(f"unknown model {name!r}; choose one of {sorted(MODELS)}")
+    try:
+        return cls(spec, **hparams)
+    except TypeError as e:
+        raise ConfigError(f"bad hyper-parameters for model {name!r}: {e}") from None
+
+
+__all__ = ["MODELS", "CTRModel", "FwFM", "LogisticRegression", "build_model"]

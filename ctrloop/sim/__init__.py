@@ -1,0 +1,29 @@
+"""Simulated ad world with a known true CTR, and the logged event streams it produces."""
+
+from ctrloop.sim.stream import generate, uniform_policy, write_files
+from ctrloop.sim.world import (
+    Ad,
+    Advertiser,
+    Context,
+    Conversion,
+    Request,
+    RequestBatch,
+    World,
+    WorldConfig,
+    feature_table,
+)
+
+__all__ = [
+    "Ad",
+    "Advertiser",
+    "Context",
+    "Conversion",
+    "Request",
+    "RequestBatch",
+    "World",
+    "WorldConfig",
+    "feature_table",
+    "generate",
+    "uniform_policy",
+    "write_files",
+]

@@ -1,0 +1,228 @@
+"""Logged event streams from the simulated world, with the truth behind every impression.
+
+An offline logging policy serves each request: it shows a uniformly random ordering of the
+eligible candidates in the request's slots, so every shown (ad, position) had probability
+1 / n_candidates — the `propensity` in the impression, which off-policy evaluation needs.
+
+Events come out in event-time order: impressions as requests arrive, and each click (drawn
+when its impression is shown, with its delay) from a heap of pending events once event time
+passes it. Work is vectorised per batch of requests; only building the dicts is per event.
+"""
+
+from __future__ import annotations
+
+import heapq
+import math
+import os
+from collections.abc import Iterator
+from typing import Any, Literal
+
+import numpy as np
+import orjson
+
+from ctrloop.sim.world import (
+    IntArray,
+    RequestBatch,
+    World,
+    WorldConfig,
+    seed_sequence,
+)
+
+Event = dict[str, Any]
+Truth = dict[str, Any]
+Kind = Literal["impression", "click", "conversion"]
+
+# Stream seed streams, disjoint from the World's (0..5).
+SEED_ARRIVALS = 100
+SEED_POLICY = 101
+SEED_CLICKS = 102
+SEED_CONVERSIONS = 103
+
+REQUEST_BATCH = 2048
+WRITE_CHUNK = 8192
+CLICK_WINDOW_S = 900.0  # the joiner's default attribution window, for the summary only
+
+
+def uniform_policy(
+    rng: np.random.Generator, batch: RequestBatch
+) -> tuple[IntArray, IntArray, IntArray]:
+    """Show a uniformly random ordering of each request's candidates in its slots.
+
+    Returns (row, position, ad index) per shown impression, by request then position.
+    P(ad at position p) = 1 / n_candidates for every candidate and position.
+    """
+    n, kmax = batch.candidates.shape
+    keys = rng.random((n, kmax))
+    keys[np.arange(kmax)[None, :] >= batch.n_candidates[:, None]] = np.inf
+    max_slots = int(batch.n_slots.max())
+    order = np.argsort(keys, axis=1)[:, :max_slots]
+    shown = np.arange(max_slots)[None, :] < batch.n_slots[:, None]
+    rows, slot = np.nonzero(shown)
+    return rows, slot + 1, batch.candidates[rows, order[rows, slot]]
+
+
+def _stream(world: World, n_impressions: int) -> Iterator[tuple[Kind, Event, Truth | None]]:
+    if n_impressions < 0:
+        raise ValueError("n_impressions must be >= 0")
+    cfg = world.config
+    seed = cfg.seed
+    arrivals = np.random.default_rng(seed_sequence(seed, SEED_ARRIVALS))
+    policy = np.random.default_rng(seed_sequence(seed, SEED_POLICY))
+    clicks = np.random.default_rng(seed_sequence(seed, SEED_CLICKS))
+    conversions = np.random.default_rng(seed_sequence(seed, SEED_CONVERSIONS))
+    mean_gap = 1.0 / world.request_rate
+    ads = world.ads
+    # (ts, seq, kind, event): seq breaks ts ties in push order, so output is deterministic.
+    pending: list[tuple[float, int, Kind, Event]] = []
+    seq = 0
+    t = cfg.start_ts
+    emitted = 0
+    while emitted < n_impressions:
+        arrival = t + np.cumsum(arrivals.exponential(mean_gap, REQUEST_BATCH))
+        t = float(arrival[-1])
+        batch = world.sample_batch(np.round(arrival, 3))
+        rows, pos, ad_idx = uniform_policy(policy, batch)
+        imp_ts = batch.ts[rows]
+        ctr = world.true_ctr_batch(batch, rows, ad_idx, pos)
+        click_ts = world.sample_clicks(clicks, ctr, imp_ts)
+        req_feats = world.request_features(batch)
+        req_ids = batch.request_ids.tolist()
+        users = batch.user.tolist()
+        propensity = (1.0 / batch.n_candidates[rows]).tolist()
+        for r, p, a, ts, prop, c, cts in zip(
+            rows.tolist(), pos.tolist(), ad_idx.tolist(), imp_ts.tolist(), propensity,
+            np.round(ctr, 8).tolist(), click_ts.tolist(), strict=True,
+        ):
+            while pending and pending[0][0] <= ts:
+                _, _, kind, ev = heapq.heappop(pending)
+                yield kind, ev, None
+            ad = ads[a]
+            iid = f"r{req_ids[r]}-{p}"
+            event: Event = {
+                "impression_id": iid,
+                "ts": ts,
+                "user_id": f"u{users[r]}",
+                "ad_id": ad.id,
+                "advertiser_id": ad.advertiser_id,
+                "features": {**req_feats[r], **ad.features},
+                "position": p,
+                "propensity": prop,
+            }
+            clicked = not math.isnan(cts)
+            truth: Truth = {
+                "impression_id": iid,
+                "ts": ts,
+                "ad_id": ad.id,
+                "advertiser_id": ad.advertiser_id,
+                "ad_created_ts": ad.created_ts,
+                "ctr": c,
+                "clicked": clicked,
+                "click_ts": cts if clicked else None,
+                "cvr": None,
+                "converted": None,
+                "conversion_ts": None,
+            }
+            if clicked:
+                heapq.heappush(pending, (cts, seq, "click", {"impression_id": iid, "ts": cts}))
+                seq += 1
+                for conv in world.sample_conversions(conversions, users[r], ad, cts):
+                    ev = {"impression_id": iid, "ts": conv.ts,
+                          "conversion_type": conv.conversion_type}
+                    heapq.heappush(pending, (conv.ts, seq, "conversion", ev))
+                    seq += 1
+            yield "impression", event, truth
+            emitted += 1
+            if emitted == n_impressions:
+                break
+    # Every impression's eventual click is in the stream, however late it comes.
+    while pending:
+        _, _, kind, ev = heapq.heappop(pending)
+        yield kind, ev, None
+
+
+def generate(config: WorldConfig, n_impressions: int) -> Iterator[tuple[Event, Truth | None]]:
+    """Yield (event, truth) in event-time order: truth for impressions, None for clicks.
+
+    Events carry no "type" key (that is for files, see `write_files`). After the last
+    impression, the still-pending clicks follow, so every eventual click is in the stream.
+    """
+    for _, event, truth in _stream(World(config), n_impressions):
+        yield event, truth
+
+
+_PREFIX: dict[Kind, bytes] = {
+    "impression": b'{"type":"impression",',
+    "click": b'{"type":"click",',
+    "conversion": b'{"type":"conversion",',
+}
+
+
+def write_files(
+    config: WorldConfig,
+    n_impressions: int,
+    events_path: str | os.PathLike[str],
+    truth_path: str | os.PathLike[str],
+) -> dict[str, Any]:
+    """Write the events (JSONL with "type", ordered by ts) and the truth; return a summary."""
+    world = World(config)
+    dumps = orjson.dumps
+    nl = orjson.OPT_APPEND_NEWLINE
+    counts = {"impression": 0, "click": 0, "conversion": 0}
+    requests = 0
+    ctr_sum = 0.0
+    clicked = 0
+    clicked_in_window = 0
+    new_ad_impressions = 0
+    ads_shown: set[str] = set()
+    first_ts = last_ts = last_imp_ts = math.nan
+    ev_buf: list[bytes] = []
+    tr_buf: list[bytes] = []
+    with open(events_path, "wb") as ev_f, open(truth_path, "wb") as tr_f:
+        for kind, event, truth in _stream(world, n_impressions):
+            counts[kind] += 1
+            # Objects always have a first key, so dropping "{" leaves a valid tail.
+            ev_buf.append(_PREFIX[kind] + dumps(event, option=nl)[1:])
+            last_ts = event["ts"]
+            if math.isnan(first_ts):
+                first_ts = last_ts
+            if truth is not None:
+                tr_buf.append(dumps(truth, option=nl))
+                last_imp_ts = truth["ts"]
+                # Every request fills position 1, so this counts requests served.
+                requests += event["position"] == 1
+                ctr_sum += truth["ctr"]
+                ads_shown.add(truth["ad_id"])
+                if truth["ad_created_ts"] > config.start_ts:
+                    new_ad_impressions += 1
+                if truth["clicked"]:
+                    clicked += 1
+                    if truth["click_ts"] - truth["ts"] <= CLICK_WINDOW_S:
+                        clicked_in_window += 1
+                if len(tr_buf) >= WRITE_CHUNK:
+                    tr_f.write(b"".join(tr_buf))
+                    tr_buf.clear()
+            if len(ev_buf) >= WRITE_CHUNK:
+                ev_f.write(b"".join(ev_buf))
+                ev_buf.clear()
+        ev_f.write(b"".join(ev_buf))
+        tr_f.write(b"".join(tr_buf))
+    n = counts["impression"]
+    return {
+        "seed": config.seed,
+        "impressions": n,
+        "clicks": counts["click"],
+        "conversions": counts["conversion"],
+        "requests": requests,
+        "mean_true_ctr": ctr_sum / n if n else math.nan,
+        "click_rate": clicked / n if n else math.nan,
+        "click_rate_within_window": clicked_in_window / n if n else math.nan,
+        "click_window_s": CLICK_WINDOW_S,
+        "ts_start": first_ts,
+        "ts_end": last_ts,
+        "span_s": last_ts - first_ts,
+        "impression_span_s": last_imp_ts - first_ts,
+        "ads_shown": len(ads_shown),
+        # The world may have advanced past the last impression while sampling its batch.
+        "new_ads": sum(config.start_ts < a.created_ts <= last_imp_ts for a in world.ads),
+        "impressions_on_new_ads": new_ad_impressions,
+    }

@@ -1,0 +1,700 @@
+"""A seeded ground-truth ad world: users, advertisers, ads and a hidden true CTR.
+
+The world exists so that every number the service reports can be checked against the truth:
+the true click probability of each impression is known, so a model's AUC can be compared with
+the oracle's, and its calibration with the real click rate.
+
+The true CTR is built only from what an impression shows a model (its features plus the user
+and ad ids) and the position it was shown in, so a good model can approach the oracle:
+
+    logit = bias + main effects of the user, context and ad features
+            + pairwise interactions (interest × category, device × creative type,
+              hour × category, age × category, site topic × category)
+            + ad quality (learnable only through `ad.id` / `ad.advertiser_id`)
+            + a small per-user effect (learnable only through `user.id`)
+    ctr   = sigmoid(logit) · position_bias[position - 1]
+
+Ads retire and new ads arrive continuously; a new ad's quality is drawn afresh, so nothing
+but its own impressions tells a model how good it is — the reason exploration is needed.
+
+`World` is pure: no I/O, and all randomness comes from numpy Generators seeded from
+`WorldConfig.seed`. Two APIs share one implementation: a per-request one for a live driver
+(`sample_request`, `true_ctr`, `sample_click`) and a vectorised one for bulk streams
+(`sample_batch`, `true_ctr_batch`, `sample_clicks`).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field, fields
+
+import numpy as np
+from numpy.typing import NDArray
+
+IntArray = NDArray[np.int64]
+FloatArray = NDArray[np.float64]
+FeatureValue = str | int | float
+
+AGE_BUCKETS = ("18-24", "25-34", "35-44", "45-54", "55-64", "65+")
+AGE_SHARES = (0.16, 0.26, 0.22, 0.16, 0.12, 0.08)
+GENDERS = ("f", "m", "u")
+GENDER_SHARES = (0.46, 0.46, 0.08)
+# (country, UTC offset in hours, traffic share): the offset makes `ctx.hour` the user's local
+# hour, so an hour of event time still covers many hours of the day.
+REGIONS: tuple[tuple[str, float, float], ...] = (
+    ("US", -5.0, 0.20), ("CA", -5.0, 0.03), ("MX", -6.0, 0.04), ("BR", -3.0, 0.07),
+    ("AR", -3.0, 0.02), ("GB", 0.0, 0.06), ("FR", 1.0, 0.05), ("DE", 1.0, 0.06),
+    ("ES", 1.0, 0.04), ("IT", 1.0, 0.04), ("PL", 1.0, 0.03), ("TR", 3.0, 0.03),
+    ("IN", 5.5, 0.10), ("ID", 7.0, 0.05), ("TH", 7.0, 0.02), ("PH", 8.0, 0.03),
+    ("CN", 8.0, 0.04), ("JP", 9.0, 0.04), ("KR", 9.0, 0.02), ("AU", 10.0, 0.03),
+)
+DEVICES = ("ios", "android", "desktop", "tablet")
+DEVICE_SHARES = (0.33, 0.42, 0.2, 0.05)
+# P(wifi | device): desktops are nearly always on a fixed line.
+WIFI_SHARE = (0.6, 0.55, 0.97, 0.9)
+CONNECTIONS = ("wifi", "cellular")
+WEEKDAYS = ("mon", "tue", "wed", "thu", "fri", "sat", "sun")
+CATEGORIES = (
+    "games", "shopping", "finance", "travel", "food", "auto",
+    "fashion", "tech", "health", "entertainment", "education", "sports",
+)
+CREATIVE_TYPES = ("banner", "native", "video", "interstitial")
+CREATIVE_SHARES = (0.35, 0.3, 0.2, 0.15)
+AD_SIZES = ("320x50", "300x250", "728x90", "1080x1920", "1200x628")
+LANDINGS = ("app_store", "web")
+
+# Child seed streams, fixed so that adding a consumer never shifts an existing one.
+SEED_STRUCTURE = 0
+SEED_TRAFFIC = 1
+SEED_ADS = 2
+SEED_CHURN = 3
+SEED_CALIBRATION = 4
+SEED_ADVERTISERS = 5
+
+
+def seed_sequence(seed: int, *key: int) -> np.random.SeedSequence:
+    """The child seed stream `key` of `seed`, as `SeedSequence.spawn` would make it."""
+    return np.random.SeedSequence(seed, spawn_key=key)
+
+
+@dataclass(frozen=True)
+class WorldConfig:
+    """Everything that shapes the world; the same config always builds the same world."""
+
+    seed: int = 0
+    start_ts: float = 1767225600.0  # 2026-01-01T00:00:00Z
+    impressions_per_second: float = 300.0  # event time
+    # P(a request has 1, 2, 3... slots); slot k is shown at position k.
+    slot_probs: tuple[float, ...] = (0.5, 0.3, 0.2)
+    # Examination probability by position: multiplies the click probability.
+    position_bias: tuple[float, ...] = (1.0, 0.7, 0.5)
+    candidates_min: int = 4  # eligible ads per request, drawn uniformly in [min, max]
+    candidates_max: int = 12
+    n_users: int = 50_000
+    n_advertisers: int = 200
+    n_sites: int = 500
+    ad_pool_size: int = 1000  # active ads at any time
+    ad_churn_per_hour: float = 0.05  # fraction of the pool replaced per hour of event time
+    base_ctr: float = 0.03  # mean true CTR over impressions, hit by calibrating the bias
+    interaction_scale: float = 1.0  # multiplies every pairwise interaction
+    ad_quality_sd: float = 0.5  # per-ad effect, learnable only through ad.id
+    advertiser_quality_sd: float = 0.3  # per-advertiser effect, shared by its ads
+    user_effect_sd: float = 0.3  # per-user effect, learnable only through user.id
+    click_delay_median_s: float = 20.0  # lognormal delay from impression to click
+    click_delay_sigma: float = 1.7  # ~1.3% of clicks come later than 15 minutes
+    click_delay_min_s: float = 0.5
+    click_delay_max_s: float = 86_400.0  # bounds how long a click stays pending
+
+    def __post_init__(self) -> None:
+        if not self.slot_probs or abs(sum(self.slot_probs) - 1.0) > 1e-9:
+            raise ValueError("slot_probs must sum to 1")
+        if min(self.slot_probs) < 0:
+            raise ValueError("slot_probs must be non-negative")
+        if len(self.position_bias) < len(self.slot_probs):
+            raise ValueError("position_bias needs one entry per slot")
+        if not all(0 < b <= 1 for b in self.position_bias):
+            raise ValueError("position_bias entries must be in (0, 1]")
+        if not len(self.slot_probs) <= self.candidates_min <= self.candidates_max:
+            raise ValueError("need max slots <= candidates_min <= candidates_max")
+        if self.candidates_max > self.ad_pool_size:
+            raise ValueError("candidates_max cannot exceed ad_pool_size")
+        if min(self.n_users, self.n_advertisers, self.n_sites) < 1:
+            raise ValueError("n_users, n_advertisers and n_sites must be positive")
+        if not 0 < self.base_ctr < min(self.position_bias):
+            raise ValueError("base_ctr must be in (0, min(position_bias))")
+        if self.impressions_per_second <= 0 or self.ad_churn_per_hour < 0:
+            raise ValueError("impressions_per_second must be > 0, ad_churn_per_hour >= 0")
+        if not 0 < self.click_delay_min_s <= self.click_delay_median_s <= self.click_delay_max_s:
+            raise ValueError("need 0 < click_delay_min_s <= median <= max")
+
+    @property
+    def max_slots(self) -> int:
+        return len(self.slot_probs)
+
+    @property
+    def mean_slots(self) -> float:
+        return sum((k + 1) * p for k, p in enumerate(self.slot_probs))
+
+
+def feature_table(config: WorldConfig) -> tuple[tuple[str, str, int | None], ...]:
+    """(name, kind, cardinality) of every feature in the events, in event order.
+
+    Cardinality is None for numeric features. `user.id`, `ad.id` and `ad.advertiser_id` are
+    not here: the encoder derives them from the events' top-level ids.
+    """
+    return (
+        ("user.age", "categorical", len(AGE_BUCKETS)),
+        ("user.gender", "categorical", len(GENDERS)),
+        ("user.region", "categorical", len(REGIONS)),
+        ("user.interest", "categorical", len(CATEGORIES)),
+        ("user.sessions_7d", "numeric", None),
+        ("ctx.device", "categorical", len(DEVICES)),
+        ("ctx.hour", "categorical", 24),
+        ("ctx.weekday", "categorical", len(WEEKDAYS)),
+        ("ctx.site", "categorical", config.n_sites),
+        ("ctx.connection", "categorical", len(CONNECTIONS)),
+        ("ad.category", "categorical", len(CATEGORIES)),
+        ("ad.creative_type", "categorical", len(CREATIVE_TYPES)),
+        ("ad.size", "categorical", len(AD_SIZES)),
+        ("ad.landing", "categorical", len(LANDINGS)),
+        ("ad.bid", "numeric", None),
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class Advertiser:
+    index: int
+    id: str
+    vertical: str  # the category most of its ads are in
+    base_bid: float
+    # Its own random stream, so that per-advertiser behaviour (conversion rates, reporting
+    # delays) can be added without shifting any other draw of the world.
+    seed: np.random.SeedSequence
+
+
+@dataclass(frozen=True, slots=True, eq=False)
+class Ad:
+    """An ad as a serving system sees it; its quality stays hidden inside the World."""
+
+    index: int
+    id: str
+    advertiser_index: int
+    advertiser_id: str
+    created_ts: float
+    bid: float
+    features: dict[str, FeatureValue]  # shared, treat as read-only
+
+
+@dataclass(frozen=True, slots=True)
+class Context:
+    """Integer codes of a request's context, indexes into the label tuples above."""
+
+    device: int
+    hour: int
+    weekday: int
+    site: int
+    connection: int
+
+
+@dataclass(frozen=True, slots=True, eq=False)
+class Request:
+    """One ad request: who asks, in what context, and which ads are eligible."""
+
+    request_id: int
+    ts: float
+    user_index: int
+    user_id: str
+    context: Context
+    features: dict[str, FeatureValue]  # user.* and ctx.*; ad.* come with each candidate
+    n_slots: int  # positions 1..n_slots are to be filled
+    candidates: tuple[Ad, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Conversion:
+    ts: float
+    conversion_type: str = "default"
+
+
+@dataclass(frozen=True, slots=True)
+class RequestBatch:
+    """Requests in column form: row i of every array is request `request_ids[i]`."""
+
+    request_ids: IntArray
+    ts: FloatArray
+    user: IntArray
+    device: IntArray
+    hour: IntArray
+    weekday: IntArray
+    site: IntArray
+    connection: IntArray
+    n_slots: IntArray
+    n_candidates: IntArray
+    candidates: IntArray  # (n, candidates_max) ad indices, padded with -1
+
+    def __len__(self) -> int:
+        return int(self.ts.shape[0])
+
+
+@dataclass
+class _AdColumns:
+    """Ad attributes as growable arrays, so CTRs can be computed by gathering."""
+
+    n: int = 0
+    category: IntArray = field(default_factory=lambda: np.zeros(0, np.int64))
+    creative: IntArray = field(default_factory=lambda: np.zeros(0, np.int64))
+    main: FloatArray = field(default_factory=lambda: np.zeros(0, np.float64))
+    quality: FloatArray = field(default_factory=lambda: np.zeros(0, np.float64))
+
+    def append(self, category: IntArray, creative: IntArray, main: FloatArray,
+               quality: FloatArray) -> None:
+        k = category.shape[0]
+        if self.n + k > self.category.shape[0]:
+            # Doubling keeps appends amortised O(1) while ads keep arriving.
+            cap = max(2 * self.category.shape[0], self.n + k, 64)
+            for name in ("category", "creative", "main", "quality"):
+                old = getattr(self, name)
+                new = np.zeros(cap, old.dtype)
+                new[: self.n] = old[: self.n]
+                setattr(self, name, new)
+        self.category[self.n : self.n + k] = category
+        self.creative[self.n : self.n + k] = creative
+        self.main[self.n : self.n + k] = main
+        self.quality[self.n : self.n + k] = quality
+        self.n += k
+
+
+def _cdf(weights: FloatArray) -> FloatArray:
+    c = np.cumsum(weights, dtype=np.float64)
+    return c / c[-1]
+
+
+def _draw(rng: np.random.Generator, cdf: FloatArray, n: int) -> IntArray:
+    # searchsorted on a precomputed CDF: Generator.choice(p=...) rebuilds it on every call.
+    idx = np.searchsorted(cdf, rng.random(n), side="right")
+    return np.minimum(idx, cdf.shape[0] - 1).astype(np.int64)
+
+
+def _sigmoid(x: FloatArray) -> FloatArray:
+    return 1.0 / (1.0 + np.exp(-x))
+
+
+class World:
+    """The ground truth. Mutable only in time: `advance_to` retires and creates ads."""
+
+    def __init__(self, config: WorldConfig | None = None) -> None:
+        self.config = cfg = config if config is not None else WorldConfig()
+        struct = np.random.default_rng(seed_sequence(cfg.seed, SEED_STRUCTURE))
+        self._traffic_rng = np.random.default_rng(seed_sequence(cfg.seed, SEED_TRAFFIC))
+        self._ads_rng = np.random.default_rng(seed_sequence(cfg.seed, SEED_ADS))
+        self._churn_rng = np.random.default_rng(seed_sequence(cfg.seed, SEED_CHURN))
+        self._slot_cdf = _cdf(np.asarray(cfg.slot_probs, np.float64))
+        self._position_bias = np.asarray(cfg.position_bias, np.float64)
+        self._build_effects(struct)
+        self._build_users(struct)
+        self._build_sites(struct)
+        self._build_advertisers(struct)
+
+        self._ads: list[Ad] = []
+        self._cols = _AdColumns()
+        # Initial ads have the steady-state age distribution of the churn process.
+        lifetime_s = (
+            3600.0 / cfg.ad_churn_per_hour if cfg.ad_churn_per_hour > 0 else 30 * 86400.0
+        )
+        ages = self._ads_rng.exponential(lifetime_s, cfg.ad_pool_size)
+        created = np.round(cfg.start_ts - ages, 3)
+        self._pool = np.asarray([a.index for a in self._create_ads(created)], np.int64)
+        self._n_initial_ads = len(self._ads)
+        churn_rate = cfg.ad_pool_size * cfg.ad_churn_per_hour / 3600.0
+        self._churn_mean_gap = 1.0 / churn_rate if churn_rate > 0 else math.inf
+        self._next_churn_ts = cfg.start_ts + self._churn_gap()
+        self._next_request_id = 0
+        self.bias = self._calibrate_bias(
+            np.random.default_rng(seed_sequence(cfg.seed, SEED_CALIBRATION))
+        )
+
+    # ----------------------------------------------------------------- construction
+
+    def _build_effects(self, rng: np.random.Generator) -> None:
+        n_cat = len(CATEGORIES)
+        s = self.config.interaction_scale
+        self._b_age = rng.normal(0, 0.15, len(AGE_BUCKETS))
+        self._b_gender = rng.normal(0, 0.1, len(GENDERS))
+        self._b_region = rng.normal(0, 0.15, len(REGIONS))
+        self._b_interest = rng.normal(0, 0.1, n_cat)
+        self._b_sessions = 0.15  # per unit of log1p(sessions_7d): engaged users click more
+        self._b_device = rng.normal(0, 0.2, len(DEVICES))
+        hours = np.arange(24)
+        # People click more in the evening; the smooth curve plus noise is what a model sees.
+        self._b_hour = 0.25 * np.cos(2 * np.pi * (hours - 21) / 24) + rng.normal(0, 0.05, 24)
+        self._b_weekday = rng.normal(0, 0.05, len(WEEKDAYS))
+        self._b_connection = rng.normal(0, 0.1, len(CONNECTIONS))
+        self._b_category = rng.normal(0, 0.3, n_cat)
+        self._b_creative = rng.normal(0, 0.25, len(CREATIVE_TYPES))
+        self._b_size = rng.normal(0, 0.15, len(AD_SIZES))
+        self._b_landing = rng.normal(0, 0.1, len(LANDINGS))
+        self._b_bid = 0.2  # per unit of log(bid): higher bidders run better campaigns
+        # Interactions: these are what separate a factorisation model from a linear one.
+        self._w_interest_cat = s * (1.0 * np.eye(n_cat) + rng.normal(0, 0.15, (n_cat, n_cat)))
+        self._w_device_creative = s * rng.normal(0, 0.35, (len(DEVICES), len(CREATIVE_TYPES)))
+        self._w_hour_cat = s * rng.normal(0, 0.2, (24, n_cat))
+        self._w_age_cat = s * rng.normal(0, 0.3, (len(AGE_BUCKETS), n_cat))
+        self._w_site_topic = s * 0.5  # when the site's (hidden) topic is the ad's category
+
+    def _build_users(self, rng: np.random.Generator) -> None:
+        n = self.config.n_users
+        self._u_age = _draw(rng, _cdf(np.asarray(AGE_SHARES)), n)
+        self._u_gender = _draw(rng, _cdf(np.asarray(GENDER_SHARES)), n)
+        self._u_region = _draw(rng, _cdf(np.asarray([r[2] for r in REGIONS])), n)
+        cat_popularity = rng.dirichlet(np.full(len(CATEGORIES), 5.0))
+        self._u_interest = _draw(rng, _cdf(cat_popularity), n)
+        self._u_device = _draw(rng, _cdf(np.asarray(DEVICE_SHARES)), n)
+        # A few heavy users make much of the traffic; their session counts show it.
+        activity = rng.lognormal(0.0, 1.0, n)
+        self._u_sessions = rng.poisson(3.0 * activity).astype(np.int64)
+        self._user_cdf = _cdf(activity)
+        lsess = np.log1p(self._u_sessions)
+        self._u_main = (
+            self._b_age[self._u_age]
+            + self._b_gender[self._u_gender]
+            + self._b_region[self._u_region]
+            + self._b_interest[self._u_interest]
+            + self._b_sessions * (lsess - lsess.mean())
+        )
+        self._u_effect = rng.normal(0, self.config.user_effect_sd, n)
+        self._u_offset_s = np.asarray([r[1] for r in REGIONS])[self._u_region] * 3600.0
+
+    def _build_sites(self, rng: np.random.Generator) -> None:
+        n = self.config.n_sites
+        # Zipf-like traffic: a handful of big publishers and a long tail.
+        self._site_cdf = _cdf(1.0 / np.arange(1, n + 1) ** 1.1)
+        self._b_site = rng.normal(0, 0.4, n)
+        self._site_topic = rng.integers(0, len(CATEGORIES), n)
+        self._site_labels = [f"s{i}" for i in range(n)]
+
+    def _build_advertisers(self, rng: np.random.Generator) -> None:
+        cfg = self.config
+        n = cfg.n_advertisers
+        verticals = rng.integers(0, len(CATEGORIES), n)
+        base_bids = np.round(rng.lognormal(0.0, 0.5, n), 2)
+        self.advertisers: tuple[Advertiser, ...] = tuple(
+            Advertiser(
+                index=i,
+                id=f"adv{i}",
+                vertical=CATEGORIES[int(verticals[i])],
+                base_bid=float(base_bids[i]),
+                seed=seed_sequence(cfg.seed, SEED_ADVERTISERS, i),
+            )
+            for i in range(n)
+        )
+        self._adv_vertical = verticals.astype(np.int64)
+        self._adv_base_bid = base_bids
+        self._adv_quality = rng.normal(0, cfg.advertiser_quality_sd, n)
+        # Big advertisers run many ads at once.
+        self._adv_cdf = _cdf(rng.lognormal(0.0, 1.0, n))
+
+    def _create_ads(self, created_ts: FloatArray) -> list[Ad]:
+        rng = self._ads_rng
+        k = created_ts.shape[0]
+        adv = _draw(rng, self._adv_cdf, k)
+        in_vertical = rng.random(k) < 0.8
+        category = np.where(in_vertical, self._adv_vertical[adv],
+                            rng.integers(0, len(CATEGORIES), k))
+        creative = _draw(rng, _cdf(np.asarray(CREATIVE_SHARES)), k)
+        size = rng.integers(0, len(AD_SIZES), k)
+        # Games advertisers mostly send people to an app store.
+        p_app = np.where(category == CATEGORIES.index("games"), 0.85, 0.3)
+        landing = np.where(rng.random(k) < p_app, 0, 1)
+        bid = np.maximum(np.round(self._adv_base_bid[adv] * rng.lognormal(0, 0.25, k), 2), 0.05)
+        main = (
+            self._b_category[category]
+            + self._b_creative[creative]
+            + self._b_size[size]
+            + self._b_landing[landing]
+            + self._b_bid * np.log(bid)
+        )
+        quality = self._adv_quality[adv] + rng.normal(0, self.config.ad_quality_sd, k)
+        self._cols.append(category, creative, main, quality)
+        new: list[Ad] = []
+        for j in range(k):
+            a = int(adv[j])
+            b = float(bid[j])
+            ad = Ad(
+                index=len(self._ads),
+                id=f"a{len(self._ads)}",
+                advertiser_index=a,
+                advertiser_id=self.advertisers[a].id,
+                created_ts=float(created_ts[j]),
+                bid=b,
+                features={
+                    "ad.category": CATEGORIES[int(category[j])],
+                    "ad.creative_type": CREATIVE_TYPES[int(creative[j])],
+                    "ad.size": AD_SIZES[int(size[j])],
+                    "ad.landing": LANDINGS[int(landing[j])],
+                    "ad.bid": b,
+                },
+            )
+            self._ads.append(ad)
+            new.append(ad)
+        return new
+
+    def _calibrate_bias(self, rng: np.random.Generator) -> float:
+        """The bias that makes the mean true CTR over impressions equal `base_ctr`.
+
+        Measured over a week of contexts, so the hour effects average out rather than
+        fixing the CTR of whichever hour the stream happens to start in.
+        """
+        cfg = self.config
+        n = 20_000
+        ts = np.sort(cfg.start_ts + rng.random(n) * 7 * 86400.0)
+        user, device, hour, weekday, site, conn = self._sample_contexts(rng, ts)
+        ads = self._pool[rng.integers(0, self._pool.shape[0], n)]
+        # Positions weighted as impressions see them: slot k exists if n_slots >= k.
+        share = np.cumsum(np.asarray(cfg.slot_probs)[::-1])[::-1]
+        pos = _draw(rng, _cdf(share), n) + 1
+        z = sum(self._terms(user, device, hour, weekday, site, conn, ads).values())
+        pb = self._position_bias[pos - 1]
+        lo, hi = -20.0, 20.0
+        for _ in range(80):
+            mid = 0.5 * (lo + hi)
+            if float(np.mean(_sigmoid(mid + z) * pb)) < cfg.base_ctr:
+                lo = mid
+            else:
+                hi = mid
+        return 0.5 * (lo + hi)
+
+    # ----------------------------------------------------------------- time and ads
+
+    def _churn_gap(self) -> float:
+        if math.isinf(self._churn_mean_gap):
+            return math.inf
+        return float(self._churn_rng.exponential(self._churn_mean_gap))
+
+    def advance_to(self, ts: float) -> list[Ad]:
+        """Apply every ad retirement/arrival up to `ts`; returns the ads created."""
+        created: list[Ad] = []
+        while self._next_churn_ts <= ts:
+            slot = int(self._churn_rng.integers(0, self._pool.shape[0]))
+            ad = self._create_ads(np.asarray([round(self._next_churn_ts, 3)]))[0]
+            self._pool[slot] = ad.index
+            created.append(ad)
+            self._next_churn_ts += self._churn_gap()
+        return created
+
+    @property
+    def ads(self) -> Sequence[Ad]:
+        """Every ad ever created, indexed by `Ad.index` (retired ones included)."""
+        return self._ads
+
+    def active_ads(self) -> tuple[Ad, ...]:
+        return tuple(self._ads[i] for i in self._pool.tolist())
+
+    @property
+    def n_new_ads(self) -> int:
+        """Ads created after `start_ts`."""
+        return len(self._ads) - self._n_initial_ads
+
+    @property
+    def request_rate(self) -> float:
+        """Requests per second of event time that give `impressions_per_second`."""
+        return self.config.impressions_per_second / self.config.mean_slots
+
+    # ----------------------------------------------------------------- requests
+
+    def _sample_contexts(
+        self, rng: np.random.Generator, ts: FloatArray
+    ) -> tuple[IntArray, IntArray, IntArray, IntArray, IntArray, IntArray]:
+        n = ts.shape[0]
+        user = _draw(rng, self._user_cdf, n)
+        device = np.where(rng.random(n) < 0.85, self._u_device[user],
+                          rng.integers(0, len(DEVICES), n))
+        local = ts + self._u_offset_s[user]
+        hour = (np.floor(local / 3600.0) % 24).astype(np.int64)
+        # 1970-01-01 was a Thursday (index 3).
+        weekday = ((np.floor(local / 86400.0) + 3) % 7).astype(np.int64)
+        site = _draw(rng, self._site_cdf, n)
+        wifi = rng.random(n) < np.asarray(WIFI_SHARE)[device]
+        conn = np.where(wifi, 0, 1).astype(np.int64)
+        return user, device.astype(np.int64), hour, weekday, site, conn
+
+    def _sample_candidates(self, n_cand: IntArray) -> IntArray:
+        """Distinct pool slots per row (first n_cand[i] columns), padded with -1."""
+        rng = self._traffic_rng
+        n, kmax = n_cand.shape[0], self.config.candidates_max
+        pool = self._pool.shape[0]
+        cols = np.arange(kmax)
+        valid = cols[None, :] < n_cand[:, None]
+        picks = rng.integers(0, pool, (n, kmax))
+        # Duplicates are rare (kmax << pool), so redraw the rows that have any.
+        while True:
+            keyed = np.where(valid, picks, -1 - cols[None, :])
+            srt = np.sort(keyed, axis=1)
+            bad = np.flatnonzero((srt[:, 1:] == srt[:, :-1]).any(axis=1))
+            if bad.size == 0:
+                break
+            picks[bad] = rng.integers(0, pool, (bad.size, kmax))
+        return np.where(valid, self._pool[picks], -1)
+
+    def sample_batch(self, ts: FloatArray) -> RequestBatch:
+        """Sample one request per timestamp (non-decreasing), applying ad churn in between."""
+        cfg = self.config
+        ts = np.asarray(ts, np.float64)
+        if ts.ndim != 1 or ts.shape[0] == 0:
+            raise ValueError("ts must be a non-empty 1-d array")
+        if np.any(np.diff(ts) < 0):
+            raise ValueError("ts must be non-decreasing")
+        n = ts.shape[0]
+        rng = self._traffic_rng
+        user, device, hour, weekday, site, conn = self._sample_contexts(rng, ts)
+        n_slots = _draw(rng, self._slot_cdf, n) + 1
+        n_cand = rng.integers(cfg.candidates_min, cfg.candidates_max + 1, n)
+        candidates = np.empty((n, cfg.candidates_max), np.int64)
+        start = 0
+        # Each segment sees the pool as it is between two churn events.
+        while start < n:
+            self.advance_to(float(ts[start]))
+            end = int(np.searchsorted(ts, self._next_churn_ts, side="left"))
+            end = max(end, start + 1)
+            candidates[start:end] = self._sample_candidates(n_cand[start:end])
+            start = end
+        ids = np.arange(self._next_request_id, self._next_request_id + n, dtype=np.int64)
+        self._next_request_id += n
+        return RequestBatch(ids, ts, user, device, hour, weekday, site, conn, n_slots,
+                            n_cand, candidates)
+
+    def request_features(self, batch: RequestBatch) -> list[dict[str, FeatureValue]]:
+        """The user.* and ctx.* features of each request of `batch`."""
+        u = batch.user
+        region_labels = [r[0] for r in REGIONS]
+        hour_labels = [str(h) for h in range(24)]
+        site_labels = self._site_labels
+        return [
+            {
+                "user.age": AGE_BUCKETS[a],
+                "user.gender": GENDERS[g],
+                "user.region": region_labels[r],
+                "user.interest": CATEGORIES[i],
+                "user.sessions_7d": s,
+                "ctx.device": DEVICES[d],
+                "ctx.hour": hour_labels[h],
+                "ctx.weekday": WEEKDAYS[w],
+                "ctx.site": site_labels[st],
+                "ctx.connection": CONNECTIONS[c],
+            }
+            for a, g, r, i, s, d, h, w, st, c in zip(
+                self._u_age[u].tolist(), self._u_gender[u].tolist(),
+                self._u_region[u].tolist(), self._u_interest[u].tolist(),
+                self._u_sessions[u].tolist(), batch.device.tolist(), batch.hour.tolist(),
+                batch.weekday.tolist(), batch.site.tolist(), batch.connection.tolist(),
+                strict=True,
+            )
+        ]
+
+    def request_at(self, batch: RequestBatch, i: int) -> Request:
+        """Row `i` of `batch` as a `Request` object."""
+        row = slice(i, i + 1)
+        sub = RequestBatch(*(getattr(batch, f.name)[row] for f in fields(RequestBatch)))
+        k = int(batch.n_candidates[i])
+        return Request(
+            request_id=int(batch.request_ids[i]),
+            ts=float(batch.ts[i]),
+            user_index=int(batch.user[i]),
+            user_id=f"u{int(batch.user[i])}",
+            context=Context(int(batch.device[i]), int(batch.hour[i]), int(batch.weekday[i]),
+                            int(batch.site[i]), int(batch.connection[i])),
+            features=self.request_features(sub)[0],
+            n_slots=int(batch.n_slots[i]),
+            candidates=tuple(self._ads[a] for a in batch.candidates[i, :k].tolist()),
+        )
+
+    def sample_request(self, ts: float) -> Request:
+        """One request at event time `ts` (call with non-decreasing ts: the pool moves on)."""
+        return self.request_at(self.sample_batch(np.asarray([ts], np.float64)), 0)
+
+    # ----------------------------------------------------------------- truth
+
+    def _terms(self, user: IntArray, device: IntArray, hour: IntArray, weekday: IntArray,
+               site: IntArray, conn: IntArray, ad: IntArray) -> dict[str, FloatArray]:
+        cols = self._cols
+        cat = cols.category[ad]
+        interest = self._u_interest[user]
+        return {
+            "user": self._u_main[user],
+            "context": (self._b_device[device] + self._b_hour[hour] + self._b_weekday[weekday]
+                        + self._b_site[site] + self._b_connection[conn]),
+            "ad": cols.main[ad],
+            "interactions": (
+                self._w_interest_cat[interest, cat]
+                + self._w_device_creative[device, cols.creative[ad]]
+                + self._w_hour_cat[hour, cat]
+                + self._w_age_cat[self._u_age[user], cat]
+                + self._w_site_topic * (self._site_topic[site] == cat)
+            ),
+            "ad_quality": cols.quality[ad],
+            "user_effect": self._u_effect[user],
+        }
+
+    def _check_positions(self, position: IntArray) -> None:
+        if position.size and (position.min() < 1 or position.max() > self.config.max_slots):
+            raise ValueError(f"position must be in 1..{self.config.max_slots}")
+
+    def logit_terms_batch(self, batch: RequestBatch, rows: IntArray,
+                          ads: IntArray) -> dict[str, FloatArray]:
+        """`logit_terms` for ad index `ads[j]` in request `rows[j]` of `batch`."""
+        terms = self._terms(
+            batch.user[rows], batch.device[rows], batch.hour[rows], batch.weekday[rows],
+            batch.site[rows], batch.connection[rows], ads,
+        )
+        return {"bias": np.full(rows.shape[0], self.bias), **terms}
+
+    def true_ctr_batch(self, batch: RequestBatch, rows: IntArray, ads: IntArray,
+                       positions: IntArray) -> FloatArray:
+        """True CTR of ad index `ads[j]` shown at `positions[j]` for request `rows[j]`."""
+        self._check_positions(positions)
+        z = sum(self.logit_terms_batch(batch, rows, ads).values())
+        return _sigmoid(z) * self._position_bias[positions - 1]
+
+    def logit_terms(self, request: Request, ad: Ad) -> dict[str, float]:
+        """The parts of the true logit (before position bias); they sum to the logit.
+
+        Keys: bias, user, context, ad (feature main effects), interactions, ad_quality,
+        user_effect. For analysis and tests, e.g. what a model without interactions loses.
+        """
+        c = request.context
+        terms = self._terms(*(np.asarray([v], np.int64) for v in (
+            request.user_index, c.device, c.hour, c.weekday, c.site, c.connection, ad.index)))
+        return {"bias": self.bias, **{k: float(v[0]) for k, v in terms.items()}}
+
+    def true_ctr(self, request: Request, ad: Ad, position: int) -> float:
+        """P(click) if `ad` is shown to `request` at `position` (1 = top)."""
+        self._check_positions(np.asarray([position]))
+        z = sum(self.logit_terms(request, ad).values())
+        return float(1.0 / (1.0 + math.exp(-z))) * self.config.position_bias[position - 1]
+
+    def _click_delays(self, rng: np.random.Generator, n: int) -> FloatArray:
+        cfg = self.config
+        d = cfg.click_delay_median_s * np.exp(cfg.click_delay_sigma * rng.standard_normal(n))
+        return np.clip(d, cfg.click_delay_min_s, cfg.click_delay_max_s)
+
+    def sample_clicks(self, rng: np.random.Generator, ctr: FloatArray,
+                      ts: FloatArray) -> FloatArray:
+        """Click ts per impression (rounded to ms), NaN where the user does not click."""
+        ctr = np.asarray(ctr, np.float64)
+        clicked = rng.random(ctr.shape[0]) < ctr
+        click_ts = np.round(np.asarray(ts, np.float64) + self._click_delays(rng, ctr.shape[0]), 3)
+        return np.where(clicked, click_ts, np.nan)
+
+    def sample_click(self, rng: np.random.Generator, ctr: float, ts: float) -> float | None:
+        """The click ts of one impression shown at `ts`, or None if it is never clicked."""
+        t = float(self.sample_clicks(rng, np.asarray([ctr]), np.asarray([ts]))[0])
+        return None if math.isnan(t) else t
+
+    def sample_conversions(self, rng: np.random.Generator, user_index: int, ad: Ad,
+                           click_ts: float) -> tuple[Conversion, ...]:
+        """Conversions that follow a click; none until per-advertiser CVR is modelled.
+
+        The stream already calls this for every click and emits what it returns, so a CVR
+        model (drawing from `self.advertisers[ad.advertiser_index].seed`) only fills this in.
+        """
+        return ()

@@ -1,0 +1,91 @@
+"""Model snapshots: weights + feature spec + metadata in one safetensors blob.
+
+safetensors holds only tensors and a string map, so loading a snapshot can never execute code
+(unlike pickle); the spec, architecture and metadata travel as JSON in that map. A snapshot is
+identified by its version and verified by the SHA-256 of its bytes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load as st_load
+from safetensors.torch import save as st_save
+
+from ctrloop.errors import ConfigError, SnapshotError
+from ctrloop.features import FeatureSpec
+from ctrloop.models import CTRModel, build_model
+
+FORMAT = "ctrloop-snapshot/1"
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    version: int
+    model_name: str
+    hparams: dict[str, Any]
+    spec: FeatureSpec
+    tensors: dict[str, torch.Tensor]
+    meta: dict[str, Any]
+
+
+def checksum(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def encode_snapshot(model: CTRModel, version: int, meta: dict[str, Any] | None = None) -> bytes:
+    header = {
+        "format": FORMAT,
+        "version": version,
+        "model": model.name,
+        "hparams": model.hparams,
+        "spec": model.spec.to_dict(),
+        "spec_hash": model.spec.hash,
+        "meta": meta or {},
+    }
+    tensors = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    return st_save(tensors, metadata={"ctrloop": json.dumps(header)})
+
+
+def _header(data: bytes) -> dict[str, Any]:
+    # safetensors layout: 8-byte little-endian header length, then the JSON header.
+    if len(data) < 8:
+        raise SnapshotError("snapshot is truncated (no safetensors header)")
+    n = int.from_bytes(data[:8], "little")
+    if n > len(data) - 8:
+        raise SnapshotError("snapshot is truncated (header longer than the data)")
+    try:
+        raw = json.loads(data[8:8 + n])["__metadata__"]["ctrloop"]
+        return json.loads(raw)
+    except (KeyError, TypeError, ValueError) as e:
+        raise SnapshotError(f"not a ctrloop snapshot: {e}") from None
+
+
+def decode_snapshot(data: bytes) -> Snapshot:
+    header = _header(data)
+    if header.get("format") != FORMAT:
+        raise SnapshotError(f"unsupported snapshot format {header.get('format')!r}")
+    try:
+        tensors = st_load(data)
+    except (SafetensorError, ValueError) as e:
+        raise SnapshotError(f"corrupt snapshot tensors: {e}") from None
+    spec = FeatureSpec.from_dict(header["spec"])
+    if spec.hash != header.get("spec_hash"):
+        raise SnapshotError("snapshot's feature spec does not match its recorded hash")
+    return Snapshot(int(header["version"]), str(header["model"]), dict(header["hparams"]), spec,
+                    tensors, dict(header.get("meta", {})))
+
+
+def build_from_snapshot(snap: Snapshot) -> CTRModel:
+    """Rebuild the model in eval mode; raises SnapshotError if the weights do not fit."""
+    try:
+        model = build_model(snap.model_name, snap.spec, **snap.hparams)
+        model.load_state_dict(snap.tensors, strict=True)
+    except (ConfigError, RuntimeError) as e:
+        raise SnapshotError(f"snapshot weights do not fit model {snap.model_name!r}: {e}") from None
+    return model.eval()

@@ -1,0 +1,330 @@
+"""`ctrloop train`: the pipeline fed from Kafka, publishing to the Redis registry.
+
+Delivery guarantee: **exactly-once effect on the model** for every event in the topics.
+- Offsets advance only through checkpoints. A checkpoint holds the model and optimizer, the
+  joiner's pending impressions, the samples released but not yet learned, the event-time clock
+  and the next offset of every partition — written atomically (trainer/checkpoint.py), then the
+  offsets are committed to Kafka.
+- After a crash (kill -9) the trainer restores the checkpoint and seeks every partition to the
+  checkpoint's offsets, so events after it are replayed onto exactly the state that had not seen
+  them; what the dead process learned after the checkpoint is learned again, once.
+- Duplicates *in the input* (a producer retry, a replayed HTTP batch) are dropped by the joiner by
+  impression_id and counted (`duplicate_impressions`, `duplicate_clicks`).
+- Snapshots published after the last checkpoint are re-published later under new, higher
+  versions: versions never repeat or go backwards.
+- A malformed message goes to the dead-letter topic with its reason; the DLQ producer is flushed
+  before each checkpoint, so a rejected message is never lost either.
+
+Event time: the clock is the minimum over partitions of the newest ts each delivered, minus the
+allowed lateness for negatives (ctrloop.joining.WatermarkTracker). A partition that runs more
+than `align_slack` seconds ahead is paused until the others catch up, which keeps the joiner's
+state small when the trainer reads a backlog. A caught-up partition does not hold time back;
+when every partition is caught up, event time follows the wall clock so that windows close and
+snapshots go out on a quiet stream too.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import orjson
+import torch
+from kafka import KafkaConsumer, KafkaProducer, TopicPartition
+from kafka.consumer.subscription_state import ConsumerRebalanceListener
+from kafka.structs import OffsetAndMetadata
+
+from ctrloop.errors import InvalidEvent
+from ctrloop.events import Impression, decode_event
+from ctrloop.features import FeatureSpec
+from ctrloop.kafkaio import create_topics, make_consumer, make_producer
+from ctrloop.registry import ModelRegistry, RedisRegistry
+from ctrloop.snapshot import encode_snapshot
+from trainer.checkpoint import load_checkpoint, save_checkpoint
+from trainer.pipeline import Pipeline
+from trainer.settings import TrainerSettings
+
+log = logging.getLogger("ctrloop.trainer")
+
+INFER_IMPRESSIONS = 2000
+ALIGN_SLACK_S = 60.0
+DLQ_PAYLOAD_BYTES = 4096
+
+
+class RegistryPublisher:
+    """Pushes snapshots to the registry, at most once per `min_interval_s` of wall time."""
+
+    def __init__(self, registry: ModelRegistry, min_interval_s: float,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.registry = registry
+        self.min_interval_s = min_interval_s
+        self._clock = clock
+        self._last = -float("inf")
+        self.published = 0
+        self.last_seconds = 0.0
+
+    def __call__(self, pipeline: Pipeline, event_clock: float) -> str | None:
+        now = self._clock()
+        if now - self._last < self.min_interval_s:
+            return None
+        t0 = time.perf_counter()
+        version = self.registry.next_version()
+        learner = pipeline.learner
+        report = learner.metrics.report().as_dict()
+        meta = {"event_time": event_clock, "samples_seen": learner.samples_seen,
+                "positives_seen": learner.positives_seen, "metrics": report}
+        data = encode_snapshot(learner.model, version, meta)
+        self.registry.publish(version, data, meta)
+        self._last = now
+        self.published += 1
+        self.last_seconds = time.perf_counter() - t0
+        return str(version)
+
+
+def _tp_key(tp: TopicPartition) -> str:
+    return f"{tp.topic}:{tp.partition}"
+
+
+def _tp_from_key(key: str) -> TopicPartition:
+    topic, _, partition = key.rpartition(":")
+    return TopicPartition(topic, int(partition))
+
+
+@dataclass
+class _Counters:
+    consumed: int = 0
+    dead_lettered: int = 0
+    checkpoints: int = 0
+
+
+class _SeekToCheckpoint(ConsumerRebalanceListener):
+    def __init__(self, trainer: StreamingTrainer) -> None:
+        self.trainer = trainer
+
+    def on_partitions_revoked(self, revoked: Any) -> None:
+        pass
+
+    def on_partitions_assigned(self, assigned: Any) -> None:
+        for tp in assigned:
+            offset = self.trainer.offsets.get(tp)
+            if offset is not None:
+                self.trainer.consumer.seek(tp, offset)
+
+
+class StreamingTrainer:
+    def __init__(self, settings: TrainerSettings, registry: ModelRegistry | None = None) -> None:
+        self.s = settings
+        self.registry = registry or RedisRegistry.from_url(
+            settings.redis_url, settings.registry_namespace, settings.registry_keep)
+        self.kinds = {settings.topic_impressions: "impression", settings.topic_clicks: "click",
+                      settings.topic_conversions: "conversion"}
+        self.offsets: dict[TopicPartition, int] = {}
+        self.counters = _Counters()
+        self.pipeline: Pipeline | None = None
+        self.publisher = RegistryPublisher(self.registry, settings.min_publish_interval_s)
+        self._stop = False
+        self.consumer: KafkaConsumer
+        self.dlq: KafkaProducer
+
+    # --- setup ---------------------------------------------------------------------------
+
+    def _restore_or_none(self) -> None:
+        state = load_checkpoint(self.s.checkpoint_dir)
+        if state is None:
+            return
+        spec = FeatureSpec.from_dict(state["spec"])
+        self.pipeline = self._new_pipeline(spec)
+        self.pipeline.restore(state["pipeline"], _tp_from_key)
+        self.offsets = {_tp_from_key(k): int(v) for k, v in state["offsets"].items()}
+        log.info("restored checkpoint: %d samples learned, model version %s, %d partitions",
+                 self.pipeline.stats.learned, self.pipeline.model_version, len(self.offsets))
+
+    def _new_pipeline(self, spec: FeatureSpec) -> Pipeline:
+        return Pipeline(spec, self.s.pipeline_config(), publisher=self.publisher,
+                        seed=self.s.seed)
+
+    def _spec_from_settings(self) -> FeatureSpec | None:
+        if self.s.feature_spec is not None:
+            return FeatureSpec.load(self.s.feature_spec)
+        return None
+
+    # --- main loop -----------------------------------------------------------------------
+
+    def request_stop(self, *_: Any) -> None:
+        self._stop = True
+
+    def run(self) -> dict[str, Any]:
+        s = self.s
+        torch.set_num_threads(1)
+        create_topics(s.kafka_bootstrap, [*self.kinds, s.topic_dead_letter])
+        self._restore_or_none()
+        if self.pipeline is None:
+            spec = self._spec_from_settings()
+            if spec is not None:
+                self.pipeline = self._new_pipeline(spec)
+        self.dlq = make_producer(s.kafka_bootstrap)
+        self.consumer = make_consumer(s.kafka_bootstrap, s.group_id)
+        self.consumer.subscribe(list(self.kinds), listener=_SeekToCheckpoint(self))
+        buffered: list[tuple[Any, TopicPartition]] = []  # events held until a spec is inferred
+        last_event_wall = time.monotonic()
+        last_ckpt = last_log = time.monotonic()
+        started = time.monotonic()
+        idle_since: float | None = None
+        try:
+            while not self._stop:
+                polled = self.consumer.poll(timeout_ms=200, max_records=5000)
+                now = time.monotonic()
+                got = 0
+                for tp, records in polled.items():
+                    kind = self.kinds[tp.topic]
+                    for rec in records:
+                        got += 1
+                        self.offsets[tp] = rec.offset + 1
+                        try:
+                            event = decode_event(rec.value, kind)
+                        except InvalidEvent as e:
+                            self._dead_letter(tp, rec, e.reason)
+                            continue
+                        if self.pipeline is None:
+                            buffered.append((event, tp))
+                        else:
+                            self.pipeline.process(event, tp)
+                self.counters.consumed += got
+                if self.pipeline is None and buffered:
+                    self._maybe_infer(buffered, force=got == 0)
+                    if self.pipeline is not None:
+                        buffered = []
+                if got:
+                    last_event_wall = now
+                    idle_since = None
+                if self.pipeline is not None:
+                    caught_up = self._align_partitions()
+                    if caught_up and now - last_event_wall >= s.idle_advance_s:
+                        # A quiet stream: let event time follow the wall clock.
+                        self.pipeline.advance_idle(self.pipeline.tracker.clock
+                                                   + (now - last_event_wall))
+                        last_event_wall = now
+                    if caught_up and got == 0:
+                        idle_since = idle_since or now
+                if now - last_ckpt >= s.checkpoint_interval_s:
+                    self.checkpoint()
+                    last_ckpt = now
+                if now - last_log >= s.log_interval_s:
+                    self._log(now - started)
+                    last_log = now
+                if s.max_events is not None and self.counters.consumed >= s.max_events:
+                    break
+                if (s.stop_when_idle_s is not None and idle_since is not None
+                        and now - idle_since >= s.stop_when_idle_s):
+                    break
+            self.checkpoint()
+            return self.summary(time.monotonic() - started)
+        finally:
+            self.consumer.close(autocommit=False)
+            self.dlq.close(timeout=10)
+
+    def _maybe_infer(self, buffered: list[tuple[Any, TopicPartition]], force: bool) -> None:
+        imps = [e for e, _ in buffered if isinstance(e, Impression)]
+        if len(imps) < INFER_IMPRESSIONS and not (force and imps):
+            return
+        spec = FeatureSpec.infer(imps[:INFER_IMPRESSIONS])
+        self.s.checkpoint_dir.mkdir(parents=True, exist_ok=True)
+        path = self.s.checkpoint_dir / "feature_spec.json"
+        spec.save(path)
+        log.info("inferred a feature spec from %d impressions (saved to %s; edit it and pass "
+                 "--feature-spec to reuse):\n%s", len(imps[:INFER_IMPRESSIONS]), path,
+                 spec.to_json())
+        self.pipeline = self._new_pipeline(spec)
+        for event, tp in buffered:
+            self.pipeline.process(event, tp)
+
+    def _align_partitions(self) -> bool:
+        """Mark caught-up partitions idle, pause the ones far ahead; True if all caught up."""
+        assert self.pipeline is not None
+        tracker = self.pipeline.tracker
+        assigned = self.consumer.assignment()
+        all_caught_up = True
+        for tp in assigned:
+            hw = self.consumer.highwater(tp)
+            caught_up = hw is not None and self.offsets.get(tp, 0) >= hw
+            tracker.set_idle(tp, caught_up)
+            all_caught_up = all_caught_up and caught_up
+        clock = tracker.clock
+        to_pause, to_resume = [], []
+        paused = self.consumer.paused()
+        for tp in assigned:
+            ahead = tracker.max_ts(tp) > clock + ALIGN_SLACK_S
+            if ahead and tp not in paused:
+                to_pause.append(tp)
+            elif not ahead and tp in paused:
+                to_resume.append(tp)
+        if to_pause:
+            self.consumer.pause(*to_pause)
+        if to_resume:
+            self.consumer.resume(*to_resume)
+        return all_caught_up
+
+    def _dead_letter(self, tp: TopicPartition, rec: Any, reason: str) -> None:
+        self.counters.dead_lettered += 1
+        raw = rec.value if isinstance(rec.value, bytes) else bytes(rec.value or b"")
+        value = orjson.dumps({
+            "reason": reason, "topic": tp.topic, "partition": tp.partition,
+            "offset": rec.offset,
+            "payload": raw[:DLQ_PAYLOAD_BYTES].decode("utf-8", "replace"),
+        })
+        self.dlq.send(self.s.topic_dead_letter, key=rec.key, value=value)
+        if self.counters.dead_lettered <= 10 or self.counters.dead_lettered % 1000 == 0:
+            log.warning("dead-lettered %s:%d@%d: %s (%d so far)", tp.topic, tp.partition,
+                        rec.offset, reason, self.counters.dead_lettered)
+
+    def checkpoint(self) -> None:
+        """Flush the DLQ, write the checkpoint, then commit offsets (in that order)."""
+        self.dlq.flush(timeout=30)
+        if self.pipeline is None:
+            return  # nothing learned yet; buffered events will be re-read
+        save_checkpoint(self.s.checkpoint_dir, {
+            "spec": self.pipeline.spec.to_dict(),
+            "pipeline": self.pipeline.state(_tp_key),
+            "offsets": {_tp_key(tp): off for tp, off in self.offsets.items()},
+        })
+        self.counters.checkpoints += 1
+        if self.offsets:
+            self.consumer.commit({tp: OffsetAndMetadata(off, "", -1)
+                                  for tp, off in self.offsets.items()})
+
+    def summary(self, elapsed: float) -> dict[str, Any]:
+        out: dict[str, Any] = {"consumed": self.counters.consumed,
+                               "dead_lettered": self.counters.dead_lettered,
+                               "checkpoints": self.counters.checkpoints,
+                               "published": self.publisher.published,
+                               "seconds": elapsed}
+        if self.pipeline is not None:
+            out.update(self.pipeline.summary())
+        return out
+
+    def _log(self, elapsed: float) -> None:
+        if self.pipeline is None:
+            log.info("waiting for impressions to infer a feature spec (%d events consumed)",
+                     self.counters.consumed)
+            return
+        p = self.pipeline
+        m = p.learner.metrics.report()
+        log.info("%9d events (%6.0f/s)  learned %9d  pending %7d  logloss %.4f  AUC %.4f  "
+                 "calib %.3f  model v%s  DLQ %d", self.counters.consumed,
+                 self.counters.consumed / max(elapsed, 1e-9), p.stats.learned, p.joiner.pending,
+                 m.logloss, m.auc, m.calibration, p.model_version, self.counters.dead_lettered)
+
+
+def run_trainer(settings: TrainerSettings, summary_out: Path | None = None) -> dict[str, Any]:
+    trainer = StreamingTrainer(settings)
+    signal.signal(signal.SIGTERM, trainer.request_stop)
+    signal.signal(signal.SIGINT, trainer.request_stop)
+    summary = trainer.run()
+    if summary_out is not None:
+        summary_out.write_bytes(orjson.dumps(summary, option=orjson.OPT_INDENT_2))
+    return summary
