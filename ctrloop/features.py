@@ -230,7 +230,9 @@ class FeatureEncoder:
             if isinstance(value, str):
                 self.type_mismatches += 1
                 return self._offsets[i]
-            idx = self._offsets[i] + numeric_bin(float(value)) % self._buckets[i]
+            # Bins are 1..NUMERIC_BUCKETS-1; a field with fewer buckets folds them onto
+            # 1..buckets-1, never onto 0 (the missing bucket).
+            idx = self._offsets[i] + 1 + (numeric_bin(float(value)) - 1) % (self._buckets[i] - 1)
         else:
             h = zlib.crc32(_categorical_key(value).encode(), zlib.crc32(self._prefix[i]))
             idx = self._offsets[i] + 1 + h % (self._buckets[i] - 1)

@@ -138,8 +138,11 @@ class Joiner:
             else:
                 self.stats.late_clicks += 1
             return []
-        if impression_id in self._orphans:
+        orphan_ts = self._orphans.get(impression_id)
+        if orphan_ts is not None:
             self.stats.duplicate_clicks += 1
+            if ts < orphan_ts:  # keep the earliest: a later one may fall outside the window
+                self._orphans[impression_id] = ts
             return []
         if ts + self.config.orphan_ttl <= self.watermark:
             self.stats.unmatched_clicks += 1
@@ -263,6 +266,11 @@ class WatermarkTracker:
             self._max_ts[source] = ts
         if self._idle:
             self._idle.discard(source)
+
+    def register(self, source: Any) -> None:
+        """Declare a source before its first event, so it holds event time back until it
+        delivers (or is marked idle): a partition read later must not find its events late."""
+        self._max_ts.setdefault(source, float("-inf"))
 
     def set_idle(self, source: Any, idle: bool) -> None:
         if idle:

@@ -9,16 +9,20 @@ tests/integration/test_localservers.py):
 - Topics: `KafkaAdminClient.create_topics` with the dict form (`{name: {"num_partitions": n,
   "replication_factor": 1}}`; a list of `NewTopic` is deprecated in 3.x), `wait_for_metadata`,
   `delete_topics`, `list_topics`, `describe_topics`. Creating an existing topic answers
-  TopicAlreadyExists (error 36) per topic. Producing to an unknown topic auto-creates it with
-  one partition, so create topics before the first send or the partition count is wrong.
+  TopicAlreadyExists (error 36) per topic. Producing to or subscribing to an unknown topic
+  auto-creates it with *4* partitions, so create topics before the first send or subscribe.
 - Producer: idempotence (kafka-python's default) is really enforced: the broker hands out
   producer ids, drops a duplicate sequence (the future resolves with `offset == -1`) and rejects
-  a gap with OutOfOrderSequenceNumber. Transactions are not supported; producer state lives in
-  memory, like everything else, and is lost when the broker restarts.
+  a gap with OutOfOrderSequenceNumber. Producer state lives in memory, like everything else,
+  and is lost when the broker restarts. Transactions: init/begin/commit/abort all "succeed", but
+  the semantics are not Kafka's (no control records; an aborted record was hidden from
+  read_uncommitted consumers too, and in one run a read_committed consumer saw nothing at all)
+  — do not use transactions or `isolation_level="read_committed"`.
 - Consumer groups: join, sync, heartbeat, rebalance across members, LeaveGroup on close,
-  `commit()` / `commit_async()` and `committed()` work; a restarted member resumes from the
-  committed offset. Commit metadata strings are not stored (`committed(tp, metadata=True)`
-  returns `metadata=None`). Commits also work without joining (`assign()` + a group id).
+  `commit()`, `commit_async()` (callback fires) and `committed()` work; a restarted member
+  resumes from the committed offset. Commit metadata strings are not stored
+  (`committed(tp, metadata=True)` returns `metadata=None`). Commits also work without joining
+  (`assign()` + a group id).
 - Joining a group costs about half the session timeout, rounded up to whole seconds: the broker
   holds the second JoinGroup that long (6 s → ~3.1 s, 3 s → ~2.0 s, 2 s → ~1.1 s, kafka-python's
   default 45 s → ~23 s). A second member joining an active group took ~5 s; after one member
@@ -31,7 +35,7 @@ tests/integration/test_localservers.py):
   producer batched; use `highwater()` after a fetch for lag and "caught up" checks.
   `offsets_for_times()` ignores record timestamps (it answers offset 0 with the append time,
   and offset 0 even for a time past the end) — do event-time alignment on the records' own
-  timestamps, not with it. `beginning_offsets()` is right (0; nothing is ever deleted).
+  timestamps, not with it. `beginning_offsets()` answers 0, which is right for a fresh broker.
 """
 
 from __future__ import annotations
@@ -141,7 +145,7 @@ def make_producer(bootstrap: str, **overrides: Any) -> KafkaProducer:
     """A KafkaProducer with `PRODUCER_DEFAULTS`; keys and values are bytes unless overridden.
 
     Measured here with `python -m ctrloop.kafkaio` (2 cores shared with the broker and with
-    other work, 313-byte JSON values, keyed, one partition, 200k records): median ~37k msg/s,
+    other work, 313-byte JSON values, keyed, one partition, 200k records): median ~35k msg/s,
     21–42k across runs; the pure-Python producer is the bottleneck, not the broker. With
     kafka-python's defaults (linger 0, batch 16 KiB) ~14k msg/s; batch 64 KiB ~20k; batch
     1 MiB, linger 20 ms, acks=1 or idempotence off: no clear change.

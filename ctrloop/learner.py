@@ -11,6 +11,7 @@ dense parameters (field-pair weights, bias) use Adam.
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -19,7 +20,7 @@ import torch
 
 from ctrloop.errors import ConfigError
 from ctrloop.metrics import ProgressiveMetrics
-from ctrloop.models import CTRModel
+from ctrloop.models import MODELS, CTRModel
 
 
 @dataclass(frozen=True)
@@ -37,6 +38,8 @@ class LearnerConfig:
             raise ConfigError("batch_size must be >= 1")
         if self.sparse_lr <= 0 or self.dense_lr <= 0:
             raise ConfigError("learning rates must be > 0")
+        if self.model not in MODELS:  # fail when settings are built, before outputs are opened
+            raise ConfigError(f"unknown model {self.model!r}; choose one of {sorted(MODELS)}")
 
 
 class OnlineLearner:
@@ -90,19 +93,22 @@ class OnlineLearner:
         return torch.sigmoid(self.model(x)).numpy().astype(np.float32, copy=False)
 
     def state_dict(self) -> dict[str, Any]:
-        return {
+        """A copy: learning on afterwards does not change it (torch's state dicts alias the
+        live tensors, which the in-place updates of `learn` would then rewrite)."""
+        return copy.deepcopy({
             "model": self.model.state_dict(),
             "accumulators": [t.accumulator for t in self._tables],
             "dense_opt": self._dense_opt.state_dict() if self._dense_opt else None,
             "samples_seen": self.samples_seen,
             "positives_seen": self.positives_seen,
-        }
+        })
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.model.load_state_dict(state["model"])
         for table, acc in zip(self._tables, state["accumulators"], strict=True):
             table.accumulator.copy_(acc)
         if self._dense_opt is not None and state.get("dense_opt") is not None:
-            self._dense_opt.load_state_dict(state["dense_opt"])
+            # torch's Optimizer.load_state_dict keeps the given tensors as its state.
+            self._dense_opt.load_state_dict(copy.deepcopy(state["dense_opt"]))
         self.samples_seen = int(state["samples_seen"])
         self.positives_seen = int(state["positives_seen"])

@@ -37,7 +37,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 from types import TracebackType
-from typing import TYPE_CHECKING, ClassVar, Self
+from typing import TYPE_CHECKING, Any, ClassVar, Self
 
 if TYPE_CHECKING:
     import redis
@@ -159,7 +159,12 @@ def _unregister(server: _ChildServer) -> None:
 
 
 class _ChildServer:
-    """One server process: spawn, wait until it answers, stop without leaving anything behind."""
+    """One server process: spawn, wait until it answers, stop without leaving anything behind.
+
+    `log_dir` receives `<name>-<port>.log` (stdout and stderr); without one a fresh temporary
+    directory is made and kept, for post-mortems. `port=None` picks a free port (and retries
+    with another if it was taken in the meantime); `.port` is the one in use after start().
+    """
 
     name: ClassVar[str]
     binary: ClassVar[str]
@@ -224,6 +229,10 @@ class _ChildServer:
                 except ServerError as exc:
                     last_error = exc
                     self._stop_locked()
+                except BaseException:
+                    # Ctrl-C or a spawn error while waiting: never leave a half-started child.
+                    self._stop_locked()
+                    raise
             assert last_error is not None
             raise last_error
 
@@ -244,31 +253,37 @@ class _ChildServer:
                 stderr=subprocess.STDOUT,
                 env=self._env(),
                 cwd=self._log_dir,
-                # Own process group: Ctrl-C in a terminal reaches us, and we stop the server in
-                # order instead of it dying under clients that are still flushing.
+                # Own session, so a terminal's Ctrl-C reaches only us and we stop the server
+                # after our clients have flushed, instead of it dying under them.
                 start_new_session=True,
                 preexec_fn=_make_pdeathsig_preexec() if use_pdeathsig else None,
             )
         _register(self)
         deadline = time.monotonic() + self.startup_timeout
         last: BaseException | None = None
-        while time.monotonic() < deadline:
+        while True:
             if self._proc.poll() is not None:
+                # Tansu exits with code 0 when its port is taken, so any exit here is a failure.
                 raise ServerError(
                     f"{self.name} exited with code {self._proc.returncode} while starting "
                     f"on port {self.port}; log {self.log_path}:\n{self.log_tail()}"
                 )
+            if time.monotonic() >= deadline:
+                raise ServerError(
+                    f"{self.name} on port {self.port} not ready after "
+                    f"{self.startup_timeout:.0f} s (last error: {last!r}); "
+                    f"log {self.log_path}:\n{self.log_tail()}"
+                )
             if _port_open(self.port):
                 try:
                     self._probe()
-                    return
                 except Exception as exc:  # not ready yet: any client error means "retry"
                     last = exc
+                else:
+                    # If ours failed to bind, the answer came from whoever holds the port.
+                    if self._proc.poll() is None:
+                        return
             time.sleep(0.02)
-        raise ServerError(
-            f"{self.name} on port {self.port} not ready after {self.startup_timeout:.0f} s "
-            f"(last error: {last!r}); log {self.log_path}:\n{self.log_tail()}"
-        )
 
     def stop(self, timeout: float | None = None) -> None:
         """SIGTERM, then SIGKILL to the whole process group after `timeout` s. Idempotent."""
@@ -405,11 +420,11 @@ class RedisServer(_ChildServer):
     def url(self) -> str:
         return f"redis://{self.host}:{self.port}/0"
 
-    def client(self, **kwargs: object) -> redis.Redis:
+    def client(self, **kwargs: Any) -> redis.Redis:
         """A redis-py client for this server (the caller closes it)."""
         import redis
 
-        return redis.Redis.from_url(self.url, **kwargs)  # type: ignore[arg-type]
+        return redis.Redis.from_url(self.url, **kwargs)
 
     def _command(self, exe: Path) -> list[str]:
         cmd = [
@@ -443,9 +458,16 @@ class RedisServer(_ChildServer):
 
     def _probe(self) -> None:
         import redis
+        from redis.backoff import NoBackoff
+        from redis.retry import Retry
 
+        # No client-side retries: the start loop retries, and checks the process in between.
         client = redis.Redis(
-            host=self.host, port=self.port, socket_connect_timeout=1, socket_timeout=1
+            host=self.host,
+            port=self.port,
+            socket_connect_timeout=1,
+            socket_timeout=1,
+            retry=Retry(NoBackoff(), 0),
         )
         try:
             if not client.ping():

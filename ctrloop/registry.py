@@ -68,7 +68,8 @@ class InMemoryRegistry:
         rec = ModelRecord(version, checksum(data), len(data), self._clock(), meta)
         self._blobs[version] = data
         self._records[version] = rec
-        self._current = version
+        if self._current is None or version > self._current:  # never backwards, as in Redis
+            self._current = version
         self.notices.append(rec)
         for old in sorted(self._blobs)[:-self.keep]:
             del self._blobs[old]

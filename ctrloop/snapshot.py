@@ -17,7 +17,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
-from ctrloop.errors import ConfigError, SnapshotError
+from ctrloop.errors import ConfigError, FeatureSpecError, SnapshotError
 from ctrloop.features import FeatureSpec
 from ctrloop.models import CTRModel, build_model
 
@@ -61,9 +61,12 @@ def _header(data: bytes) -> dict[str, Any]:
         raise SnapshotError("snapshot is truncated (header longer than the data)")
     try:
         raw = json.loads(data[8:8 + n])["__metadata__"]["ctrloop"]
-        return json.loads(raw)
+        header = json.loads(raw)
     except (KeyError, TypeError, ValueError) as e:
         raise SnapshotError(f"not a ctrloop snapshot: {e}") from None
+    if not isinstance(header, dict):
+        raise SnapshotError("not a ctrloop snapshot: its header is not a JSON object")
+    return header
 
 
 def decode_snapshot(data: bytes) -> Snapshot:
@@ -74,11 +77,14 @@ def decode_snapshot(data: bytes) -> Snapshot:
         tensors = st_load(data)
     except (SafetensorError, ValueError) as e:
         raise SnapshotError(f"corrupt snapshot tensors: {e}") from None
-    spec = FeatureSpec.from_dict(header["spec"])
-    if spec.hash != header.get("spec_hash"):
-        raise SnapshotError("snapshot's feature spec does not match its recorded hash")
-    return Snapshot(int(header["version"]), str(header["model"]), dict(header["hparams"]), spec,
-                    tensors, dict(header.get("meta", {})))
+    try:
+        spec = FeatureSpec.from_dict(header["spec"])
+        if spec.hash != header.get("spec_hash"):
+            raise SnapshotError("snapshot's feature spec does not match its recorded hash")
+        return Snapshot(int(header["version"]), str(header["model"]), dict(header["hparams"]),
+                        spec, tensors, dict(header.get("meta", {})))
+    except (KeyError, TypeError, ValueError, FeatureSpecError) as e:
+        raise SnapshotError(f"malformed snapshot header ({type(e).__name__}: {e})") from None
 
 
 def build_from_snapshot(snap: Snapshot) -> CTRModel:

@@ -37,6 +37,7 @@ import orjson
 import torch
 from kafka import KafkaConsumer, KafkaProducer, TopicPartition
 from kafka.consumer.subscription_state import ConsumerRebalanceListener
+from kafka.errors import KafkaError
 from kafka.structs import OffsetAndMetadata
 
 from ctrloop.errors import InvalidEvent
@@ -100,6 +101,7 @@ class _Counters:
     consumed: int = 0
     dead_lettered: int = 0
     checkpoints: int = 0
+    commit_failures: int = 0
 
 
 class _SeekToCheckpoint(ConsumerRebalanceListener):
@@ -128,6 +130,7 @@ class StreamingTrainer:
         self.pipeline: Pipeline | None = None
         self.publisher = RegistryPublisher(self.registry, settings.min_publish_interval_s)
         self._stop = False
+        self._initial_end: dict[TopicPartition, int] = {}
         self.consumer: KafkaConsumer
         self.dlq: KafkaProducer
 
@@ -233,13 +236,15 @@ class StreamingTrainer:
         if len(imps) < INFER_IMPRESSIONS and not (force and imps):
             return
         spec = FeatureSpec.infer(imps[:INFER_IMPRESSIONS])
+        self.pipeline = self._new_pipeline(spec)
+        for tp in self.consumer.assignment():
+            self.pipeline.tracker.register(tp)
         self.s.checkpoint_dir.mkdir(parents=True, exist_ok=True)
         path = self.s.checkpoint_dir / "feature_spec.json"
         spec.save(path)
         log.info("inferred a feature spec from %d impressions (saved to %s; edit it and pass "
                  "--feature-spec to reuse):\n%s", len(imps[:INFER_IMPRESSIONS]), path,
                  spec.to_json())
-        self.pipeline = self._new_pipeline(spec)
         for event, tp in buffered:
             self.pipeline.process(event, tp)
 
@@ -249,9 +254,18 @@ class StreamingTrainer:
         tracker = self.pipeline.tracker
         assigned = self.consumer.assignment()
         all_caught_up = True
+        unknown = [tp for tp in assigned if tp not in self._initial_end]
+        if unknown:
+            # highwater() stays None until a fetch returns records, so an empty partition would
+            # never count as caught up; end_offsets() is short by up to one batch on Tansu
+            # (ctrloop/kafkaio.py) but exact for an empty partition, which is all it is used for.
+            self._initial_end.update(self.consumer.end_offsets(unknown))
         for tp in assigned:
+            tracker.register(tp)
             hw = self.consumer.highwater(tp)
-            caught_up = hw is not None and self.offsets.get(tp, 0) >= hw
+            if hw is None:
+                hw = self._initial_end.get(tp, 0)
+            caught_up = self.offsets.get(tp, 0) >= hw
             tracker.set_idle(tp, caught_up)
             all_caught_up = all_caught_up and caught_up
         clock = tracker.clock
@@ -294,8 +308,15 @@ class StreamingTrainer:
         })
         self.counters.checkpoints += 1
         if self.offsets:
-            self.consumer.commit({tp: OffsetAndMetadata(off, "", -1)
-                                  for tp, off in self.offsets.items()})
+            try:
+                self.consumer.commit({tp: OffsetAndMetadata(off, "", -1)
+                                      for tp, off in self.offsets.items()})
+            except KafkaError as e:
+                # Not fatal: the checkpoint's offsets are the authority on restart; Kafka's
+                # committed offsets only show lag (e.g. a commit during a rebalance after a
+                # crashed member is refused until the group settles).
+                self.counters.commit_failures += 1
+                log.warning("offset commit failed (%s); the checkpoint holds the offsets", e)
 
     def summary(self, elapsed: float) -> dict[str, Any]:
         out: dict[str, Any] = {"consumed": self.counters.consumed,
