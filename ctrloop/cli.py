@@ -109,6 +109,15 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_demo(args: argparse.Namespace) -> int:
+    from trainer.demo import run_demo
+
+    out = run_demo(args.workdir, args.impressions, args.stream_events, args.seed)
+    (args.workdir / "demo.json").write_text(json.dumps(out, indent=2, default=str))
+    print(f"done: outputs and demo.json in {args.workdir}/", file=sys.stderr)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="ctrloop",
@@ -124,6 +133,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--events-out", type=Path, default=Path("events.jsonl"))
     p.add_argument("--truth-out", type=Path, default=Path("truth.jsonl"))
     p.set_defaults(func=cmd_simulate)
+
+    p = sub.add_parser("demo", help="simulate, replay and stream through local Kafka + Redis")
+    p.add_argument("--impressions", type=int, default=300_000)
+    p.add_argument("--stream-events", type=int, default=150_000)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--workdir", type=Path, default=Path("runs/demo"))
+    p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("replay", help="run the joiner and trainer over an events file")
     p.add_argument("--events", type=Path, required=True, help="JSON Lines events file")
