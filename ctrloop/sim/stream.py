@@ -40,7 +40,7 @@ SEED_CONVERSIONS = 103
 
 REQUEST_BATCH = 2048
 WRITE_CHUNK = 8192
-CLICK_WINDOW_S = 900.0  # the joiner's default attribution window, for the summary only
+CLICK_WINDOW_S = 120.0  # the joiner's default attribution window, for the summary only
 
 
 def uniform_policy(
