@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import heapq
 from collections import deque
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
@@ -301,3 +302,11 @@ class WatermarkTracker:
     @property
     def watermark(self) -> float:
         return self.clock - self.allowed_lateness
+
+    def state(self, source_name: Callable[[Any], str] = str) -> dict[str, Any]:
+        return {"max_ts": [[source_name(k), v] for k, v in self._max_ts.items()],
+                "clock": self._clock}
+
+    def restore(self, state: dict[str, Any], source_key: Callable[[str], Any] = str) -> None:
+        self._max_ts = {source_key(k): float(v) for k, v in state["max_ts"]}
+        self._clock = float(state["clock"])

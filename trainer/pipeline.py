@@ -250,8 +250,7 @@ class Pipeline:
             "ready": [[s.impression_id, s.ts, s.label, s.label_ts] for s in ready],
             "ready_rows": torch.tensor([s.payload for s in ready],
                                        dtype=torch.int64).reshape(-1, nf),
-            "tracker": {"max_ts": [[source_name(k), v] for k, v in self.tracker._max_ts.items()],
-                        "clock": self.tracker._clock},
+            "tracker": self.tracker.state(source_name),
             "stats": self.stats.__dict__.copy(),
             "model_version": self.model_version,
             "next_tick": self._next_tick,
@@ -273,8 +272,7 @@ class Pipeline:
         self.joiner = Joiner.restore(joiner, self.config.joiner)
         self._ready = [Sample(k, ts, int(label), row, lts) for (k, ts, label, lts), row in
                        zip(state["ready"], state["ready_rows"].tolist(), strict=True)]
-        self.tracker._max_ts = {source_key(k): float(v) for k, v in state["tracker"]["max_ts"]}
-        self.tracker._clock = float(state["tracker"]["clock"])
+        self.tracker.restore(state["tracker"], source_key)
         self.stats = PipelineStats(**state["stats"])
         self.model_version = str(state["model_version"])
         self._next_tick = float(state["next_tick"])
