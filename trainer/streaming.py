@@ -264,8 +264,10 @@ class StreamingTrainer:
             tracker.register(tp)
             hw = self.consumer.highwater(tp)
             if hw is None:
-                hw = self._initial_end.get(tp, 0)
-            caught_up = self.offsets.get(tp, 0) >= hw
+                # Trust end_offsets only for an empty partition; otherwise wait for a fetch.
+                caught_up = self._initial_end.get(tp, 1) == 0 and tp not in self.offsets
+            else:
+                caught_up = self.offsets.get(tp, 0) >= hw
             tracker.set_idle(tp, caught_up)
             all_caught_up = all_caught_up and caught_up
         clock = tracker.clock
