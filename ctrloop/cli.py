@@ -118,6 +118,36 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+_SERVE_KEYS = ("host", "port", "workers", "kafka_bootstrap", "redis_url", "max_candidates",
+               "admin_token", "feature_spec", "prior_ctr", "reload_poll_s")
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    import os
+    import tempfile
+
+    import uvicorn
+
+    from service.settings import ServiceSettings
+
+    # Validate here (a bad setting fails with a message before any worker starts), then hand
+    # the values to the workers through the environment, where each worker's app reads them.
+    settings = ServiceSettings(**_overrides(args, _SERVE_KEYS))
+    for key in _SERVE_KEYS:
+        value = getattr(settings, key)
+        if value is not None:
+            os.environ[f"CTRLOOP_{key.upper()}"] = str(value)
+    if settings.workers > 1 and "PROMETHEUS_MULTIPROC_DIR" not in os.environ:
+        # Each worker writes its metrics to files here; /metrics sums them (service/metrics.py).
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="ctrloop-metrics-")
+    print(f"serving on http://{settings.host}:{settings.port} ({settings.workers} worker(s)); "
+          f"API docs at http://{settings.host}:{settings.port}/docs", file=sys.stderr)
+    uvicorn.run("service.app:app_from_env", factory=True, host=settings.host, port=settings.port,
+                workers=settings.workers, log_level="warning", access_log=False,
+                loop=args.loop, http=args.http, timeout_graceful_shutdown=10)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="ctrloop",
@@ -163,6 +193,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--summary-out", type=Path, help="write the final summary JSON here")
     _learning_flags(p)
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("serve", help="run the scoring service (FastAPI + uvicorn)")
+    p.add_argument("--host", help="listen address (default 127.0.0.1; CTRLOOP_HOST)")
+    p.add_argument("--port", type=int, help="default 8000 (CTRLOOP_PORT)")
+    p.add_argument("--workers", type=int, help="processes, one per core (CTRLOOP_WORKERS)")
+    p.add_argument("--kafka-bootstrap", help="host:port (CTRLOOP_KAFKA_BOOTSTRAP)")
+    p.add_argument("--redis-url", help="model registry (CTRLOOP_REDIS_URL)")
+    p.add_argument("--max-candidates", type=int, help="per request (default 500)")
+    p.add_argument("--admin-token", help="enables /v1/admin/* (CTRLOOP_ADMIN_TOKEN)")
+    p.add_argument("--feature-spec", type=Path, help="serve only snapshots with this spec")
+    p.add_argument("--prior-ctr", type=float, help="cold-start pCTR (default 0.03)")
+    p.add_argument("--reload-poll-s", type=float, help="registry polling period (default 2)")
+    p.add_argument("--loop", default="auto", choices=["auto", "asyncio", "uvloop"],
+                   help="event loop (auto: uvloop when installed)")
+    p.add_argument("--http", default="auto", choices=["auto", "h11", "httptools"],
+                   help="HTTP parser (auto: httptools when installed)")
+    p.set_defaults(func=cmd_serve)
     return parser
 
 

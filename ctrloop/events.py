@@ -88,7 +88,8 @@ def _ts(d: dict[str, Any]) -> float:
 _known_names: set[str] = set()  # names already checked: the same few recur on every event
 
 
-def _features(raw: Any) -> dict[str, FeatureValue]:
+def validate_features(raw: Any) -> dict[str, FeatureValue]:
+    """A `features` object checked against the contract; booleans become "true"/"false"."""
     if raw is None:
         return {}
     if type(raw) is not dict:
@@ -149,7 +150,7 @@ def parse_impression(d: dict[str, Any]) -> Impression:
         user_id=_id(d, "user_id"),
         ad_id=_id(d, "ad_id"),
         advertiser_id=_id(d, "advertiser_id"),
-        features=_features(d.get("features")),
+        features=validate_features(d.get("features")),
         position=position,
         model_version=model_version,
         propensity=propensity,

@@ -269,6 +269,43 @@ class FeatureEncoder:
                 row[i] = idx if idx is not None else self._index(i, value)
         return row
 
+    def encode_request(self, shared: Mapping[str, FeatureValue], user_id: str,
+                       candidates: Iterable[tuple[str, str, Mapping[str, FeatureValue]]]
+                       ) -> np.ndarray:
+        """Rows [N, F] for one scoring request: the shared (user, context) features are encoded
+        once, each candidate's (ad_id, advertiser_id, features) on top.
+
+        Row j equals `encode` of the impression the service logs for candidate j — features
+        `{**shared, **candidate features}` plus the three ids — so training sees exactly the
+        indices that were served (tests/unit/test_features.py checks this).
+        """
+        base = self.encode_features(shared)
+        slot, caches, offsets = self._slot, self._caches, self._offsets
+        id_slots = self._id_slots
+        ids = {"user_id": user_id}
+        rows = []
+        for ad_id, advertiser_id, features in candidates:
+            row = base.copy()
+            for name, value in features.items():
+                i = slot.get(name)
+                if i is None:
+                    self._unknown(name)
+                elif value is None:
+                    row[i] = offsets[i]  # the candidate's null overrides a shared value
+                else:
+                    idx = caches[i].get(value)
+                    row[i] = idx if idx is not None else self._index(i, value)
+            ids["ad_id"], ids["advertiser_id"] = ad_id, advertiser_id
+            for i, attr in id_slots:
+                if row[i] == offsets[i]:
+                    value = ids[attr]
+                    idx = caches[i].get(value)
+                    row[i] = idx if idx is not None else self._index(i, value)
+            rows.append(row)
+        if not rows:
+            return np.zeros((0, self.spec.num_fields), dtype=np.int64)
+        return np.asarray(rows, dtype=np.int64)
+
     def encode_many(self, imps: Iterable[Impression]) -> np.ndarray:
         rows = [self.encode(imp) for imp in imps]
         if not rows:

@@ -46,6 +46,9 @@ class ModelRegistry(Protocol):
     def record(self, version: int) -> ModelRecord | None: ...
     def fetch(self, version: int) -> bytes: ...
     def versions(self) -> list[int]: ...
+    def pin(self, version: int) -> None: ...
+    def unpin(self) -> None: ...
+    def pinned(self) -> int | None: ...
 
 
 class InMemoryRegistry:
@@ -58,6 +61,7 @@ class InMemoryRegistry:
         self._blobs: dict[int, bytes] = {}
         self._records: dict[int, ModelRecord] = {}
         self._current: int | None = None
+        self._pinned: int | None = None
         self.notices: list[ModelRecord] = []
 
     def next_version(self) -> int:
@@ -72,6 +76,8 @@ class InMemoryRegistry:
             self._current = version
         self.notices.append(rec)
         for old in sorted(self._blobs)[:-self.keep]:
+            if old in (self._current, self._pinned):
+                continue
             del self._blobs[old]
             del self._records[old]
         return rec
@@ -91,10 +97,24 @@ class InMemoryRegistry:
     def versions(self) -> list[int]:
         return sorted(self._blobs)
 
+    def pin(self, version: int) -> None:
+        if version not in self._blobs:
+            raise RegistryError(f"cannot pin version {version}: not in the registry "
+                                f"(available: {self.versions()})")
+        self._pinned = version
+
+    def unpin(self) -> None:
+        self._pinned = None
+
+    def pinned(self) -> int | None:
+        return self._pinned
+
 
 class RedisRegistry:
-    """Keys under `namespace`: seq, current, blob:V, record:V, versions (sorted set);
-    channel `<namespace>:published` carries each new record as JSON."""
+    """Keys under `namespace`: seq, current, pinned, blob:V, record:V, versions (sorted set);
+    channel `<namespace>:published` carries each new record as JSON, and `{"pinned": V|null}`
+    when an operator pins or unpins. A pin is shared by every service process: they all serve
+    the pinned version instead of `current` until it is removed."""
 
     def __init__(self, client: redis.Redis, namespace: str = "ctrloop", keep: int = 5) -> None:
         self.r = client
@@ -134,9 +154,9 @@ class RedisRegistry:
 
     def _trim(self) -> None:
         old = self.r.zrange(self._k("versions"), 0, -self.keep - 1)
-        current = self.r.get(self._k("current"))
+        keep = {self.r.get(self._k("current")), self.r.get(self._k("pinned"))}
         for v in old:
-            if v == current:
+            if v in keep:
                 continue
             v_s = v.decode()
             self.r.delete(self._k("blob", v_s), self._k("record", v_s))
@@ -150,7 +170,10 @@ class RedisRegistry:
             raise RegistryError(f"registry unreachable: {e}") from None
 
     def record(self, version: int) -> ModelRecord | None:
-        raw = self.r.get(self._k("record", version))
+        try:
+            raw = self.r.get(self._k("record", version))
+        except redis.RedisError as e:
+            raise RegistryError(f"registry unreachable: {e}") from None
         return None if raw is None else ModelRecord.from_json(raw)
 
     def fetch(self, version: int) -> bytes:
@@ -163,7 +186,34 @@ class RedisRegistry:
         return bytes(data)
 
     def versions(self) -> list[int]:
-        return sorted(int(v) for v in self.r.zrange(self._k("versions"), 0, -1))
+        try:
+            return sorted(int(v) for v in self.r.zrange(self._k("versions"), 0, -1))
+        except redis.RedisError as e:
+            raise RegistryError(f"registry unreachable: {e}") from None
+
+    def pin(self, version: int) -> None:
+        try:
+            if not self.r.exists(self._k("blob", version)):
+                raise RegistryError(f"cannot pin version {version}: not in the registry "
+                                    f"(available: {self.versions()})")
+            self.r.set(self._k("pinned"), version)
+            self.r.publish(self.channel, json.dumps({"pinned": version}))
+        except redis.RedisError as e:
+            raise RegistryError(f"registry unreachable: {e}") from None
+
+    def unpin(self) -> None:
+        try:
+            self.r.delete(self._k("pinned"))
+            self.r.publish(self.channel, json.dumps({"pinned": None}))
+        except redis.RedisError as e:
+            raise RegistryError(f"registry unreachable: {e}") from None
+
+    def pinned(self) -> int | None:
+        try:
+            v = self.r.get(self._k("pinned"))
+        except redis.RedisError as e:
+            raise RegistryError(f"registry unreachable: {e}") from None
+        return None if v is None else int(v)
 
 
 _SET_IF_NEWER = """

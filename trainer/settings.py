@@ -8,11 +8,12 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from ctrloop.joining import JoinerConfig
 from ctrloop.learner import LearnerConfig
+from ctrloop.settings import ConnectionSettings
 from trainer.pipeline import PipelineConfig
 
 
@@ -54,17 +55,12 @@ class LearningSettings(BaseSettings):
         )
 
 
-class TrainerSettings(LearningSettings):
+class TrainerSettings(LearningSettings, ConnectionSettings):
     """`ctrloop train`: Kafka in, Redis registry out, checkpoints on local disk."""
 
-    kafka_bootstrap: str = "127.0.0.1:9092"
-    topic_impressions: str = "impressions"
-    topic_clicks: str = "clicks"
-    topic_conversions: str = "conversions"
-    topic_dead_letter: str = "ctrloop.dead-letter"
+    model_config = SettingsConfigDict(env_prefix="CTRLOOP_", extra="ignore")
+
     group_id: str = "ctrloop-trainer"
-    redis_url: str = "redis://127.0.0.1:6379/0"
-    registry_namespace: str = "ctrloop"
     registry_keep: int = Field(5, ge=1, description="snapshots kept in the registry")
     checkpoint_dir: Path = Path("runs/trainer")
     checkpoint_interval_s: float = Field(10.0, gt=0, description="wall seconds")
@@ -73,11 +69,3 @@ class TrainerSettings(LearningSettings):
     log_interval_s: float = Field(5.0, gt=0)
     max_events: int | None = Field(None, ge=1, description="stop after this many (tests)")
     stop_when_idle_s: float | None = Field(None, gt=0, description="stop after idle (tests)")
-
-    @model_validator(mode="after")
-    def _topics_differ(self) -> TrainerSettings:
-        names = [self.topic_impressions, self.topic_clicks, self.topic_conversions,
-                 self.topic_dead_letter]
-        if len(set(names)) != len(names):
-            raise ValueError(f"topic names must all differ, got {names}")
-        return self

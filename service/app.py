@@ -1,0 +1,568 @@
+"""The scoring service's HTTP API (FastAPI).
+
+Routes: POST /v1/score, POST /v1/events, GET /v1/models, GET /healthz, GET /readyz,
+GET /metrics, and POST /v1/admin/{pin,unpin,rollback} behind a bearer token.
+
+Hot paths parse the raw body with `model_validate_json` and answer with orjson bytes: FastAPI's
+default json.loads + validate + jsonable_encoder costs ~4x more per request
+(../shared/docs/measured-here.md). Every error is a 4xx whose `detail` says what is wrong; a 5xx
+would be a bug.
+"""
+
+from __future__ import annotations
+
+import hmac
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from typing import Any
+
+import numpy as np
+import orjson
+import torch
+from fastapi import FastAPI, Request
+from fastapi.concurrency import run_in_threadpool
+from fastapi.exceptions import RequestValidationError
+from fastapi.openapi.utils import get_openapi
+from fastapi.responses import Response
+from pydantic import BaseModel, ValidationError
+from pydantic.json_schema import models_json_schema
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from ctrloop.errors import InvalidEvent, RegistryError
+from ctrloop.events import encode_event, event_type, parse_event
+from ctrloop.registry import ModelRegistry, RedisRegistry
+from service.metrics import CONTENT_TYPE, Metrics, render
+from service.reloader import ModelHolder, Reloader
+from service.schemas import (
+    ErrorBody,
+    EventsAccepted,
+    EventsRequest,
+    PinRequest,
+    ScoreRequest,
+    ScoreResponse,
+)
+from service.settings import ServiceSettings
+from service.sink import EventSink, SinkUnavailable
+
+log = logging.getLogger(__name__)
+
+JSON = "application/json"
+MAX_ERRORS_SHOWN = 20
+REMEMBER_EVERY = 64  # keep every 64th request's rows as warm-up inputs for the next model
+
+
+def _json(status: int, body: Any, headers: dict[str, str] | None = None) -> Response:
+    return Response(orjson.dumps(body), status_code=status, media_type=JSON, headers=headers)
+
+
+def _error(status: int, detail: Any, headers: dict[str, str] | None = None) -> Response:
+    return _json(status, {"detail": detail}, headers)
+
+
+# ---------------------------------------------------------------------------- error messages
+
+_FEATURE_RULE = ("must be a string (at most 1024 characters), a boolean, null, or a finite "
+                 "number within ±1e12")
+
+
+def _clean_loc(loc: tuple[Any, ...]) -> tuple[tuple[Any, ...], bool]:
+    """Drop pydantic's union-member tag after `features.<name>`; say whether there was one."""
+    for k, part in enumerate(loc):
+        if part == "features" and len(loc) > k + 2:
+            return loc[:k + 2], True
+    return loc, False
+
+
+def validation_detail(e: ValidationError, limit: int = MAX_ERRORS_SHOWN) -> list[dict[str, Any]]:
+    """pydantic errors → [{loc, msg, type}] without echoing inputs, one entry per location."""
+    seen: dict[tuple[Any, ...], dict[str, Any]] = {}
+    for err in e.errors(include_url=False, include_input=False, include_context=False):
+        loc, tagged = _clean_loc(tuple(err["loc"]))
+        if loc in seen:
+            continue
+        msg = err["msg"]
+        if tagged and "features" in loc:
+            msg = f"feature value {_FEATURE_RULE}"
+        seen[loc] = {"loc": list(loc), "msg": msg, "type": err["type"]}
+        if len(seen) >= limit:
+            break
+    return list(seen.values())
+
+
+def _invalid_body(e: ValidationError) -> Response:
+    errors = e.errors(include_url=False, include_input=False, include_context=False)
+    if errors and errors[0]["type"] == "json_invalid":
+        return _error(400, f"request body is not valid JSON: {errors[0]['msg']}")
+    return _error(422, validation_detail(e))
+
+
+# ---------------------------------------------------------------------------- body limit
+
+class BodyLimit:
+    """Refuses bodies over `max_bytes` with 413 before they are buffered (pure ASGI: no
+    per-request overhead beyond a header scan)."""
+
+    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        for name, value in scope["headers"]:
+            if name == b"content-length":
+                try:
+                    too_big = int(value) > self.max_bytes
+                except ValueError:
+                    too_big = False
+                if too_big:
+                    await self._refuse(send)
+                    return
+        received = 0
+
+        async def limited() -> Message:
+            nonlocal received
+            msg = await receive()
+            if msg["type"] == "http.request":
+                received += len(msg.get("body", b""))
+                if received > self.max_bytes:
+                    raise _TooLarge
+            return msg
+
+        try:
+            await self.app(scope, limited, send)
+        except _TooLarge:
+            await self._refuse(send)
+
+    async def _refuse(self, send: Send) -> None:
+        body = orjson.dumps({"detail": f"request body exceeds {self.max_bytes} bytes "
+                                       "(CTRLOOP_MAX_BODY_BYTES); split the request"})
+        await send({"type": "http.response.start", "status": 413,
+                    "headers": [(b"content-type", JSON.encode()),
+                                (b"content-length", str(len(body)).encode())]})
+        await send({"type": "http.response.body", "body": body})
+
+
+class _TooLarge(Exception):
+    pass
+
+
+# ---------------------------------------------------------------------------- OpenAPI
+
+def _body_doc(model: type[BaseModel]) -> dict[str, Any]:
+    ref = {"$ref": f"#/components/schemas/{model.__name__}"}
+    return {"requestBody": {"required": True, "content": {JSON: {"schema": ref}}}}
+
+
+_ERRORS: dict[int | str, dict[str, Any]] = {
+    400: {"model": ErrorBody, "description": "Body is not JSON"},
+    413: {"model": ErrorBody, "description": "Body too large"},
+    422: {"model": ErrorBody, "description": "Body breaks the schema; `detail` lists where"},
+}
+
+
+def _install_openapi(app: FastAPI, models: list[type[BaseModel]]) -> None:
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema:
+            return app.openapi_schema
+        schema = get_openapi(title=app.title, version=app.version,
+                             description=app.description, routes=app.routes)
+        _, defs = models_json_schema([(m, "validation") for m in models],
+                                     ref_template="#/components/schemas/{model}")
+        schema.setdefault("components", {}).setdefault("schemas", {}).update(
+            defs.get("$defs", {}))
+        app.openapi_schema = schema
+        return schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
+
+
+# ---------------------------------------------------------------------------- the app
+
+class ServiceState:
+    def __init__(self, settings: ServiceSettings, registry: ModelRegistry,
+                 sink: EventSink | None, metrics: Metrics) -> None:
+        self.settings = settings
+        self.registry = registry
+        self.sink = sink
+        self.metrics = metrics
+        expected = None
+        if settings.feature_spec is not None:
+            from ctrloop.features import FeatureSpec
+
+            expected = FeatureSpec.load(settings.feature_spec)
+        self.holder = ModelHolder(settings.prior_ctr, expected)
+        self.reloader = Reloader(registry, self.holder, settings.reload_poll_s,
+                                 on_swap=self._swapped, on_failure=self._failed)
+        self.ready = False
+        self.started_at = time.time()
+        self.requests = 0
+
+    def _swapped(self, served: Any) -> None:
+        m = self.metrics
+        m.reloads.inc()
+        m.reload_seconds.observe(served.load_seconds)
+        m.model_version.set(served.number)
+        if served.record is not None:
+            m.model_published.set(served.record.published_at)
+            meta = served.record.meta
+            m.model_samples.set(meta.get("samples_seen", 0))
+            m.trainer_dead_lettered.set(meta.get("trainer", {}).get("dead_lettered", 0))
+
+    def _failed(self, reason: str) -> None:
+        self.metrics.reload_failures.labels(reason).inc()
+
+
+def create_app(settings: ServiceSettings | None = None, *,
+               registry: ModelRegistry | None = None,
+               sink: EventSink | None = None) -> FastAPI:
+    """The ASGI app. Tests pass an in-memory registry and/or their own sink; by default both
+    are built from settings (Redis registry, Kafka sink)."""
+    settings = settings or ServiceSettings()
+    metrics = Metrics()
+    if registry is None:
+        registry = RedisRegistry.from_url(settings.redis_url, settings.registry_namespace)
+    if sink is None:
+        sink = EventSink(settings.kafka_bootstrap, settings.produce_timeout_s,
+                         on_logged=metrics.impressions_logged.inc,
+                         on_log_failed=metrics.impressions_log_failed.inc)
+    state = ServiceState(settings, registry, sink, metrics)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        torch.set_num_threads(1)  # batch-100 inference; workers, not threads, use the cores
+        await run_in_threadpool(state.reloader.check)  # serve the current model from the start
+        state.reloader.start()
+        state.ready = True
+        log.info("scoring service ready, serving model %s", state.holder.served.version)
+        try:
+            yield
+        finally:
+            state.ready = False
+            state.reloader.stop()
+            if state.sink is not None:
+                await run_in_threadpool(state.sink.close)
+
+    app = FastAPI(
+        title="ctrloop scoring service",
+        version="0.2.0",
+        description="Scores candidate ads with the latest online-trained model, logs what it "
+                    "served, and accepts click/conversion events. See README.md.",
+        lifespan=lifespan,
+    )
+    app.state.service = state
+    app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
+    _install_openapi(app, [ScoreRequest, EventsRequest])
+    _install_error_handlers(app)
+    _score_routes(app, state)
+    _event_routes(app, state)
+    _model_routes(app, state)
+    _admin_routes(app, state)
+    return app
+
+
+def _install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(RequestValidationError)
+    async def _validation(_: Request, exc: RequestValidationError) -> Response:
+        errors = [{"loc": list(e.get("loc", ())), "msg": e.get("msg", ""),
+                   "type": e.get("type", "")} for e in exc.errors()[:MAX_ERRORS_SHOWN]]
+        if errors and errors[0]["type"] == "json_invalid":
+            return _error(400, f"request body is not valid JSON: {errors[0]['msg']}")
+        return _error(422, errors)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(_: Request, exc: StarletteHTTPException) -> Response:
+        return _error(exc.status_code, exc.detail, getattr(exc, "headers", None))
+
+
+def _timed(state: ServiceState, route: str
+           ) -> Callable[[Callable[[Request], Awaitable[Response]]],
+                         Callable[[Request], Awaitable[Response]]]:
+    hist = state.metrics.request_seconds.labels(route)
+    counters = {c: state.metrics.requests.labels(route, c) for c in ("2xx", "4xx", "5xx")}
+
+    def wrap(fn: Callable[[Request], Awaitable[Response]]
+             ) -> Callable[[Request], Awaitable[Response]]:
+        async def handler(request: Request) -> Response:
+            t0 = time.perf_counter()
+            try:
+                response = await fn(request)
+            except Exception:
+                counters["5xx"].inc()
+                log.exception("unhandled error in %s", route)
+                return _error(500, "internal error (a bug): see the service log")
+            hist.observe(time.perf_counter() - t0)
+            counters[f"{response.status_code // 100}xx"].inc()
+            return response
+
+        handler.__name__ = fn.__name__
+        handler.__doc__ = fn.__doc__
+        return handler
+
+    return wrap
+
+
+# ---------------------------------------------------------------------------- /v1/score
+
+def _score_routes(app: FastAPI, state: ServiceState) -> None:
+    settings, metrics = state.settings, state.metrics
+    topic = settings.topic_impressions
+    by_status = {s: metrics.scores_by_model.labels(s) for s in ("prior", "trained", "pinned")}
+
+    @app.post("/v1/score", response_model=ScoreResponse, responses=_ERRORS,
+              openapi_extra=_body_doc(ScoreRequest), tags=["scoring"],
+              summary="Rank candidate ads for one request")
+    @_timed(state, "/v1/score")
+    async def score(request: Request) -> Response:
+        """pCTR for every candidate, ranked by `score` (bid × pCTR by default). With
+        `options.log`, each of the `top_k` is logged to Kafka as an impression with the exact
+        features scored, and its `impression_id` is returned for reporting clicks."""
+        try:
+            req = ScoreRequest.model_validate_json(await request.body())
+        except ValidationError as e:
+            return _invalid_body(e)
+        return _score(state, req, topic, by_status)
+
+
+def _score(state: ServiceState, req: ScoreRequest, topic: str,
+           by_status: dict[str, Any]) -> Response:
+    settings = state.settings
+    n = len(req.candidates)
+    if n > settings.max_candidates:
+        return _error(422, f"{n} candidates, at most {settings.max_candidates} per request "
+                           "(CTRLOOP_MAX_CANDIDATES); split the request")
+    opts = req.options
+    if opts.log and opts.top_k is None:
+        return _error(422, "options.log needs options.top_k: the number of ads shown, which "
+                           "are the ones logged as impressions")
+    if opts.log and not settings.log_impressions:
+        return _error(422, "impression logging is off on this service "
+                           "(CTRLOOP_LOG_IMPRESSIONS=false); send options.log=false")
+    served = state.holder.served  # read once: this request finishes on this model
+    cands = [(c.ad_id, c.advertiser_id, c.features) for c in req.candidates]
+    pctr = served.pctr(req.features, req.user_id, cands)
+    if opts.rank_by == "bid_pctr":
+        value = pctr * np.array([c.bid or 1.0 for c in req.candidates])
+    else:
+        value = pctr
+    order = np.argsort(-value, kind="stable")
+    if opts.top_k is not None:
+        order = order[:opts.top_k]
+    request_id = req.request_id or uuid.uuid4().hex
+    pctr_l, value_l = pctr.tolist(), value.tolist()
+    out = []
+    records = []
+    # Deterministic ranking: the ad at each rank was chosen with probability 1.
+    propensity = 1.0
+    if opts.log:
+        ts = req.ts if req.ts is not None else time.time()
+        serial = uuid.uuid4().hex[:12]
+    for rank, j in enumerate(order.tolist(), start=1):
+        c = req.candidates[j]
+        item: dict[str, Any] = {"ad_id": c.ad_id, "rank": rank, "pctr": pctr_l[j],
+                                "score": value_l[j], "propensity": propensity}
+        if opts.log:
+            imp_id = f"{serial}.{rank}"
+            item["impression_id"] = imp_id
+            event = {"impression_id": imp_id, "ts": ts, "user_id": req.user_id,
+                     "ad_id": c.ad_id, "advertiser_id": c.advertiser_id,
+                     "features": {**req.features, **c.features}, "position": rank,
+                     "model_version": served.version, "propensity": propensity,
+                     "request_id": request_id}
+            records.append((topic, imp_id.encode(), orjson.dumps(event)))
+        out.append(item)
+    logged = bool(records) and state.sink is not None and state.sink.log(records)
+    state.metrics.candidates_scored.inc(n)
+    by_status[served.status].inc()
+    state.requests += 1
+    if served.encoder is not None and state.requests % REMEMBER_EVERY == 0:
+        state.holder.remember_rows(served.encoder.encode_request(
+            req.features, req.user_id, cands[:8]))
+    return _json(200, {"request_id": request_id, "model_version": served.version,
+                       "model_status": served.status, "explored": False,
+                       "logged": logged, "candidates": out})
+
+
+# ---------------------------------------------------------------------------- /v1/events
+
+def _event_routes(app: FastAPI, state: ServiceState) -> None:
+    settings, metrics = state.settings, state.metrics
+    topic_of = settings.topic_of
+
+    @app.post("/v1/events", status_code=202, response_model=EventsAccepted,
+              responses={**_ERRORS, 503: {"model": ErrorBody,
+                                          "description": "Kafka unavailable; retry later"}},
+              openapi_extra=_body_doc(EventsRequest), tags=["events"],
+              summary="Accept impression/click/conversion events")
+    @_timed(state, "/v1/events")
+    async def events(request: Request) -> Response:
+        """A batch of events (docs/events.md). Answers 202 only after Kafka acknowledged every
+        one; 503 with Retry-After when Kafka is down (nothing in the batch was acknowledged:
+        retry it). An invalid event rejects the whole batch with 422 naming each bad event."""
+        try:
+            doc = orjson.loads(await request.body())
+        except orjson.JSONDecodeError as e:
+            return _error(400, f"request body is not valid JSON: {e}")
+        if not isinstance(doc, dict) or not isinstance(doc.get("events"), list):
+            return _error(422, 'the body must be an object {"events": [event, ...]}')
+        extra = sorted(set(doc) - {"events"})
+        if extra:
+            return _error(422, f"unknown top-level field(s) {extra}; only 'events' is allowed")
+        raw = doc["events"]
+        if not 1 <= len(raw) <= settings.max_events:
+            return _error(422, f"{len(raw)} events; send 1-{settings.max_events} per request "
+                               "(CTRLOOP_MAX_EVENTS)")
+        parsed, errors = [], []
+        for i, d in enumerate(raw):
+            try:
+                parsed.append(parse_event(d))
+            except InvalidEvent as e:
+                errors.append({"index": i, "reason": e.reason})
+        if errors:
+            metrics.events_rejected.inc(len(errors))
+            return _error(422, {"message": f"{len(errors)} of {len(raw)} events are invalid; "
+                                           "nothing was accepted",
+                                "errors": errors[:MAX_ERRORS_SHOWN]})
+        records, by_type = [], {}
+        for ev in parsed:
+            kind = event_type(ev)
+            by_type[kind] = by_type.get(kind, 0) + 1
+            records.append((topic_of[kind], ev.impression_id.encode(), encode_event(ev)))
+        if state.sink is None:
+            return _error(503, "this service has no event sink configured",
+                          {"Retry-After": str(settings.retry_after_s)})
+        try:
+            await run_in_threadpool(state.sink.produce, records)
+        except SinkUnavailable as e:
+            metrics.events_unavailable.inc()
+            return _error(503, f"{e}; nothing in this batch was acknowledged, retry it after "
+                               f"{settings.retry_after_s} s",
+                          {"Retry-After": str(settings.retry_after_s)})
+        for kind, k in by_type.items():
+            metrics.events_produced.labels(kind).inc(k)
+        return _json(202, {"accepted": len(records), "by_type": by_type})
+
+
+# ---------------------------------------------------------------------------- models, health
+
+def _model_routes(app: FastAPI, state: ServiceState) -> None:
+    @app.get("/v1/models", tags=["models"], summary="What is served and what the registry has")
+    async def models() -> Response:
+        """The served version (when published, samples seen, the trainer's progressive
+        metrics), reload counters, and the registry's current/pinned/kept versions."""
+        registry: dict[str, Any]
+        try:
+            current = await run_in_threadpool(state.registry.current)
+            versions = await run_in_threadpool(state.registry.versions)
+            registry = {"current": current.version if current else None,
+                        "pinned": state.reloader.pinned, "versions": versions}
+        except RegistryError as e:
+            registry = {"error": str(e)}
+        return _json(200, {"serving": state.holder.served.describe(),
+                           "reloader": state.reloader.describe(), "registry": registry})
+
+    @app.get("/healthz", tags=["health"], summary="Liveness")
+    async def healthz() -> Response:
+        return _json(200, {"status": "ok"})
+
+    @app.get("/readyz", tags=["health"], summary="Readiness",
+             responses={503: {"model": ErrorBody, "description": "Starting or stopping"}})
+    async def readyz() -> Response:
+        """Ready once started: scoring works from the first request (with the prior model
+        until one is published). The body says what is served and whether Kafka and the
+        registry are reachable."""
+        served = state.holder.served
+        body = {"ready": state.ready, "model_version": served.version,
+                "model_status": served.status,
+                "registry_reachable": state.reloader.stats.registry_ok,
+                "impressions_queued": state.sink.queued() if state.sink else 0}
+        return _json(200 if state.ready else 503, body)
+
+    @app.get("/metrics", tags=["health"], summary="Prometheus metrics")
+    async def prometheus() -> Response:
+        return Response(render(state.metrics), media_type=CONTENT_TYPE)
+
+
+# ---------------------------------------------------------------------------- admin
+
+def _admin_routes(app: FastAPI, state: ServiceState) -> None:
+    token = state.settings.admin_token
+    auth_errors = {401: {"model": ErrorBody}, 403: {"model": ErrorBody},
+                   404: {"model": ErrorBody}, 409: {"model": ErrorBody}}
+
+    def denied(request: Request) -> Response | None:
+        if token is None:
+            return _error(403, "admin routes are disabled: start the service with "
+                               "CTRLOOP_ADMIN_TOKEN set")
+        given = request.headers.get("authorization", "")
+        if not hmac.compare_digest(given.encode(), f"Bearer {token}".encode()):
+            return _error(401, "missing or wrong token: send 'Authorization: Bearer <token>'",
+                          {"WWW-Authenticate": "Bearer"})
+        return None
+
+    async def pin_to(version: int) -> Response:
+        try:
+            await run_in_threadpool(state.registry.pin, version)
+        except RegistryError as e:
+            return _error(404, str(e))
+        await run_in_threadpool(state.reloader.check)
+        served = state.holder.served
+        body = {"pinned": version, "serving": served.version, "status": served.status}
+        if served.number != version:
+            body["note"] = (f"version {version} is pinned but could not be loaded here: "
+                            f"{state.reloader.stats.last_error}")
+            return _json(409, body)
+        return _json(200, body)
+
+    @app.post("/v1/admin/pin", tags=["admin"], responses=auth_errors,
+              openapi_extra=_body_doc(PinRequest), summary="Serve one version everywhere")
+    async def pin(request: Request) -> Response:
+        """Every service process serves `version` (loaded and verified as usual) until
+        unpinned; new publications are ignored meanwhile."""
+        if (r := denied(request)) is not None:
+            return r
+        try:
+            body = PinRequest.model_validate_json(await request.body())
+        except ValidationError as e:
+            return _invalid_body(e)
+        return await pin_to(body.version)
+
+    @app.post("/v1/admin/rollback", tags=["admin"], responses=auth_errors,
+              summary="Pin the newest version older than the one served")
+    async def rollback(request: Request) -> Response:
+        if (r := denied(request)) is not None:
+            return r
+        served = state.holder.served.number
+        try:
+            older = [v for v in await run_in_threadpool(state.registry.versions) if v < served]
+        except RegistryError as e:
+            return _error(409, f"cannot roll back: {e}")
+        if not older:
+            return _error(409, f"no version older than {served} is kept in the registry")
+        return await pin_to(max(older))
+
+    @app.post("/v1/admin/unpin", tags=["admin"], responses=auth_errors,
+              summary="Follow the newest published version again")
+    async def unpin(request: Request) -> Response:
+        if (r := denied(request)) is not None:
+            return r
+        try:
+            await run_in_threadpool(state.registry.unpin)
+        except RegistryError as e:
+            return _error(409, str(e))
+        await run_in_threadpool(state.reloader.check)
+        served = state.holder.served
+        return _json(200, {"pinned": None, "serving": served.version, "status": served.status})
+
+
+def app_from_env() -> FastAPI:
+    """uvicorn's factory (`ctrloop serve`): settings from CTRLOOP_* in each worker."""
+    logging.basicConfig(level=logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("kafka").setLevel(logging.WARNING)
+    return create_app(ServiceSettings())

@@ -1,0 +1,216 @@
+"""Follows the model registry and swaps verified models in, off the request path.
+
+One background thread per service process listens on the registry's pub/sub channel and polls
+the `current`/`pinned` pointers every `poll_s` (pub/sub drops notices on reconnect, so polling
+is what guarantees progress). The target is the pinned version if an operator set one, else the
+current one. A target that fails verification is refused once — counted and logged — and the
+model being served keeps serving; the refusal is remembered so the thread does not retry the
+same bytes every poll.
+
+Swapping is one reference assignment (`ModelHolder.served`), atomic under the GIL: a request
+reads it once and finishes on that model. Without a pin, the served version never decreases.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import redis
+import torch
+
+from ctrloop.errors import RegistryError, SnapshotError
+from ctrloop.features import FeatureSpec
+from ctrloop.registry import ModelRegistry, RedisRegistry
+from service.scoring import ServedModel, load_verified, prior_model
+
+log = logging.getLogger(__name__)
+
+RECENT_ROWS = 256
+
+
+@dataclass
+class ReloadStats:
+    reloads: int = 0
+    failures: dict[str, int] = field(default_factory=dict)
+    last_error: str | None = None
+    last_error_at: float | None = None
+    last_check_at: float | None = None
+    registry_ok: bool = False
+    refused: list[int] = field(default_factory=list)
+
+    def fail(self, reason: str, message: str) -> None:
+        self.failures[reason] = self.failures.get(reason, 0) + 1
+        self.last_error, self.last_error_at = message, time.time()
+
+
+class ModelHolder:
+    """The served model and recent request rows (warm-up inputs for the next model)."""
+
+    def __init__(self, prior_ctr: float, expected_spec: FeatureSpec | None = None) -> None:
+        self.served: ServedModel = prior_model(prior_ctr)
+        self.prior_ctr = prior_ctr
+        self.expected_spec = expected_spec
+        self._recent: deque[np.ndarray] = deque(maxlen=8)
+        self._lock = threading.Lock()
+
+    def remember_rows(self, rows: np.ndarray) -> None:
+        self._recent.append(rows[:32])
+
+    def recent_rows(self) -> torch.Tensor | None:
+        chunks = list(self._recent)
+        if not chunks:
+            return None
+        return torch.from_numpy(np.concatenate(chunks)[:RECENT_ROWS])
+
+    def swap(self, new: ServedModel, allow_older: bool = False) -> bool:
+        with self._lock:
+            old = self.served
+            if not allow_older and new.number <= old.number and old.status != "pinned":
+                return False
+            if self.expected_spec is None and new.spec is not None:
+                self.expected_spec = new.spec  # the first trained model fixes the spec
+            self.served = new
+            return True
+
+
+class Reloader:
+    def __init__(self, registry: ModelRegistry, holder: ModelHolder, poll_s: float = 2.0,
+                 on_swap: Callable[[ServedModel], None] | None = None,
+                 on_failure: Callable[[str], None] | None = None) -> None:
+        self.registry = registry
+        self.holder = holder
+        self.poll_s = poll_s
+        self.stats = ReloadStats()
+        self._on_swap = on_swap
+        self._on_failure = on_failure
+        self._refused: set[int] = set()
+        self._check_lock = threading.Lock()  # the poll thread and admin requests both check
+        self._stop = threading.Event()
+        self._wake = threading.Event()
+        self._threads: list[threading.Thread] = []
+        self.pinned: int | None = None
+
+    # ------------------------------------------------------------------ loop
+
+    def start(self) -> None:
+        self._threads = [threading.Thread(target=self._poll_loop, name="reloader", daemon=True)]
+        if isinstance(self.registry, RedisRegistry):
+            self._threads.append(threading.Thread(target=self._listen_loop,
+                                                  name="reloader-pubsub", daemon=True))
+        for t in self._threads:
+            t.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._wake.set()
+        for t in self._threads:
+            t.join(timeout=5)
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    def _poll_loop(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self.check()
+            except Exception:  # never let the thread die: the service would stop following
+                log.exception("model reload check failed")
+            self._wake.wait(self.poll_s)
+            self._wake.clear()
+
+    def _listen_loop(self) -> None:
+        assert isinstance(self.registry, RedisRegistry)
+        backoff = 0.5
+        while not self._stop.is_set():
+            try:
+                pubsub = self.registry.r.pubsub(ignore_subscribe_messages=True)
+                pubsub.subscribe(self.registry.channel)
+                backoff = 0.5
+                self._wake.set()  # notices may have been missed while disconnected
+                while not self._stop.is_set():
+                    if pubsub.get_message(timeout=1.0) is not None:
+                        self._wake.set()
+                pubsub.close()
+            except (redis.RedisError, OSError) as e:
+                log.debug("registry pub/sub disconnected (%s); polling covers it", e)
+                self._stop.wait(backoff)
+                backoff = min(backoff * 2, 10.0)
+
+    # ------------------------------------------------------------------ one check
+
+    def check(self) -> bool:
+        """Bring the served model to the registry's target version; True if it swapped."""
+        with self._check_lock:
+            return self._check()
+
+    def _check(self) -> bool:
+        self.stats.last_check_at = time.time()
+        try:
+            pinned = self.registry.pinned()
+            current = self.registry.current()
+            self.stats.registry_ok = True
+        except RegistryError as e:
+            self.stats.registry_ok = False
+            log.warning("registry unreachable, serving version %s: %s",
+                        self.holder.served.version, e)
+            return False
+        self.pinned = pinned
+        target = pinned if pinned is not None else (current.version if current else None)
+        served = self.holder.served
+        if target is None or target in self._refused:
+            return False
+        if target == served.number and (served.status == "pinned") == (pinned is not None):
+            return False
+        if pinned is None and target < served.number:
+            return False  # never backwards without an operator's pin
+        return self.load(target, pinned=pinned is not None)
+
+    def load(self, version: int, pinned: bool = False) -> bool:
+        served = self.holder.served
+        try:
+            record = self.registry.record(version)
+            if record is None:
+                raise RegistryError(f"version {version} is gone from the registry")
+            data = self.registry.fetch(version)
+        except RegistryError as e:
+            log.warning("cannot fetch model version %d: %s", version, e)
+            self.stats.fail("fetch", str(e))
+            if self._on_failure:
+                self._on_failure("fetch")
+            return False  # transient: tried again next poll
+        try:
+            new = load_verified(data, record, self.holder.expected_spec,
+                                "pinned" if pinned else "trained", self.holder.prior_ctr,
+                                served.encoder, self.holder.recent_rows())
+        except SnapshotError as e:
+            self._refused.add(version)
+            self.stats.refused = sorted(self._refused)[-20:]
+            self.stats.fail("invalid", str(e))
+            log.error("refused model version %d, still serving %s: %s", version,
+                      served.version, e)
+            if self._on_failure:
+                self._on_failure("invalid")
+            return False
+        if not self.holder.swap(new, allow_older=pinned):
+            return False
+        self.stats.reloads += 1
+        log.info("serving model version %s (%s, loaded in %.0f ms)", new.version, new.status,
+                 new.load_seconds * 1000)
+        if self._on_swap:
+            self._on_swap(new)
+        return True
+
+    def describe(self) -> dict[str, Any]:
+        s = self.stats
+        return {"reloads": s.reloads, "reload_failures": dict(s.failures),
+                "refused_versions": s.refused, "last_error": s.last_error,
+                "last_error_at": s.last_error_at, "last_check_at": s.last_check_at,
+                "registry_reachable": s.registry_ok, "pinned": self.pinned}
+

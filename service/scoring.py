@@ -1,0 +1,125 @@
+"""A loaded, verified model and how it scores one request.
+
+`ServedModel` is immutable once built: the reloader builds a new one off the request path and
+swaps a single reference, so a request that picked up a model finishes on it and names its
+version. Before the first snapshot is loaded the service serves a prior: every candidate gets
+the prior CTR (the ranking is by bid), and responses say `model_status: "prior"`.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import numpy as np
+import torch
+
+from ctrloop.errors import SnapshotError
+from ctrloop.features import FeatureEncoder, FeatureSpec
+from ctrloop.models import CTRModel
+from ctrloop.registry import ModelRecord
+from ctrloop.snapshot import build_from_snapshot, checksum, decode_snapshot
+
+Status = Literal["prior", "trained", "pinned"]
+WARMUP_ROWS = 64
+
+
+@dataclass(frozen=True)
+class ServedModel:
+    version: str
+    status: Status
+    model: CTRModel | None  # None: the prior
+    encoder: FeatureEncoder | None
+    prior_ctr: float
+    record: ModelRecord | None = None
+    loaded_at: float = field(default_factory=time.time)
+    load_seconds: float = 0.0
+
+    @property
+    def spec(self) -> FeatureSpec | None:
+        return None if self.model is None else self.model.spec
+
+    @property
+    def number(self) -> int:
+        """The registry version, 0 for the prior."""
+        return 0 if self.record is None else self.record.version
+
+    def pctr(self, shared: dict[str, Any], user_id: str,
+             candidates: list[tuple[str, str, dict[str, Any]]]) -> np.ndarray:
+        if self.model is None or self.encoder is None:
+            return np.full(len(candidates), self.prior_ctr)
+        rows = self.encoder.encode_request(shared, user_id, candidates)
+        with torch.inference_mode():
+            logits = self.model(torch.from_numpy(rows))
+        return torch.sigmoid(logits).double().numpy()
+
+    def describe(self) -> dict[str, Any]:
+        d: dict[str, Any] = {"version": self.version, "status": self.status,
+                             "loaded_at": self.loaded_at,
+                             "load_seconds": round(self.load_seconds, 4)}
+        if self.model is None:
+            d["prior_ctr"] = self.prior_ctr
+            d["note"] = "no model published yet: every candidate gets the prior CTR"
+            return d
+        assert self.record is not None
+        d.update(model=self.model.name, hparams=self.model.hparams,
+                 spec_hash=self.model.spec.hash, published_at=self.record.published_at,
+                 checksum=self.record.checksum, size_bytes=self.record.size)
+        meta = self.record.meta
+        for key in ("samples_seen", "positives_seen", "event_time", "metrics", "trainer"):
+            if key in meta:
+                d[key] = meta[key]
+        return d
+
+
+def prior_model(prior_ctr: float) -> ServedModel:
+    return ServedModel("prior", "prior", None, None, prior_ctr)
+
+
+def warmup_rows(spec: FeatureSpec, n: int = WARMUP_ROWS, seed: int = 0) -> torch.Tensor:
+    """Inputs a new model must score finitely: all-missing rows and random rows over every
+    field's range (so any row of the table can be hit)."""
+    g = torch.Generator().manual_seed(seed)
+    offsets = torch.tensor(spec.offsets)
+    buckets = torch.tensor([f.buckets for f in spec.fields])
+    rand = offsets + (torch.rand(n, spec.num_fields, generator=g) * buckets).long()
+    return torch.cat([offsets.unsqueeze(0), rand])
+
+
+def load_verified(data: bytes, record: ModelRecord, expected_spec: FeatureSpec | None,
+                  status: Status, prior_ctr: float,
+                  encoder: FeatureEncoder | None = None,
+                  extra_rows: torch.Tensor | None = None) -> ServedModel:
+    """Bytes from the registry → a model ready to serve, or SnapshotError saying why not.
+
+    Checks, in order: the SHA-256 the trainer recorded, the snapshot format and its weights,
+    the feature spec against the one being served (a different spec would change what every
+    logged impression means to the trainer), and finite outputs on warm-up inputs (recent real
+    requests when given, plus synthetic rows).
+    """
+    t0 = time.perf_counter()
+    if checksum(data) != record.checksum:
+        raise SnapshotError(f"version {record.version}: checksum mismatch (corrupt or "
+                            "truncated blob)")
+    snap = decode_snapshot(data)
+    if snap.version != record.version:
+        raise SnapshotError(f"version {record.version}: blob says version {snap.version}")
+    if expected_spec is not None and not snap.spec.compatible_with(expected_spec):
+        raise SnapshotError(
+            f"version {record.version}: feature spec {snap.spec.hash} differs from the served "
+            f"spec {expected_spec.hash}; restart the service (or change CTRLOOP_FEATURE_SPEC) "
+            "to serve a new spec")
+    model = build_from_snapshot(snap)
+    rows = warmup_rows(snap.spec)
+    if extra_rows is not None and extra_rows.numel() and extra_rows.shape[1] == rows.shape[1]:
+        rows = torch.cat([rows, extra_rows])
+    with torch.inference_mode():
+        out = model(rows)
+    if out.shape != (rows.shape[0],) or not bool(torch.isfinite(out).all()):
+        raise SnapshotError(f"version {record.version}: non-finite or misshapen outputs on "
+                            "warm-up inputs")
+    if encoder is None or encoder.spec.hash != snap.spec.hash:
+        encoder = FeatureEncoder(snap.spec)  # same spec: keep the warm per-field hash caches
+    return ServedModel(str(record.version), status, model, encoder, prior_ctr, record,
+                       load_seconds=time.perf_counter() - t0)

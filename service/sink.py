@@ -1,0 +1,192 @@
+"""Where the service writes events: Kafka, with two delivery contracts.
+
+- `/v1/events` (clicks, conversions, impressions from callers): `produce()` returns only after
+  Kafka acknowledged every record (acks=all), else raises `SinkUnavailable` and the caller
+  answers 503 with Retry-After. At-least-once: a record that timed out may still be delivered
+  later, so a client retry can duplicate it; the trainer drops duplicate impressions by id and
+  counts duplicate clicks.
+- Impression logging from `/v1/score`: `log()` queues the records for a background thread and
+  returns at once, so scoring never waits on Kafka. Under a long Kafka outage the bounded queue
+  fills and further impressions are dropped and counted (`impressions_dropped`): serving stays
+  up, and the loss is visible on /metrics.
+
+Each contract has its own producer, so a producer wedged by a broker restart (kafka-python's
+idempotent producer can fail fatally when the broker forgets its producer id) is replaced
+without touching the other.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from kafka import KafkaProducer
+from kafka.errors import KafkaError
+
+from ctrloop.errors import CtrloopError
+from ctrloop.kafkaio import make_producer
+
+log = logging.getLogger(__name__)
+
+Record = tuple[str, bytes, bytes]  # topic, key, value
+LOG_QUEUE_SIZE = 100_000
+
+
+class SinkUnavailable(CtrloopError):
+    """Kafka did not acknowledge in time; nothing was acknowledged to the caller."""
+
+
+class _Producer:
+    """A lazily (re)created KafkaProducer: the service starts, and recovers, without Kafka."""
+
+    def __init__(self, bootstrap: str, block_s: float, client_id: str) -> None:
+        self.bootstrap = bootstrap
+        self.block_s = block_s
+        self.client_id = client_id
+        self._producer: KafkaProducer | None = None
+        self._lock = threading.Lock()
+        self._next_try = 0.0
+
+    def get(self) -> KafkaProducer:
+        with self._lock:
+            if self._producer is not None:
+                return self._producer
+            if time.monotonic() < self._next_try:
+                raise SinkUnavailable(f"Kafka at {self.bootstrap} is unreachable (retrying)")
+            try:
+                self._producer = make_producer(
+                    self.bootstrap, client_id=self.client_id,
+                    max_block_ms=int(self.block_s * 1000),
+                    request_timeout_ms=max(1000, int(self.block_s * 1000)),
+                    api_version_auto_timeout_ms=int(self.block_s * 1000))
+            except KafkaError as e:
+                self._next_try = time.monotonic() + 1.0
+                raise SinkUnavailable(f"Kafka at {self.bootstrap} is unreachable: {e}") from None
+            return self._producer
+
+    def reset(self) -> None:
+        with self._lock:
+            p, self._producer = self._producer, None
+        if p is not None:
+            threading.Thread(target=p.close, kwargs={"timeout": 0}, daemon=True).start()
+
+    def close(self, timeout: float) -> None:
+        with self._lock:
+            p, self._producer = self._producer, None
+        if p is not None:
+            p.close(timeout=timeout)
+
+
+@dataclass
+class SinkStats:
+    produced: int = 0
+    produce_failures: int = 0
+    impressions_logged: int = 0
+    impressions_log_failed: int = 0
+    impressions_dropped: int = 0
+
+
+class EventSink:
+    def __init__(self, bootstrap: str, produce_timeout_s: float = 5.0,
+                 on_logged: Callable[[int], None] | None = None,
+                 on_log_failed: Callable[[int], None] | None = None) -> None:
+        self.timeout_s = produce_timeout_s
+        self.stats = SinkStats()
+        self._acked = _Producer(bootstrap, produce_timeout_s, "ctrloop-service-events")
+        self._logger = _Producer(bootstrap, produce_timeout_s, "ctrloop-service-log")
+        self._queue: queue.Queue[list[Record] | None] = queue.Queue(maxsize=LOG_QUEUE_SIZE)
+        self._on_logged = on_logged
+        self._on_log_failed = on_log_failed
+        self._last_reset = 0.0
+        self._thread = threading.Thread(target=self._drain, name="impression-log", daemon=True)
+        self._thread.start()
+
+    # ------------------------------------------------------------- acknowledged path
+
+    def produce(self, records: Sequence[Record]) -> None:
+        """Send and wait for every acknowledgement; blocking (run it off the event loop)."""
+        deadline = time.monotonic() + self.timeout_s
+        try:
+            producer = self._acked.get()
+            futures = [producer.send(t, key=k, value=v) for t, k, v in records]
+            producer.flush(timeout=max(0.0, deadline - time.monotonic()))
+            for f in futures:
+                f.get(timeout=max(0.001, deadline - time.monotonic()))
+        except SinkUnavailable:
+            self.stats.produce_failures += 1
+            raise
+        except (KafkaError, AssertionError) as e:
+            # A timed-out or failed producer is replaced: its buffer may hold records the
+            # broker will never take (e.g. after a restart forgot our producer id).
+            self.stats.produce_failures += 1
+            self._acked.reset()
+            raise SinkUnavailable(f"Kafka did not acknowledge within {self.timeout_s:g} s: "
+                                  f"{type(e).__name__}: {e}") from None
+        self.stats.produced += len(records)
+
+    # ------------------------------------------------------------- fire-and-forget log
+
+    def log(self, records: list[Record]) -> bool:
+        """Queue impression records; False (and counted) when the queue is full."""
+        try:
+            self._queue.put_nowait(records)
+            return True
+        except queue.Full:
+            self.stats.impressions_dropped += len(records)
+            if self._on_log_failed:
+                self._on_log_failed(len(records))
+            return False
+
+    def _drain(self) -> None:
+        while True:
+            batch = self._queue.get()
+            if batch is None:
+                return
+            self._send_logged(batch)
+
+    def _send_logged(self, batch: list[Record]) -> None:
+        while True:
+            try:
+                producer = self._logger.get()
+                for t, k, v in batch:
+                    producer.send(t, key=k, value=v).add_callback(
+                        self._logged_ok).add_errback(self._logged_failed)
+                return
+            except SinkUnavailable:
+                time.sleep(0.5)  # Kafka down: hold this batch; the queue bounds what waits
+            except KafkaError as e:
+                log.warning("impression log send failed (%s); replacing the producer", e)
+                self._logger.reset()
+                time.sleep(0.5)
+
+    def _logged_ok(self, _: Any) -> None:
+        self.stats.impressions_logged += 1
+        if self._on_logged:
+            self._on_logged(1)
+
+    def _logged_failed(self, e: Exception) -> None:
+        self.stats.impressions_log_failed += 1
+        if self._on_log_failed:
+            self._on_log_failed(1)
+        if self.stats.impressions_log_failed % 1000 == 1:
+            log.warning("impression log delivery failed: %s", e)
+        now = time.monotonic()
+        if now - self._last_reset > 5.0:  # a wedged producer fails every record: replace it
+            self._last_reset = now
+            self._logger.reset()
+
+    def queued(self) -> int:
+        return self._queue.qsize()
+
+    def close(self, timeout: float = 5.0) -> None:
+        with contextlib.suppress(queue.Full):
+            self._queue.put(None, timeout=timeout)
+        self._thread.join(timeout=timeout)
+        self._acked.close(timeout)
+        self._logger.close(timeout)
