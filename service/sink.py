@@ -64,7 +64,7 @@ class _Producer:
                     self.bootstrap, client_id=self.client_id,
                     max_block_ms=int(self.block_s * 1000),
                     request_timeout_ms=max(1000, int(self.block_s * 1000)),
-                    api_version_auto_timeout_ms=int(self.block_s * 1000))
+                    bootstrap_timeout_ms=int(self.block_s * 1000))
             except KafkaError as e:
                 self._next_try = time.monotonic() + 1.0
                 raise SinkUnavailable(f"Kafka at {self.bootstrap} is unreachable: {e}") from None
@@ -80,7 +80,10 @@ class _Producer:
         with self._lock:
             p, self._producer = self._producer, None
         if p is not None:
-            p.close(timeout=timeout)
+            try:
+                p.close(timeout=timeout)
+            except KafkaError as e:  # Kafka down at shutdown: unacknowledged records are lost
+                log.warning("closing the %s producer: %s", self.client_id, e)
 
 
 @dataclass
@@ -104,6 +107,7 @@ class EventSink:
         self._on_logged = on_logged
         self._on_log_failed = on_log_failed
         self._last_reset = 0.0
+        self._closing = threading.Event()
         self._thread = threading.Thread(target=self._drain, name="impression-log", daemon=True)
         self._thread.start()
 
@@ -159,6 +163,9 @@ class EventSink:
                         self._logged_ok).add_errback(self._logged_failed)
                 return
             except SinkUnavailable:
+                if self._closing.is_set():
+                    self.stats.impressions_log_failed += len(batch)
+                    return
                 time.sleep(0.5)  # Kafka down: hold this batch; the queue bounds what waits
             except KafkaError as e:
                 log.warning("impression log send failed (%s); replacing the producer", e)
@@ -184,7 +191,8 @@ class EventSink:
     def queued(self) -> int:
         return self._queue.qsize()
 
-    def close(self, timeout: float = 5.0) -> None:
+    def close(self, timeout: float = 2.0) -> None:
+        self._closing.set()
         with contextlib.suppress(queue.Full):
             self._queue.put(None, timeout=timeout)
         self._thread.join(timeout=timeout)
