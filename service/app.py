@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hmac
 import logging
+import os
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -202,6 +203,8 @@ class ServiceState:
         self.ready = False
         self.started_at = time.time()
         self.requests = 0
+        # Which process answered: with several workers, versions only increase per process.
+        self.worker_header = {"x-ctrloop-worker": str(os.getpid())}
 
     def _swapped(self, served: Any) -> None:
         m = self.metrics
@@ -385,7 +388,7 @@ def _score(state: ServiceState, req: ScoreRequest, topic: str,
             req.features, req.user_id, cands[:8]))
     return _json(200, {"request_id": request_id, "model_version": served.version,
                        "model_status": served.status, "explored": False,
-                       "logged": logged, "candidates": out})
+                       "logged": logged, "candidates": out}, state.worker_header)
 
 
 # ---------------------------------------------------------------------------- /v1/events
