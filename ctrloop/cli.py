@@ -148,6 +148,53 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_drive(args: argparse.Namespace) -> int:
+    import asyncio
+
+    from ctrloop.sim.live import DriverConfig, LiveDriver, run_with_reports, stop_on_signals
+
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # a line per request otherwise
+    driver = LiveDriver(args.url, DriverConfig(rate=args.rate, seed=args.seed))
+
+    async def report(snap: dict[str, Any], rates: dict[str, float]) -> None:
+        print(_drive_line(snap, rates, args.json), flush=True)
+
+    async def drive() -> None:
+        with stop_on_signals(driver.request_stop):
+            await run_with_reports(driver, args.duration, args.interval, report)
+
+    asyncio.run(drive())
+    final = {**driver.snapshot(), "served_auc": driver.stats.served_auc(),
+             "timeline": driver.stats.timeline()}
+    if args.json:
+        print(json.dumps({"final": final}, default=str), flush=True)
+    else:
+        _print_json(final)
+    return 0
+
+
+def _drive_line(snap: dict[str, Any], rates: dict[str, float], as_json: bool) -> str:
+    if as_json:
+        return json.dumps({**snap, "interval": rates}, default=str)
+    return (f"[{snap['elapsed_s']:6.0f}s] req/s {rates['requests_per_s']:5.1f}  events/s "
+            f"{rates['events_per_s']:4.1f}  impressions {snap['impressions']:,}  clicks sent "
+            f"{snap['clicks_sent']:,}  pending {snap['pending_events']}  p50/p99 "
+            f"{snap['latency_p50_ms']:.1f}/{snap['latency_p99_ms']:.1f} ms  expected CTR "
+            f"{snap['expected_ctr']:.4f} (oracle {snap['oracle_ctr']:.4f})  errors "
+            f"{sum(snap['score_errors'].values())}  retries {snap['event_retries']}")
+
+
+def cmd_stack(args: argparse.Namespace) -> int:
+    from ctrloop.stack import StackConfig, run_stack
+
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # a line per request otherwise
+    config = StackConfig(workdir=args.workdir, port=args.port, workers=args.workers,
+                         rate=args.rate, duration=args.duration, seed=args.seed,
+                         simulator=args.simulator, click_window=args.click_window)
+    run_stack(config)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="ctrloop",
@@ -210,6 +257,31 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--http", default="auto", choices=["auto", "h11", "httptools"],
                    help="HTTP parser (auto: httptools when installed)")
     p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("drive", help="send simulated users' traffic to a running service")
+    p.add_argument("--url", default="http://127.0.0.1:8000", help="the scoring service")
+    p.add_argument("--rate", type=float, default=40.0, help="requests per second (default 40)")
+    p.add_argument("--duration", type=float, help="stop after this many seconds")
+    p.add_argument("--seed", type=int, default=0, help="simulated world seed")
+    p.add_argument("--interval", type=float, default=5.0, help="seconds between stats lines")
+    p.add_argument("--json", action="store_true", help="stats as JSON lines")
+    p.set_defaults(func=cmd_drive)
+
+    p = sub.add_parser("stack", help="Kafka + Redis + trainer + service + simulated users, "
+                                     "all local; Ctrl-C stops everything")
+    p.add_argument("--duration", type=float, help="stop after this many seconds")
+    p.add_argument("--rate", type=float, default=40.0, help="simulated requests/s (default 40)")
+    p.add_argument("--port", type=int, help="service port (default 8000, or a free one if "
+                                            "8000 is taken; 0: any free port)")
+    p.add_argument("--workers", type=int, default=1, help="service worker processes")
+    p.add_argument("--workdir", type=Path, default=Path("runs/stack"),
+                   help="logs, trainer checkpoint, stack-summary.json (default runs/stack)")
+    p.add_argument("--seed", type=int, default=0, help="simulated world seed")
+    p.add_argument("--click-window", type=float, default=30.0,
+                   help="the trainer's click window, s (default 30: first model ~35 s in)")
+    p.add_argument("--no-simulator", dest="simulator", action="store_false",
+                   help="start the stack without simulated traffic")
+    p.set_defaults(func=cmd_stack)
     return parser
 
 

@@ -7,6 +7,7 @@ identified by its version and verified by the SHA-256 of its bytes.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 from dataclasses import dataclass
@@ -20,6 +21,7 @@ from safetensors.torch import save as st_save
 from ctrloop.errors import ConfigError, FeatureSpecError, SnapshotError
 from ctrloop.features import FeatureSpec
 from ctrloop.models import CTRModel, build_model
+from ctrloop.models.base import inference_only
 
 FORMAT = "ctrloop-snapshot/1"
 
@@ -87,10 +89,13 @@ def decode_snapshot(data: bytes) -> Snapshot:
         raise SnapshotError(f"malformed snapshot header ({type(e).__name__}: {e})") from None
 
 
-def build_from_snapshot(snap: Snapshot) -> CTRModel:
-    """Rebuild the model in eval mode; raises SnapshotError if the weights do not fit."""
+def build_from_snapshot(snap: Snapshot, inference: bool = False) -> CTRModel:
+    """Rebuild the model in eval mode; raises SnapshotError if the weights do not fit.
+    `inference=True` skips initialisation and optimizer state (serving only; see
+    `models.base.inference_only`)."""
     try:
-        model = build_model(snap.model_name, snap.spec, **snap.hparams)
+        with inference_only() if inference else contextlib.nullcontext():
+            model = build_model(snap.model_name, snap.spec, **snap.hparams)
         model.load_state_dict(snap.tensors, strict=True)
     except (ConfigError, RuntimeError) as e:
         raise SnapshotError(f"snapshot weights do not fit model {snap.model_name!r}: {e}") from None

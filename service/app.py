@@ -28,8 +28,7 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.utils import get_openapi
 from fastapi.responses import Response
-from pydantic import BaseModel, ValidationError
-from pydantic.json_schema import models_json_schema
+from pydantic import TypeAdapter, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -39,12 +38,14 @@ from ctrloop.registry import ModelRegistry, RedisRegistry
 from service.metrics import CONTENT_TYPE, Metrics, render
 from service.reloader import ModelHolder, Reloader
 from service.schemas import (
+    SCORE_REQUEST,
     ErrorBody,
     EventsAccepted,
     EventsRequest,
     PinRequest,
     ScoreRequest,
     ScoreResponse,
+    check_feature_names,
 )
 from service.settings import ServiceSettings
 from service.sink import EventSink, SinkUnavailable
@@ -155,8 +156,8 @@ class _TooLarge(Exception):
 
 # ---------------------------------------------------------------------------- OpenAPI
 
-def _body_doc(model: type[BaseModel]) -> dict[str, Any]:
-    ref = {"$ref": f"#/components/schemas/{model.__name__}"}
+def _body_doc(name: str) -> dict[str, Any]:
+    ref = {"$ref": f"#/components/schemas/{name}"}
     return {"requestBody": {"required": True, "content": {JSON: {"schema": ref}}}}
 
 
@@ -167,16 +168,18 @@ _ERRORS: dict[int | str, dict[str, Any]] = {
 }
 
 
-def _install_openapi(app: FastAPI, models: list[type[BaseModel]]) -> None:
+def _install_openapi(app: FastAPI, bodies: dict[str, TypeAdapter[Any]]) -> None:
+    """Documents the bodies the raw-body routes validate themselves."""
     def openapi() -> dict[str, Any]:
         if app.openapi_schema:
             return app.openapi_schema
         schema = get_openapi(title=app.title, version=app.version,
                              description=app.description, routes=app.routes)
-        _, defs = models_json_schema([(m, "validation") for m in models],
-                                     ref_template="#/components/schemas/{model}")
-        schema.setdefault("components", {}).setdefault("schemas", {}).update(
-            defs.get("$defs", {}))
+        components = schema.setdefault("components", {}).setdefault("schemas", {})
+        for name, adapter in bodies.items():
+            body = adapter.json_schema(ref_template="#/components/schemas/{model}")
+            components.update(body.pop("$defs", {}))
+            components[name] = body
         app.openapi_schema = schema
         return schema
 
@@ -231,7 +234,8 @@ def create_app(settings: ServiceSettings | None = None, *,
     if registry is None:
         registry = RedisRegistry.from_url(settings.redis_url, settings.registry_namespace)
     if sink is None:
-        sink = EventSink(settings.kafka_bootstrap, settings.produce_timeout_s,
+        sink = EventSink(settings.kafka_bootstrap, settings.topic_impressions,
+                         settings.produce_timeout_s,
                          on_logged=metrics.impressions_logged.inc,
                          on_log_failed=metrics.impressions_log_failed.inc)
     state = ServiceState(settings, registry, sink, metrics)
@@ -260,7 +264,9 @@ def create_app(settings: ServiceSettings | None = None, *,
     )
     app.state.service = state
     app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
-    _install_openapi(app, [ScoreRequest, EventsRequest])
+    _install_openapi(app, {"ScoreRequest": SCORE_REQUEST,
+                           "EventsRequest": TypeAdapter(EventsRequest),
+                           "PinRequest": TypeAdapter(PinRequest)})
     _install_error_handlers(app)
     _score_routes(app, state)
     _event_routes(app, state)
@@ -295,6 +301,9 @@ def _timed(state: ServiceState, route: str
             t0 = time.perf_counter()
             try:
                 response = await fn(request)
+            except _TooLarge:
+                counters["4xx"].inc()
+                raise  # BodyLimit answers 413 (a chunked body over the limit)
             except Exception:
                 counters["5xx"].inc()
                 log.exception("unhandled error in %s", route)
@@ -318,7 +327,7 @@ def _score_routes(app: FastAPI, state: ServiceState) -> None:
     by_status = {s: metrics.scores_by_model.labels(s) for s in ("prior", "trained", "pinned")}
 
     @app.post("/v1/score", response_model=ScoreResponse, responses=_ERRORS,
-              openapi_extra=_body_doc(ScoreRequest), tags=["scoring"],
+              openapi_extra=_body_doc("ScoreRequest"), tags=["scoring"],
               summary="Rank candidate ads for one request")
     @_timed(state, "/v1/score")
     async def score(request: Request) -> Response:
@@ -326,56 +335,62 @@ def _score_routes(app: FastAPI, state: ServiceState) -> None:
         `options.log`, each of the `top_k` is logged to Kafka as an impression with the exact
         features scored, and its `impression_id` is returned for reporting clicks."""
         try:
-            req = ScoreRequest.model_validate_json(await request.body())
+            req = SCORE_REQUEST.validate_json(await request.body())
         except ValidationError as e:
             return _invalid_body(e)
+        if (problem := check_feature_names(req)) is not None:
+            return _error(422, problem)
         return _score(state, req, topic, by_status)
 
 
 def _score(state: ServiceState, req: ScoreRequest, topic: str,
            by_status: dict[str, Any]) -> Response:
     settings = state.settings
-    n = len(req.candidates)
+    candidates = req["candidates"]
+    n = len(candidates)
     if n > settings.max_candidates:
         return _error(422, f"{n} candidates, at most {settings.max_candidates} per request "
                            "(CTRLOOP_MAX_CANDIDATES); split the request")
-    opts = req.options
-    if opts.log and opts.top_k is None:
+    opts = req.get("options") or {}
+    top_k, log_on = opts.get("top_k"), opts.get("log", False)
+    if log_on and top_k is None:
         return _error(422, "options.log needs options.top_k: the number of ads shown, which "
                            "are the ones logged as impressions")
-    if opts.log and not settings.log_impressions:
+    if log_on and not settings.log_impressions:
         return _error(422, "impression logging is off on this service "
                            "(CTRLOOP_LOG_IMPRESSIONS=false); send options.log=false")
     served = state.holder.served  # read once: this request finishes on this model
-    cands = [(c.ad_id, c.advertiser_id, c.features) for c in req.candidates]
-    pctr = served.pctr(req.features, req.user_id, cands)
-    if opts.rank_by == "bid_pctr":
-        value = pctr * np.array([c.bid or 1.0 for c in req.candidates])
+    shared = req.get("features") or {}
+    user_id = req["user_id"]
+    cands = [(c["ad_id"], c["advertiser_id"], c.get("features") or {}) for c in candidates]
+    pctr = served.pctr(shared, user_id, cands)
+    if opts.get("rank_by", "bid_pctr") == "bid_pctr":
+        value = pctr * np.array([c.get("bid") or 1.0 for c in candidates])
     else:
         value = pctr
     order = np.argsort(-value, kind="stable")
-    if opts.top_k is not None:
-        order = order[:opts.top_k]
-    request_id = req.request_id or uuid.uuid4().hex
+    if top_k is not None:
+        order = order[:top_k]
+    request_id = req.get("request_id") or uuid.uuid4().hex
     pctr_l, value_l = pctr.tolist(), value.tolist()
     out = []
     records = []
     # Deterministic ranking: the ad at each rank was chosen with probability 1.
     propensity = 1.0
-    if opts.log:
-        ts = req.ts if req.ts is not None else time.time()
+    if log_on:
+        ts = req.get("ts") or time.time()
         serial = uuid.uuid4().hex[:12]
+        version = served.version
     for rank, j in enumerate(order.tolist(), start=1):
-        c = req.candidates[j]
-        item: dict[str, Any] = {"ad_id": c.ad_id, "rank": rank, "pctr": pctr_l[j],
+        ad_id, advertiser_id, features = cands[j]
+        item: dict[str, Any] = {"ad_id": ad_id, "rank": rank, "pctr": pctr_l[j],
                                 "score": value_l[j], "propensity": propensity}
-        if opts.log:
+        if log_on:
             imp_id = f"{serial}.{rank}"
             item["impression_id"] = imp_id
-            event = {"impression_id": imp_id, "ts": ts, "user_id": req.user_id,
-                     "ad_id": c.ad_id, "advertiser_id": c.advertiser_id,
-                     "features": {**req.features, **c.features}, "position": rank,
-                     "model_version": served.version, "propensity": propensity,
+            event = {"impression_id": imp_id, "ts": ts, "user_id": user_id, "ad_id": ad_id,
+                     "advertiser_id": advertiser_id, "features": {**shared, **features},
+                     "position": rank, "model_version": version, "propensity": propensity,
                      "request_id": request_id}
             records.append((topic, imp_id.encode(), orjson.dumps(event)))
         out.append(item)
@@ -384,8 +399,7 @@ def _score(state: ServiceState, req: ScoreRequest, topic: str,
     by_status[served.status].inc()
     state.requests += 1
     if served.encoder is not None and state.requests % REMEMBER_EVERY == 0:
-        state.holder.remember_rows(served.encoder.encode_request(
-            req.features, req.user_id, cands[:8]))
+        state.holder.remember_rows(served.encoder.encode_request(shared, user_id, cands[:8]))
     return _json(200, {"request_id": request_id, "model_version": served.version,
                        "model_status": served.status, "explored": False,
                        "logged": logged, "candidates": out}, state.worker_header)
@@ -400,7 +414,7 @@ def _event_routes(app: FastAPI, state: ServiceState) -> None:
     @app.post("/v1/events", status_code=202, response_model=EventsAccepted,
               responses={**_ERRORS, 503: {"model": ErrorBody,
                                           "description": "Kafka unavailable; retry later"}},
-              openapi_extra=_body_doc(EventsRequest), tags=["events"],
+              openapi_extra=_body_doc("EventsRequest"), tags=["events"],
               summary="Accept impression/click/conversion events")
     @_timed(state, "/v1/events")
     async def events(request: Request) -> Response:
@@ -523,7 +537,7 @@ def _admin_routes(app: FastAPI, state: ServiceState) -> None:
         return _json(200, body)
 
     @app.post("/v1/admin/pin", tags=["admin"], responses=auth_errors,
-              openapi_extra=_body_doc(PinRequest), summary="Serve one version everywhere")
+              openapi_extra=_body_doc("PinRequest"), summary="Serve one version everywhere")
     async def pin(request: Request) -> Response:
         """Every service process serves `version` (loaded and verified as usual) until
         unpinned; new publications are ignored meanwhile."""

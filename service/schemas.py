@@ -8,9 +8,19 @@ FastAPI's default json.loads + validate, ../shared/docs/measured-here.md).
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, NotRequired
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstraints
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    Strict,
+    StringConstraints,
+    TypeAdapter,
+    with_config,
+)
+from typing_extensions import TypedDict
 
 from ctrloop.events import (
     MAX_ABS_NUMBER,
@@ -25,23 +35,28 @@ from ctrloop.events import (
 )
 
 Id = Annotated[str, StringConstraints(min_length=1, max_length=MAX_ID_LEN)]
-FeatureName = Annotated[str, StringConstraints(min_length=1, max_length=MAX_FEATURE_NAME_LEN)]
 # Booleans become the strings "true"/"false" as in the contract, so the encoder hashes (and the
-# logged impression carries) exactly what the trainer will see; done inside validation, which
-# is cheaper than a second pass over every candidate's features.
-FeatureValue = (
+# logged impression carries) exactly what the trainer will see. Members are tried left to right
+# (strict bool first-come would turn 0/1 into booleans); measured 3x cheaper than smart mode.
+FeatureValue = Annotated[
     Annotated[str, StringConstraints(max_length=MAX_STRING_VALUE_LEN)]
-    | Annotated[bool, AfterValidator(lambda b: "true" if b else "false")]
+    | Annotated[bool, Strict(), AfterValidator(lambda b: "true" if b else "false")]
     | Annotated[int, Field(ge=-int(MAX_ABS_NUMBER), le=int(MAX_ABS_NUMBER))]
     | Annotated[float, Field(ge=-MAX_ABS_NUMBER, le=MAX_ABS_NUMBER, allow_inf_nan=False)]
-    | None
-)
-Features = Annotated[dict[FeatureName, FeatureValue], Field(max_length=MAX_FEATURES)]
+    | None,
+    Field(union_mode="left_to_right"),
+]
+# Names are checked for length in `check_feature_names` (a constrained key type costs ~100 us
+# per 100-candidate request; names repeat, so a cache of checked names makes it nearly free).
+Features = Annotated[dict[str, FeatureValue], Field(max_length=MAX_FEATURES)]
 Timestamp = Annotated[float, Field(ge=MIN_TS, le=MAX_TS, allow_inf_nan=False,
                                    description="Unix seconds (event time)")]
+Bid = Annotated[float, Field(gt=0, le=1e9, allow_inf_nan=False,
+                             description="what the advertiser pays per click; ranking uses 1 "
+                                         "when absent")]
 HARD_MAX_CANDIDATES = 10_000  # the schema's bound; the configured limit is checked per request
 
-_STRICT = ConfigDict(extra="forbid", allow_inf_nan=False)
+_STRICT = ConfigDict(extra="forbid", allow_inf_nan=False, use_attribute_docstrings=True)
 
 _SCORE_EXAMPLE: dict[str, Any] = {
     "user_id": "u1931",
@@ -57,40 +72,60 @@ _SCORE_EXAMPLE: dict[str, Any] = {
 }
 
 
-class Candidate(BaseModel):
-    model_config = _STRICT
-
+# Requests are TypedDicts, not BaseModels: validating 100 candidates into plain dicts measured
+# 161 us against 275 us for model instances (and 452 us for smart-mode unions), the largest
+# cost of a request after the model itself.
+@with_config(_STRICT)
+class Candidate(TypedDict):
     ad_id: Id
     advertiser_id: Id
-    features: Features = Field(default_factory=dict,
-                               description="ad.* features; they override request features")
-    bid: Annotated[float, Field(gt=0, le=1e9, allow_inf_nan=False)] | None = Field(
-        None, description="what the advertiser pays per click; ranking uses 1 when absent")
+    features: NotRequired[Features]
+    """ad.* features; they override request features"""
+    bid: NotRequired[Bid | None]
 
 
-class ScoreOptions(BaseModel):
-    model_config = _STRICT
+@with_config(_STRICT)
+class ScoreOptions(TypedDict, total=False):
+    explore: bool
+    """rank by a posterior sample (exploration) where the model has one; default false"""
+    top_k: Annotated[int, Field(ge=1, le=HARD_MAX_CANDIDATES)] | None
+    """return (and log) only the k best; default all candidates"""
+    log: bool
+    """write an impression event for each of the top_k to Kafka; needs top_k; default false"""
+    rank_by: Literal["bid_pctr", "pctr"]
+    """score = bid x pCTR (bid 1 when absent; the default), or pCTR alone"""
 
-    explore: bool = Field(False, description="rank by a posterior sample (exploration) where "
-                                             "the model has a posterior; else the mean")
-    top_k: Annotated[int, Field(ge=1, le=HARD_MAX_CANDIDATES)] | None = Field(
-        None, description="return (and log) only the k best; default all candidates")
-    log: bool = Field(False, description="write an impression event for each of the top_k "
-                                         "candidates to Kafka; needs top_k")
-    rank_by: Literal["bid_pctr", "pctr"] = Field(
-        "bid_pctr", description="score = bid x pCTR (bid 1 when absent), or pCTR alone")
 
-
-class ScoreRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid", allow_inf_nan=False,
-                              json_schema_extra={"examples": [_SCORE_EXAMPLE]})
-
-    request_id: Id | None = Field(None, description="echoed back; generated when absent")
+@with_config(ConfigDict(extra="forbid", allow_inf_nan=False, use_attribute_docstrings=True,
+                        json_schema_extra={"examples": [_SCORE_EXAMPLE]}))
+class ScoreRequest(TypedDict):
+    request_id: NotRequired[Id | None]
+    """echoed back; generated when absent"""
     user_id: Id
-    ts: Timestamp | None = Field(None, description="impression time; default: now")
-    features: Features = Field(default_factory=dict, description="user.* and ctx.* features")
+    ts: NotRequired[Timestamp | None]
+    """impression time (Unix seconds); default now"""
+    features: NotRequired[Features]
+    """user.* and ctx.* features"""
     candidates: Annotated[list[Candidate], Field(min_length=1, max_length=HARD_MAX_CANDIDATES)]
-    options: ScoreOptions = Field(default_factory=ScoreOptions)
+    options: NotRequired[ScoreOptions]
+
+
+SCORE_REQUEST: TypeAdapter[ScoreRequest] = TypeAdapter(ScoreRequest)
+_checked_names: set[str] = set()
+
+
+def check_feature_names(req: ScoreRequest) -> str | None:
+    """The contract's rule on names (1-128 characters); an error message or None."""
+    for feats in (req.get("features") or {}, *(c.get("features") or {}
+                                                 for c in req["candidates"])):
+        for name in feats:
+            if name not in _checked_names:
+                if not 0 < len(name) <= MAX_FEATURE_NAME_LEN:
+                    return (f"feature name {name[:40]!r}... must have 1-"
+                            f"{MAX_FEATURE_NAME_LEN} characters")
+                if len(_checked_names) < 100_000:
+                    _checked_names.add(name)
+    return None
 
 
 class ScoredCandidate(BaseModel):

@@ -110,7 +110,7 @@ def load_verified(data: bytes, record: ModelRecord, expected_spec: FeatureSpec |
             f"version {record.version}: feature spec {snap.spec.hash} differs from the served "
             f"spec {expected_spec.hash}; restart the service (or change CTRLOOP_FEATURE_SPEC) "
             "to serve a new spec")
-    model = build_from_snapshot(snap)
+    model = build_from_snapshot(snap, inference=True)
     rows = warmup_rows(snap.spec)
     if extra_rows is not None and extra_rows.numel() and extra_rows.shape[1] == rows.shape[1]:
         rows = torch.cat([rows, extra_rows])

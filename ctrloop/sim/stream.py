@@ -5,8 +5,9 @@ eligible candidates in the request's slots, so every shown (ad, position) had pr
 1 / n_candidates — the `propensity` in the impression, which off-policy evaluation needs.
 
 Events come out in event-time order: impressions as requests arrive, and each click (drawn
-when its impression is shown, with its delay) from a heap of pending events once event time
-passes it. Work is vectorised per batch of requests; only building the dicts is per event.
+when its impression is shown, with its delay) and each conversion (drawn when its click is,
+with its conversion delay and its advertiser's reporting delay; the event's ts is when it is
+*reported*) from a heap of pending events once event time passes it. Work is vectorised per batch of requests; only building the dicts is per event.
 """
 
 from __future__ import annotations
@@ -71,6 +72,7 @@ def _stream(world: World, n_impressions: int) -> Iterator[tuple[Kind, Event, Tru
     clicks = np.random.default_rng(seed_sequence(seed, SEED_CLICKS))
     conversions = np.random.default_rng(seed_sequence(seed, SEED_CONVERSIONS))
     mean_gap = 1.0 / world.request_rate
+    reporting = [p.reporting for p in world.conversion_profiles]
     ads = world.ads
     # (ts, seq, kind, event): seq breaks ts ties in push order, so output is deterministic.
     pending: list[tuple[float, int, Kind, Event]] = []
@@ -85,13 +87,14 @@ def _stream(world: World, n_impressions: int) -> Iterator[tuple[Kind, Event, Tru
         imp_ts = batch.ts[rows]
         ctr = world.true_ctr_batch(batch, rows, ad_idx, pos)
         click_ts = world.sample_clicks(clicks, ctr, imp_ts)
+        cvr = np.round(world.true_cvr_batch(batch.user[rows], ad_idx), 8).tolist()
         req_feats = world.request_features(batch)
         req_ids = batch.request_ids.tolist()
         users = batch.user.tolist()
         propensity = (1.0 / batch.n_candidates[rows]).tolist()
-        for r, p, a, ts, prop, c, cts in zip(
+        for r, p, a, ts, prop, c, cts, cv in zip(
             rows.tolist(), pos.tolist(), ad_idx.tolist(), imp_ts.tolist(), propensity,
-            np.round(ctr, 8).tolist(), click_ts.tolist(), strict=True,
+            np.round(ctr, 8).tolist(), click_ts.tolist(), cvr, strict=True,
         ):
             while pending and pending[0][0] <= ts:
                 _, _, kind, ev = heapq.heappop(pending)
@@ -118,9 +121,12 @@ def _stream(world: World, n_impressions: int) -> Iterator[tuple[Kind, Event, Tru
                 "ctr": c,
                 "clicked": clicked,
                 "click_ts": cts if clicked else None,
-                "cvr": None,
-                "converted": None,
+                # P(conversion | click) of this impression, and what became of it if clicked
+                "cvr": cv,
+                "converted": False,
                 "conversion_ts": None,
+                "conversion_reported_ts": None,
+                "reporting": reporting[ad.advertiser_index],
             }
             if clicked:
                 heapq.heappush(pending, (cts, seq, "click", {"impression_id": iid, "ts": cts}))
@@ -130,6 +136,9 @@ def _stream(world: World, n_impressions: int) -> Iterator[tuple[Kind, Event, Tru
                           "conversion_type": conv.conversion_type}
                     heapq.heappush(pending, (conv.ts, seq, "conversion", ev))
                     seq += 1
+                    truth["converted"] = True
+                    truth["conversion_ts"] = conv.occurred_ts
+                    truth["conversion_reported_ts"] = conv.ts
             yield "impression", event, truth
             emitted += 1
             if emitted == n_impressions:
@@ -141,10 +150,12 @@ def _stream(world: World, n_impressions: int) -> Iterator[tuple[Kind, Event, Tru
 
 
 def generate(config: WorldConfig, n_impressions: int) -> Iterator[tuple[Event, Truth | None]]:
-    """Yield (event, truth) in event-time order: truth for impressions, None for clicks.
+    """Yield (event, truth) in event-time order: truth for impressions, None for clicks and
+    conversions.
 
     Events carry no "type" key (that is for files, see `write_files`). After the last
-    impression, the still-pending clicks follow, so every eventual click is in the stream.
+    impression, the still-pending clicks and conversions follow, so every eventual one is in
+    the stream.
     """
     for _, event, truth in _stream(World(config), n_impressions):
         yield event, truth
@@ -172,6 +183,7 @@ def write_files(
     ctr_sum = 0.0
     clicked = 0
     clicked_in_window = 0
+    cvr_sum = 0.0
     new_ad_impressions = 0
     ads_shown: set[str] = set()
     first_ts = last_ts = last_imp_ts = math.nan
@@ -196,6 +208,7 @@ def write_files(
                     new_ad_impressions += 1
                 if truth["clicked"]:
                     clicked += 1
+                    cvr_sum += truth["cvr"]
                     if truth["click_ts"] - truth["ts"] <= CLICK_WINDOW_S:
                         clicked_in_window += 1
                 if len(tr_buf) >= WRITE_CHUNK:
@@ -217,6 +230,9 @@ def write_files(
         "click_rate": clicked / n if n else math.nan,
         "click_rate_within_window": clicked_in_window / n if n else math.nan,
         "click_window_s": CLICK_WINDOW_S,
+        "mean_true_cvr_of_clicks": cvr_sum / clicked if clicked else math.nan,
+        "conversion_rate_of_clicks": counts["conversion"] / clicked if clicked else math.nan,
+        "bursty_advertisers": sum(p.reporting == "bursty" for p in world.conversion_profiles),
         "ts_start": first_ts,
         "ts_end": last_ts,
         "span_s": last_ts - first_ts,

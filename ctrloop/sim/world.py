@@ -25,9 +25,11 @@ but its own impressions tells a model how good it is — the reason exploration 
 
 from __future__ import annotations
 
+import bisect
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field, fields
+from typing import Literal
 
 import numpy as np
 from numpy.typing import NDArray
@@ -71,6 +73,12 @@ SEED_ADS = 2
 SEED_CHURN = 3
 SEED_CALIBRATION = 4
 SEED_ADVERTISERS = 5
+SEED_CVR_STRUCTURE = 6  # conversion effects: drawn apart so the CTR world stays byte-identical
+SEED_CVR_ADS = 7  # per-ad conversion quality, drawn in ad-index order
+SEED_CVR_CALIBRATION = 8
+# Child streams of an advertiser's own seed (SEED_ADVERTISERS, i, k).
+ADV_SEED_PROFILE = 0
+ADV_SEED_UPLOADS = 1
 
 
 def seed_sequence(seed: int, *key: int) -> np.random.SeedSequence:
@@ -105,6 +113,22 @@ class WorldConfig:
     click_delay_sigma: float = 1.7  # ~1.3% of clicks come later than 15 minutes
     click_delay_min_s: float = 0.5
     click_delay_max_s: float = 86_400.0  # bounds how long a click stays pending
+    # Conversions (per click). base_cvr 0 turns them off.
+    base_cvr: float = 0.08  # mean true CVR over clicks, hit by calibrating the CVR bias
+    advertiser_cvr_sd: float = 0.5  # per-advertiser CVR effect, shared by its ads
+    ad_cvr_sd: float = 0.4  # per-ad CVR effect, learnable only through ad.id
+    # The conversion mix: the share of advertisers that upload conversions in bursts at
+    # irregular times instead of reporting each one as it happens.
+    bursty_share: float = 0.3
+    # Per advertiser, the median delay from click to conversion is log-uniform in this range
+    # and the delay lognormal around it, capped at the attribution horizon.
+    conversion_delay_median_min_s: float = 300.0
+    conversion_delay_median_max_s: float = 43_200.0
+    conversion_delay_sigma: float = 1.0
+    conversion_horizon_s: float = 7 * 86_400.0  # later conversions are not attributed
+    report_lag_median_s: float = 30.0  # streaming advertisers: conversion -> report
+    burst_gap_min_s: float = 6 * 3600.0  # bursty advertisers: gaps between uploads are
+    burst_gap_max_s: float = 48 * 3600.0  # uniform in [min, max]
 
     def __post_init__(self) -> None:
         if not self.slot_probs or abs(sum(self.slot_probs) - 1.0) > 1e-9:
@@ -127,6 +151,15 @@ class WorldConfig:
             raise ValueError("impressions_per_second must be > 0, ad_churn_per_hour >= 0")
         if not 0 < self.click_delay_min_s <= self.click_delay_median_s <= self.click_delay_max_s:
             raise ValueError("need 0 < click_delay_min_s <= median <= max")
+        if not 0 <= self.base_cvr < 1 or not 0 <= self.bursty_share <= 1:
+            raise ValueError("base_cvr must be in [0, 1) and bursty_share in [0, 1]")
+        if not (0 < self.conversion_delay_median_min_s <= self.conversion_delay_median_max_s
+                <= self.conversion_horizon_s):
+            raise ValueError("need 0 < conversion delay median min <= max <= horizon")
+        if not 0 < self.burst_gap_min_s <= self.burst_gap_max_s:
+            raise ValueError("need 0 < burst_gap_min_s <= burst_gap_max_s")
+        if self.report_lag_median_s < 0 or self.conversion_delay_sigma < 0:
+            raise ValueError("report_lag_median_s and conversion_delay_sigma must be >= 0")
 
     @property
     def max_slots(self) -> int:
@@ -213,8 +246,44 @@ class Request:
 
 @dataclass(frozen=True, slots=True)
 class Conversion:
-    ts: float
+    ts: float  # when the advertiser reports it: the event's ts
     conversion_type: str = "default"
+    occurred_ts: float | None = None  # when it happened (truth only; bursty ones lag a lot)
+
+
+Reporting = Literal["streaming", "bursty"]
+
+
+@dataclass(frozen=True, slots=True)
+class ConversionProfile:
+    """How one advertiser's conversions happen and get reported."""
+
+    cvr_effect: float
+    delay_median_s: float
+    delay_sigma: float
+    reporting: Reporting
+
+
+class _UploadSchedule:
+    """A bursty advertiser's upload times: a fixed random sequence, extended lazily.
+
+    The sequence depends only on the advertiser's seed, so asking in any order (conversions are
+    drawn per click, not in conversion-time order) gives the same answers.
+    """
+
+    def __init__(self, seed: np.random.SeedSequence, start_ts: float, gap_min: float,
+                 gap_max: float) -> None:
+        self._rng = np.random.default_rng(seed)
+        self._gap = (gap_min, gap_max)
+        # The first upload lands anywhere in the first gap, so advertisers are out of phase.
+        self._times = [start_ts + float(self._rng.uniform(0.0, gap_max))]
+
+    def next_upload(self, ts: float) -> float:
+        """The first upload at or after `ts`."""
+        times = self._times
+        while times[-1] < ts:
+            times.append(times[-1] + float(self._rng.uniform(*self._gap)))
+        return times[bisect.bisect_left(times, ts)]
 
 
 @dataclass(frozen=True, slots=True)
@@ -313,6 +382,7 @@ class World:
         self.bias = self._calibrate_bias(
             np.random.default_rng(seed_sequence(cfg.seed, SEED_CALIBRATION))
         )
+        self._build_conversions()
 
     # ----------------------------------------------------------------- construction
 
@@ -463,6 +533,112 @@ class World:
             else:
                 hi = mid
         return 0.5 * (lo + hi)
+
+    # ----------------------------------------------------------------- conversions
+
+    def _build_conversions(self) -> None:
+        """The CVR world: effects, advertiser profiles, upload schedules, calibrated bias.
+
+        Every draw comes from seed streams of its own (SEED_CVR_*, the advertisers' seeds), so
+        the impressions and clicks of a seed are the same with or without conversions.
+        """
+        cfg = self.config
+        rng = np.random.default_rng(seed_sequence(cfg.seed, SEED_CVR_STRUCTURE))
+        n_cat = len(CATEGORIES)
+        self._cvr_category = rng.normal(0, 0.4, n_cat)
+        self._cvr_landing = np.asarray([-0.3, 0.3])  # app installs convert less than web
+        self._cvr_creative = rng.normal(0, 0.15, len(CREATIVE_TYPES))
+        self._cvr_interest_match = 0.5  # users buy what they are interested in
+        self._cvr_age_cat = rng.normal(0, 0.25, (len(AGE_BUCKETS), n_cat))
+        lsess = np.log1p(self._u_sessions)
+        self._cvr_user = 0.1 * (lsess - lsess.mean())
+        self.conversion_profiles = tuple(
+            self._conversion_profile(adv.index) for adv in self.advertisers
+        )
+        self._adv_cvr = np.asarray([p.cvr_effect for p in self.conversion_profiles])
+        self._uploads = {
+            p_i: _UploadSchedule(seed_sequence(cfg.seed, SEED_ADVERTISERS, p_i, ADV_SEED_UPLOADS),
+                                 cfg.start_ts, cfg.burst_gap_min_s, cfg.burst_gap_max_s)
+            for p_i, p in enumerate(self.conversion_profiles) if p.reporting == "bursty"
+        }
+        self._cvr_ads_rng = np.random.default_rng(seed_sequence(cfg.seed, SEED_CVR_ADS))
+        self._ad_cvr_main = np.zeros(0, np.float64)
+        self._ad_adv = np.zeros(0, np.int64)
+        self.cvr_bias = 0.0
+        if cfg.base_cvr > 0:
+            self.cvr_bias = self._calibrate_cvr_bias(
+                np.random.default_rng(seed_sequence(cfg.seed, SEED_CVR_CALIBRATION)))
+
+    def _conversion_profile(self, index: int) -> ConversionProfile:
+        cfg = self.config
+        rng = np.random.default_rng(
+            seed_sequence(cfg.seed, SEED_ADVERTISERS, index, ADV_SEED_PROFILE))
+        lo, hi = math.log(cfg.conversion_delay_median_min_s), \
+            math.log(cfg.conversion_delay_median_max_s)
+        cvr_effect = float(rng.normal(0, cfg.advertiser_cvr_sd))
+        median = math.exp(float(rng.uniform(lo, hi)))
+        # Drawn last and compared with the share, so raising bursty_share only adds bursty
+        # advertisers and leaves every other draw alone.
+        bursty = float(rng.random()) < cfg.bursty_share
+        return ConversionProfile(cvr_effect, median, cfg.conversion_delay_sigma,
+                                 "bursty" if bursty else "streaming")
+
+    def _ensure_ad_cvr(self, n: int) -> None:
+        """Per-ad CVR terms for ads 0..n-1, drawn in index order (so in any call order)."""
+        have = self._ad_cvr_main.shape[0]
+        if n <= have:
+            return
+        idx = np.arange(have, n)
+        cols = self._cols
+        landing = np.asarray([LANDINGS.index(str(self._ads[i].features["ad.landing"]))
+                              for i in idx.tolist()], np.int64)
+        main = (self._cvr_category[cols.category[idx]] + self._cvr_landing[landing]
+                + self._cvr_creative[cols.creative[idx]]
+                + self._cvr_ads_rng.normal(0, self.config.ad_cvr_sd, idx.shape[0]))
+        adv = np.asarray([self._ads[i].advertiser_index for i in idx.tolist()], np.int64)
+        self._ad_cvr_main = np.concatenate([self._ad_cvr_main, main])
+        self._ad_adv = np.concatenate([self._ad_adv, adv])
+
+    def _cvr_logit(self, user: IntArray, ads: IntArray) -> FloatArray:
+        self._ensure_ad_cvr(int(ads.max()) + 1 if ads.size else 0)
+        cat = self._cols.category[ads]
+        return (self._ad_cvr_main[ads] + self._adv_cvr[self._ad_adv[ads]]
+                + self._cvr_interest_match * (self._u_interest[user] == cat)
+                + self._cvr_age_cat[self._u_age[user], cat] + self._cvr_user[user])
+
+    def _calibrate_cvr_bias(self, rng: np.random.Generator) -> float:
+        """The CVR bias that makes the mean true CVR of (user, active ad) pairs `base_cvr`."""
+        n = 20_000
+        user = _draw(rng, self._user_cdf, n)
+        ads = self._pool[rng.integers(0, self._pool.shape[0], n)]
+        z = self._cvr_logit(user, ads)
+        lo, hi = -20.0, 20.0
+        for _ in range(80):
+            mid = 0.5 * (lo + hi)
+            if float(np.mean(_sigmoid(mid + z))) < self.config.base_cvr:
+                lo = mid
+            else:
+                hi = mid
+        return 0.5 * (lo + hi)
+
+    def true_cvr_batch(self, user: IntArray, ads: IntArray) -> FloatArray:
+        """P(conversion | click) of ad index `ads[j]` clicked by user `user[j]`."""
+        if self.config.base_cvr <= 0:
+            return np.zeros(np.shape(ads), np.float64)
+        user = np.asarray(user, np.int64)
+        ads = np.asarray(ads, np.int64)
+        return _sigmoid(self.cvr_bias + self._cvr_logit(user, ads))
+
+    def true_cvr(self, user_index: int, ad: Ad) -> float:
+        return float(self.true_cvr_batch(np.asarray([user_index]), np.asarray([ad.index]))[0])
+
+    def report_ts(self, advertiser_index: int, occurred_ts: float,
+                  rng: np.random.Generator) -> float:
+        """When a conversion that happened at `occurred_ts` is reported to the ad system."""
+        if self.conversion_profiles[advertiser_index].reporting == "bursty":
+            return round(self._uploads[advertiser_index].next_upload(occurred_ts), 3)
+        lag = float(rng.exponential(self.config.report_lag_median_s / math.log(2)))
+        return round(occurred_ts + lag, 3)
 
     # ----------------------------------------------------------------- time and ads
 
@@ -692,9 +868,17 @@ class World:
 
     def sample_conversions(self, rng: np.random.Generator, user_index: int, ad: Ad,
                            click_ts: float) -> tuple[Conversion, ...]:
-        """Conversions that follow a click; none until per-advertiser CVR is modelled.
+        """The conversion (at most one, of type "default") that follows a click.
 
-        The stream already calls this for every click and emits what it returns, so a CVR
-        model (drawing from `self.advertisers[ad.advertiser_index].seed`) only fills this in.
+        Whether it converts is drawn with the true CVR; when it happens, from the advertiser's
+        delay distribution (capped at the attribution horizon); when it is reported, from the
+        advertiser's reporting behaviour (`report_ts`). Draws come only from `rng`, the caller's
+        conversion stream, and the advertiser's own upload schedule.
         """
-        return ()
+        if self.config.base_cvr <= 0 or rng.random() >= self.true_cvr(user_index, ad):
+            return ()
+        prof = self.conversion_profiles[ad.advertiser_index]
+        delay = prof.delay_median_s * math.exp(prof.delay_sigma * float(rng.standard_normal()))
+        occurred = round(click_ts + min(delay, self.config.conversion_horizon_s), 3)
+        reported = self.report_ts(ad.advertiser_index, occurred, rng)
+        return (Conversion(ts=reported, occurred_ts=occurred),)

@@ -22,7 +22,7 @@ IMPRESSION_FIELDS = {
 }
 TRUTH_FIELDS = {
     "impression_id", "ts", "ad_id", "advertiser_id", "ad_created_ts", "ctr", "clicked",
-    "click_ts", "cvr", "converted", "conversion_ts",
+    "click_ts", "cvr", "converted", "conversion_ts", "conversion_reported_ts", "reporting",
 }
 
 Pairs = list[tuple[dict[str, Any], dict[str, Any] | None]]
@@ -74,7 +74,7 @@ def test_same_seed_same_bytes_different_seed_differs(tmp_path: Path) -> None:
     lines = [orjson.loads(line) for line in a[0].splitlines()]
     assert sum(d["type"] == "impression" for d in lines) == 15_000
     assert sum(d["type"] == "click" for d in lines) == summary["clicks"] > 0
-    assert all(d["type"] in {"impression", "click"} for d in lines)
+    assert all(d["type"] in {"impression", "click", "conversion"} for d in lines)
     ts = [d["ts"] for d in lines]
     assert ts == sorted(ts)
     truths = [orjson.loads(line) for line in a[1].splitlines()]
@@ -98,7 +98,7 @@ def test_events_ordered_and_follow_the_contract(stream: Pairs) -> None:
         assert truth["impression_id"] == e["impression_id"] and truth["ts"] == e["ts"]
         assert truth["ad_id"] == e["ad_id"] and truth["advertiser_id"] == e["advertiser_id"]
         assert 0 < truth["ctr"] < 1
-        assert truth["cvr"] is truth["converted"] is truth["conversion_ts"] is None
+        assert 0 < truth["cvr"] < 1  # conversions: tests/unit/test_conversions_sim.py
     assert len(ids) == N
 
 
@@ -125,6 +125,8 @@ def test_clicks_follow_their_impression(stream: Pairs) -> None:
         if truth is not None:
             shown[e["impression_id"]] = e["ts"]
             continue
+        if "conversion_type" in e:
+            continue  # tests/unit/test_conversions_sim.py
         assert set(e) == {"impression_id", "ts"}
         iid = e["impression_id"]
         assert iid in shown and shown[iid] < e["ts"]
@@ -200,7 +202,8 @@ def test_request_api_matches_the_batch_api() -> None:
     }
     with pytest.raises(ValueError):
         world.true_ctr(request, request.candidates[0], 4)
-    assert world.sample_conversions(np.random.default_rng(0), 0, request.candidates[0], 1.0) == ()
+    convs = world.sample_conversions(np.random.default_rng(0), 0, request.candidates[0], 1.0)
+    assert all(c.ts >= c.occurred_ts >= 1.0 for c in convs if c.occurred_ts is not None)
 
 
 def test_live_request_api() -> None:
