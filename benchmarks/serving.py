@@ -181,7 +181,7 @@ def main() -> None:
                "results": results,
                "impressions_logged": float(logged[1]) if logged else None,
                "impressions_log_failed": float(lost[1]) if lost else None}
-    for conc, row in results.items():
+    for row in results.values():
         if "minimal" in row:
             for target in row:
                 row[target]["vs_minimal"] = round(row[target]["rps"] / row["minimal"]["rps"], 3)

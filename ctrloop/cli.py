@@ -34,10 +34,13 @@ def _learning_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--no-warmup", dest="warmup", action="store_false", default=None,
                    help="learn positives of the first click window too")
     g.add_argument("--seed", type=int, help="model initialisation seed (default 0)")
+    g.add_argument("--delay-policy", help="pCVR conversion-delay policy: variance (default), "
+                   "fixed:SECONDS, naive, fnw, oracle (replay with --truth only)")
 
 
 _LEARNING_KEYS = ("feature_spec", "click_window", "allowed_lateness", "publish_interval",
-                  "model", "dim", "batch_size", "sparse_lr", "dense_lr", "warmup", "seed")
+                  "model", "dim", "batch_size", "sparse_lr", "dense_lr", "warmup", "seed",
+                  "delay_policy")
 
 
 def _overrides(args: argparse.Namespace, keys: Sequence[str]) -> dict[str, Any]:
@@ -71,7 +74,7 @@ def cmd_replay(args: argparse.Namespace) -> int:
     spec = FeatureSpec.load(settings.feature_spec) if settings.feature_spec else None
     print(f"replaying {args.events} ...", file=sys.stderr)
     summary = replay(args.events, outputs, spec, settings.pipeline_config(), settings.seed,
-                     progress=print_progress)
+                     progress=print_progress, truth=args.truth)
     if summary["spec_inferred"]:
         print(f"feature spec inferred from the first impressions, saved to "
               f"{outputs.spec} (edit it and pass --feature-spec to reuse)", file=sys.stderr)

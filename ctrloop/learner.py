@@ -51,17 +51,26 @@ class OnlineLearner:
         dense = model.dense_parameters()
         self._dense_opt = torch.optim.Adam(dense, lr=c.dense_lr) if dense else None
         self._loss = torch.nn.BCEWithLogitsLoss(reduction="sum")
+        self._weighted_loss = torch.nn.BCEWithLogitsLoss(reduction="none")
         self.metrics = ProgressiveMetrics(c.metrics_window)
         self.samples_seen = 0
         self.positives_seen = 0
 
-    def learn(self, idx: np.ndarray, labels: np.ndarray) -> np.ndarray:
-        """One pass over the samples in minibatches; returns the pre-update predictions."""
+    def learn(self, idx: np.ndarray, labels: np.ndarray,
+              weights: np.ndarray | None = None) -> np.ndarray:
+        """One pass over the samples in minibatches; returns the pre-update predictions.
+
+        `weights` (optional) scale each sample's loss: importance weights, or -1 to retract a
+        sample learned before (pCVR delay corrections, ctrloop/delays.py). Labels may be soft
+        (in [0, 1]). Metrics count only samples of positive weight, as hard labels (>= 0.5).
+        """
         n = len(labels)
         if n == 0:
             return np.zeros(0, dtype=np.float32)
         x_all = torch.from_numpy(np.ascontiguousarray(idx, dtype=np.int64))
         y_all = torch.from_numpy(np.ascontiguousarray(labels, dtype=np.float32))
+        w_all = (None if weights is None
+                 else torch.from_numpy(np.ascontiguousarray(weights, dtype=np.float32)))
         preds = np.empty(n, dtype=np.float32)
         bs = self.config.batch_size
         self.model.train()
@@ -70,7 +79,11 @@ class OnlineLearner:
             logits = self.model(x)
             # Mean over the full batch size, not this batch: a short tail batch then takes a
             # proportionally smaller step instead of an outsized one.
-            loss = self._loss(logits, y) / bs
+            if w_all is None:
+                loss = self._loss(logits, y) / bs
+            else:
+                w = w_all[start:start + bs]
+                loss = (self._weighted_loss(logits, y) * w).sum() / bs
             if self._dense_opt is not None:
                 self._dense_opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -79,9 +92,16 @@ class OnlineLearner:
             if self._dense_opt is not None:
                 self._dense_opt.step()
             preds[start:start + bs] = torch.sigmoid(logits.detach()).numpy()
-        self.metrics.add(labels, preds)
-        self.samples_seen += n
-        self.positives_seen += int(np.sum(labels))
+        if weights is None:
+            self.metrics.add(labels, preds)
+            self.samples_seen += n
+            self.positives_seen += int(np.sum(labels))
+        else:
+            keep = np.asarray(weights) > 0
+            hard = (np.asarray(labels)[keep] >= 0.5).astype(np.float32)
+            self.metrics.add(hard, preds[keep])
+            self.samples_seen += int(keep.sum())
+            self.positives_seen += int(hard.sum())
         return preds
 
     @torch.inference_mode()

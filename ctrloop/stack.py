@@ -339,14 +339,20 @@ def model_line(models: dict[str, Any] | None) -> str:
 
 def view_line(snap: dict[str, Any], rates: dict[str, float], models: dict[str, Any] | None,
               served_auc: dict[str, Any], bucket: dict[str, Any] | None) -> str:
-    """One live-view line: traffic, model, and the CTR of the latest full bucket."""
+    """One live-view line: traffic, the served model, CTRs and the served pCTR's AUC.
+
+    CTRs are the expected ones (true CTR of what was shown) of the latest full bucket: clicks
+    come seconds to minutes after their impression, so a recent bucket's realised CTR is
+    still incomplete; the realised CTR is shown over the whole run instead.
+    """
     b = bucket or {}
-    return (f"[{snap['elapsed_s']:6.0f}s] req/s {rates['requests_per_s']:5.1f} "
-            f"events/s {rates['events_per_s']:4.1f} | {model_line(models)} | "
-            f"CTR real {_fmt_pct(b.get('realised_ctr'))} exp {_fmt_pct(b.get('expected_ctr'))}"
-            f" oracle {_fmt_pct(b.get('oracle_ctr'))} random {_fmt_pct(b.get('random_ctr'))}"
-            f" | served AUC {_fmt(served_auc.get('auc_ad_appeal'))}"
-            f" (n={served_auc.get('n', 0)}) | p99 {_fmt(snap['latency_p99_ms'], '.0f')} ms"
+    return (f"[{snap['elapsed_s']:5.0f}s] req/s {rates['requests_per_s']:5.1f} "
+            f"events/s {rates['events_per_s']:4.1f} | {model_line(models)} | CTR served "
+            f"{_fmt_pct(b.get('expected_ctr'))} oracle {_fmt_pct(b.get('oracle_ctr'))} "
+            f"random {_fmt_pct(b.get('random_ctr'))} realised so far "
+            f"{_fmt_pct(snap.get('realised_ctr'))} | served AUC "
+            f"{_fmt(served_auc.get('auc_true_ctr'))} (n={served_auc.get('n', 0)})"
+            f" | p99 {_fmt(snap['latency_p99_ms'], '.0f')} ms"
             f" errors {sum(snap['score_errors'].values())}")
 
 
@@ -402,8 +408,10 @@ async def _live(run: _Run, client: httpx.AsyncClient) -> None:
         models = await fetch_models(client, url)
         run.record_models(models, snap["elapsed_s"])
         assert driver is not None
-        bucket = _latest_full(driver.stats.timeline(), snap["elapsed_s"], cfg.view_interval_s)
-        stack.say(view_line(snap, rates, models, driver.stats.served_auc(), bucket))
+        bucket = _latest_full(driver.stats.timeline(), snap["elapsed_s"],
+                              driver.stats.bucket_s)
+        fresh = driver.stats.served_auc(since=time.time() - LAST_WINDOW_S)
+        stack.say(view_line(snap, rates, models, fresh, bucket))
 
     with stop_on_signals(request_stop):
         if driver is not None:
@@ -480,8 +488,11 @@ def run_stack(config: StackConfig, out: IO[str] = sys.stdout) -> dict[str, Any]:
             if config.simulator:
                 run.driver = LiveDriver(urls.service, DriverConfig(rate=config.rate,
                                                                    seed=config.seed))
-                stack.say(f"simulated traffic: {config.rate:g} requests/s; a line every "
-                          f"{config.view_interval_s:g} s (CTR of the last full bucket)")
+                stack.say(f"simulated traffic: {config.rate:g} requests/s. Every "
+                          f"{config.view_interval_s:g} s: the expected CTR of the ads served "
+                          "in the last full 10 s (vs the best and a random choice), and the "
+                          f"served pCTR's AUC against the true CTR over the last "
+                          f"{LAST_WINDOW_S:g} s")
             asyncio.run(_run_live(run))
     except KeyboardInterrupt:
         interrupted = True

@@ -26,13 +26,14 @@ from __future__ import annotations
 
 import math
 import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import numpy as np
 import torch
 
+from ctrloop.delays import CvrSample, DelayPolicy, PolicyConfig, build_policy
 from ctrloop.errors import ConfigError
 from ctrloop.events import Click, Conversion, Event, Impression
 from ctrloop.features import FeatureEncoder, FeatureSpec
@@ -51,12 +52,19 @@ class PipelineConfig:
     warmup: bool = True
     joiner: JoinerConfig = field(default_factory=JoinerConfig)
     learner: LearnerConfig = field(default_factory=LearnerConfig)
+    # pCVR: which clicks become samples when (ctrloop/delays.py), and its learner (None: the
+    # pCTR learner's configuration).
+    delay_policy: str = "variance"
+    policy: PolicyConfig = field(default_factory=PolicyConfig)
+    cvr_learner: LearnerConfig | None = None
 
     def __post_init__(self) -> None:
         if not self.publish_interval > 0:
             raise ConfigError("publish_interval must be > 0 seconds of event time")
         if self.allowed_lateness < 0:
             raise ConfigError("allowed_lateness must be >= 0 seconds")
+        # Fail at configuration time on a bad name (oracle is checked when its truth is given).
+        build_policy(self.delay_policy, self.policy, converted=())
 
 
 class Publisher(Protocol):
@@ -66,6 +74,7 @@ class Publisher(Protocol):
 
 
 ServedSink = Callable[[list[str], np.ndarray, str], None]
+ADVERTISER_FIELD = "ad.advertiser_id"
 
 
 class CountingPublisher:
@@ -93,12 +102,19 @@ class PipelineStats:
     # Order-independent digest of the learned impression ids: equal digests and counts across
     # a crash and restart show that every sample was learned exactly once.
     learned_digest: int = 0
+    # pCVR: samples the delay policy released and the model learned (retractions included).
+    cvr_learned: int = 0
+    cvr_label_sum: float = 0.0
+    cvr_digest: int = 0
 
 
 class Pipeline:
     def __init__(self, spec: FeatureSpec, config: PipelineConfig | None = None,
                  publisher: Publisher | None = None, served: ServedSink | None = None,
-                 seed: int = 0) -> None:
+                 seed: int = 0, served_cvr: ServedSink | None = None,
+                 converted: Collection[str] | None = None) -> None:
+        """`served_cvr` receives the pCVR of every impression (same ids and version as
+        `served`, called just before it); `converted` is the truth the oracle policy reads."""
         self.config = config or PipelineConfig()
         torch.manual_seed(seed)
         self.spec = spec
@@ -106,6 +122,19 @@ class Pipeline:
         self.joiner = Joiner(self.config.joiner)
         lc = self.config.learner
         self.learner = OnlineLearner(build_model(lc.model, spec, **lc.hparams), lc)
+        # Built after the pCTR model, so the pCTR initialisation is what it was without pCVR.
+        cc = self.config.cvr_learner or lc
+        cvr_hparams = dict(cc.hparams)
+        if cc.model == "fwfm":
+            cvr_hparams.setdefault("prior_ctr", 0.05)  # conversions per click, not clicks
+        self.cvr_learner = OnlineLearner(build_model(cc.model, spec, **cvr_hparams), cc)
+        self.cvr_policy: DelayPolicy = build_policy(self.config.delay_policy, self.config.policy,
+                                                    converted)
+        self.served_cvr = served_cvr
+        names = spec.names
+        self._adv_slot = names.index(ADVERTISER_FIELD) if ADVERTISER_FIELD in names else None
+        self.advertiser_names: dict[int, str] = {}  # policy key -> advertiser id(s), for reports
+        self._cvr_ready: list[CvrSample] = []
         self.tracker = WatermarkTracker(self.config.allowed_lateness)
         self.publisher: Publisher = publisher or CountingPublisher()
         self.served = served
@@ -136,6 +165,8 @@ class Pipeline:
         if type(event) is Impression:
             self.stats.impressions += 1
             row = self.encoder.encode(event)
+            if self._adv_slot is not None and row[self._adv_slot] not in self.advertiser_names:
+                self._name_advertiser(row[self._adv_slot], event.advertiser_id)
             if self.served is not None:
                 self._unscored_ids.append(event.impression_id)
                 self._unscored_rows.append(row)
@@ -144,12 +175,32 @@ class Pipeline:
             self.stats.clicks += 1
             released = self.joiner.add_click(event.impression_id, event.ts)
         elif type(event) is Conversion:
-            self.stats.conversions += 1  # learned by the pCVR model (a later release)
+            self.stats.conversions += 1
+            self._cvr_ready.extend(self.cvr_policy.add_conversion(event.impression_id,
+                                                                   event.ts))
             return
         else:
             raise TypeError(f"not an event: {event!r}")
         if released:
             self._ready.extend(released)
+            self._clicks_to_policy(released)
+
+    def _clicks_to_policy(self, released: list[Sample]) -> None:
+        """Every attributed click (a pCTR positive) is a pCVR candidate; warm-up does not
+        apply to pCVR: its policy releases labelled samples, never positives alone."""
+        policy = self.cvr_policy
+        slot = self._adv_slot
+        for s in released:
+            if s.label:
+                key = s.payload[slot] if slot is not None else 0
+                self._cvr_ready.extend(policy.add_click(s.impression_id, key, s.label_ts,
+                                                        s.payload))
+
+    def _name_advertiser(self, key: int, advertiser_id: str) -> None:
+        # Keys are hashed advertiser ids (the model's own bucket, so colliding advertisers
+        # share statistics as they share an embedding); the first one seen names the key.
+        if len(self.advertiser_names) < 100_000:
+            self.advertiser_names[key] = advertiser_id
 
     def advance_idle(self, clock: float) -> None:
         """Move event time with no events (a quiet live stream), ticking if a boundary passed."""
@@ -160,8 +211,11 @@ class Pipeline:
     def tick(self, clock: float) -> None:
         self.stats.ticks += 1
         self._score_unscored()
-        self._ready.extend(self.joiner.advance(clock - self.config.allowed_lateness))
+        watermark = clock - self.config.allowed_lateness
+        self._ready.extend(self.joiner.advance(watermark))
+        self._cvr_ready.extend(self.cvr_policy.advance(watermark))
         self._learn_ready()
+        self._learn_cvr_ready()
         self._publish(clock)
         interval = self.config.publish_interval
         self._next_tick = (math.floor(clock / interval) + 1) * interval
@@ -170,14 +224,20 @@ class Pipeline:
         """End of a finite stream: score what is left, close every window, learn, publish."""
         self._score_unscored()
         self._ready.extend(self.joiner.flush())
+        self._cvr_ready.extend(self.cvr_policy.flush())
         self._learn_ready()
+        self._learn_cvr_ready()
         self._publish(self.tracker.clock)
 
     def _score_unscored(self) -> None:
         if not self._unscored_ids:
             return
-        preds = self.learner.predict(np.asarray(self._unscored_rows, dtype=np.int64))
+        rows = np.asarray(self._unscored_rows, dtype=np.int64)
+        preds = self.learner.predict(rows)
         assert self.served is not None
+        if self.served_cvr is not None:
+            self.served_cvr(self._unscored_ids, self.cvr_learner.predict(rows),
+                            self.model_version)
         self.served(self._unscored_ids, preds, self.model_version)
         self._unscored_ids = []
         self._unscored_rows = []
@@ -208,6 +268,29 @@ class Pipeline:
         st.learned_digest = digest & 0xFFFFFFFFFFFFFFFF
         self._learned_since_publish = True
 
+    def _learn_cvr_ready(self) -> None:
+        ready = self._cvr_ready
+        if not ready:
+            return
+        self._cvr_ready = []
+        rows = np.asarray([s.payload for s in ready], dtype=np.int64)
+        labels = np.fromiter((s.label for s in ready), dtype=np.float32, count=len(ready))
+        policy = self.cvr_policy
+        preds = self.cvr_learner.predict(rows) if policy.needs_predictions else None
+        self.cvr_learner.learn(rows, labels, policy.weights(ready, preds))
+        st = self.stats
+        st.cvr_learned += len(ready)
+        st.cvr_label_sum += float(sum(s.label * s.weight for s in ready))
+        digest = st.cvr_digest
+        for s in ready:
+            digest += zlib.crc32(f"{s.impression_id}/{s.kind}".encode())
+        st.cvr_digest = digest & 0xFFFFFFFFFFFFFFFF
+        self._learned_since_publish = True
+
+    def published_models(self) -> dict[str, Any]:
+        """What a snapshot carries: the pCTR model and the pCVR head (see `head_snapshots`)."""
+        return {"pctr": self.learner.model, "pcvr": self.cvr_learner.model}
+
     def _publish(self, clock: float) -> None:
         if not self._learned_since_publish:
             return
@@ -225,6 +308,8 @@ class Pipeline:
             "metrics": self.learner.metrics.report().as_dict(),
             "model_version": self.model_version,
             "pending": self.joiner.pending,
+            "cvr": {"delay_policy": self.cvr_policy.report(),
+                    "metrics": self.cvr_learner.metrics.report().as_dict()},
         }
 
     # --- checkpointing -------------------------------------------------------------------
@@ -256,7 +341,40 @@ class Pipeline:
             "next_tick": self._next_tick,
             "warm": self._warm,
             "warmup_until": self._warmup_until,
+            **self._cvr_state(),
         }
+
+    def _cvr_state(self) -> dict[str, Any]:
+        nf = self.spec.num_fields
+        policy = self.cvr_policy.state()
+        payloads = policy.pop("payloads")
+        ready = self._cvr_ready
+        return {
+            "cvr_learner": self.cvr_learner.state_dict(),
+            "cvr_metrics": self.cvr_learner.metrics.state(),
+            "cvr_policy": policy,
+            "cvr_policy_rows": torch.tensor(payloads, dtype=torch.int64).reshape(-1, nf),
+            "cvr_ready": [[s.impression_id, s.click_ts, s.label, s.weight, s.release_ts, s.kind,
+                           s.key] for s in ready],
+            "cvr_ready_rows": torch.tensor([s.payload for s in ready],
+                                           dtype=torch.int64).reshape(-1, nf),
+            "advertiser_names": [[k, v] for k, v in self.advertiser_names.items()],
+        }
+
+    def _restore_cvr(self, state: dict[str, Any]) -> None:
+        if "cvr_policy" not in state:  # a checkpoint from before pCVR: start it fresh
+            return
+        self.cvr_learner.load_state_dict(state["cvr_learner"])
+        window = (self.config.cvr_learner or self.config.learner).metrics_window
+        self.cvr_learner.metrics = ProgressiveMetrics.from_state(state["cvr_metrics"], window)
+        policy = dict(state["cvr_policy"])
+        policy["payloads"] = state["cvr_policy_rows"].tolist()
+        self.cvr_policy.restore(policy)
+        self._cvr_ready = [
+            CvrSample(iid, float(cts), float(label), float(w), row, float(rts), str(kind), key)
+            for (iid, cts, label, w, rts, kind, key), row in
+            zip(state["cvr_ready"], state["cvr_ready_rows"].tolist(), strict=True)]
+        self.advertiser_names = {int(k): str(v) for k, v in state["advertiser_names"]}
 
     def restore(self, state: dict[str, Any], source_key: Callable[[str], Any] = str) -> None:
         """Load `state()` output into this (fresh) pipeline; `source_key` maps the saved source
@@ -283,3 +401,4 @@ class Pipeline:
         else:  # older checkpoints: restored as warm
             self._warm = bool(state["warm"])
             self._warmup_until = None if not self._warm else -math.inf
+        self._restore_cvr(state)

@@ -1,8 +1,8 @@
 """Replay an events file through the same pipeline as the streaming trainer, as fast as possible.
 
-Writes one prediction per impression — the pCTR of the last snapshot published before the
-impression's ts, i.e. what the served model would have said — and a rejects file for lines that
-break the contract. Deterministic for a given seed and configuration.
+Writes one prediction per impression — the pCTR and pCVR of the last snapshot published before
+the impression's ts, i.e. what the served models would have said — and a rejects file for lines
+that break the contract. Deterministic for a given seed and configuration.
 """
 
 from __future__ import annotations
@@ -77,26 +77,54 @@ def infer_spec(path: Path, limit: int = INFER_FROM) -> FeatureSpec:
 
 
 class PredictionWriter:
+    """One line per impression: the pCTR and (given by `pcvr` just before) the pCVR of the
+    last published snapshot."""
+
     def __init__(self, f: IO[bytes]) -> None:
         self.f = f
         self.count = 0
+        self._pcvr: list[float] | None = None
+
+    def pcvr(self, ids: list[str], preds: np.ndarray, version: str) -> None:
+        self._pcvr = preds.tolist()
 
     def __call__(self, ids: list[str], preds: np.ndarray, version: str) -> None:
         tail = b',"model_version":' + orjson.dumps(version) + b"}\n"
         dumps = orjson.dumps
-        self.f.write(b"".join(
-            b'{"impression_id":' + dumps(i) + b',"pctr":' + dumps(p) + tail
-            for i, p in zip(ids, preds.tolist(), strict=True)
-        ))
+        pcvr, self._pcvr = self._pcvr, None
+        if pcvr is None:
+            lines = (b'{"impression_id":' + dumps(i) + b',"pctr":' + dumps(p) + tail
+                     for i, p in zip(ids, preds.tolist(), strict=True))
+        else:
+            lines = (b'{"impression_id":' + dumps(i) + b',"pctr":' + dumps(p) + b',"pcvr":'
+                     + dumps(c) + tail
+                     for i, p, c in zip(ids, preds.tolist(), pcvr, strict=True))
+        self.f.write(b"".join(lines))
         self.count += len(ids)
+
+
+def load_converted(truth: Path) -> set[str]:
+    """Impression ids that eventually convert, from a simulator truth file (the oracle)."""
+    out: set[str] = set()
+    with open(truth, "rb") as f:
+        for line in f:
+            if b'"converted":true' in line:
+                out.add(orjson.loads(line)["impression_id"])
+    return out
 
 
 def replay(events: Path, outputs: ReplayOutputs, spec: FeatureSpec | None = None,
            config: PipelineConfig | None = None, seed: int = 0,
            progress: Callable[[dict[str, Any]], None] | None = None,
-           progress_every: int = 200_000) -> dict[str, Any]:
+           progress_every: int = 200_000, truth: Path | None = None) -> dict[str, Any]:
+    """`truth` (a simulator truth file) is read only by the `oracle` delay policy."""
     if not events.exists():
         raise ConfigError(f"events file {events} does not exist")
+    converted = None
+    if config is not None and config.delay_policy == "oracle":
+        if truth is None:
+            raise ConfigError("delay policy 'oracle' reads the truth: pass --truth")
+        converted = load_converted(truth)
     torch.set_num_threads(1)  # small minibatches: threads cost more than they give; determinism
     inferred = spec is None
     if spec is None:
@@ -106,7 +134,8 @@ def replay(events: Path, outputs: ReplayOutputs, spec: FeatureSpec | None = None
     start = time.perf_counter()
     with open(outputs.predictions, "wb") as pf, open(outputs.rejects, "wb") as rf:
         writer = PredictionWriter(pf)
-        pipe = Pipeline(spec, config, served=writer, seed=seed)
+        pipe = Pipeline(spec, config, served=writer, seed=seed, served_cvr=writer.pcvr,
+                        converted=converted)
         for i, event in enumerate(read_events(events, rf, counts), start=1):
             pipe.process(event)
             if progress is not None and i % progress_every == 0:

@@ -8,9 +8,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from ctrloop.delays import validate_policy_name
+from ctrloop.errors import ConfigError
 from ctrloop.joining import JoinerConfig
 from ctrloop.learner import LearnerConfig
 from ctrloop.settings import ConnectionSettings
@@ -40,6 +42,18 @@ class LearningSettings(BaseSettings):
     metrics_window: int = Field(100_000, ge=1)
     feature_spec: Path | None = None
     seed: int = 0
+    # pCVR: when a click becomes a training sample (ctrloop/delays.py). `oracle` reads the
+    # simulator's truth and exists for replay measurements only.
+    delay_policy: str = Field("variance", description="variance, fixed:SECONDS, naive, fnw, "
+                              "oracle (replay with --truth only)")
+
+    @field_validator("delay_policy")
+    @classmethod
+    def _known_policy(cls, v: str) -> str:
+        try:
+            return validate_policy_name(v)
+        except ConfigError as e:
+            raise ValueError(str(e)) from None
 
     def pipeline_config(self) -> PipelineConfig:
         hparams = {"dim": self.dim} if self.model == "fwfm" else {}
@@ -47,6 +61,7 @@ class LearningSettings(BaseSettings):
             publish_interval=self.publish_interval,
             allowed_lateness=self.allowed_lateness,
             warmup=self.warmup,
+            delay_policy=self.delay_policy,
             joiner=JoinerConfig(click_window=self.click_window, max_pending=self.max_pending,
                                 evict=self.evict),
             learner=LearnerConfig(model=self.model, hparams=hparams, batch_size=self.batch_size,

@@ -61,8 +61,10 @@ class RegistryPublisher:
     """Pushes snapshots to the registry, at most once per `min_interval_s` of wall time."""
 
     def __init__(self, registry: ModelRegistry, min_interval_s: float,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic,
+                 extra_meta: Callable[[], dict[str, Any]] | None = None) -> None:
         self.registry = registry
+        self._extra_meta = extra_meta
         self.min_interval_s = min_interval_s
         self._clock = clock
         self._last = -float("inf")
@@ -79,6 +81,8 @@ class RegistryPublisher:
         report = learner.metrics.report().as_dict()
         meta = {"event_time": event_clock, "samples_seen": learner.samples_seen,
                 "positives_seen": learner.positives_seen, "metrics": report}
+        if self._extra_meta is not None:
+            meta["trainer"] = self._extra_meta()
         data = encode_snapshot(learner.model, version, meta)
         self.registry.publish(version, data, meta)
         self._last = now
@@ -128,11 +132,18 @@ class StreamingTrainer:
         self.offsets: dict[TopicPartition, int] = {}
         self.counters = _Counters()
         self.pipeline: Pipeline | None = None
-        self.publisher = RegistryPublisher(self.registry, settings.min_publish_interval_s)
+        self.publisher = RegistryPublisher(self.registry, settings.min_publish_interval_s,
+                                           extra_meta=self._publish_meta)
         self._stop = False
         self._initial_end: dict[TopicPartition, int] = {}
         self.consumer: KafkaConsumer
         self.dlq: KafkaProducer
+
+    def _publish_meta(self) -> dict[str, Any]:
+        """Trainer counters that travel with each snapshot (the service exports them)."""
+        return {"consumed": self.counters.consumed,
+                "dead_lettered": self.counters.dead_lettered,
+                "checkpoints": self.counters.checkpoints}
 
     # --- setup ---------------------------------------------------------------------------
 

@@ -7,7 +7,8 @@ eligible candidates in the request's slots, so every shown (ad, position) had pr
 Events come out in event-time order: impressions as requests arrive, and each click (drawn
 when its impression is shown, with its delay) and each conversion (drawn when its click is,
 with its conversion delay and its advertiser's reporting delay; the event's ts is when it is
-*reported*) from a heap of pending events once event time passes it. Work is vectorised per batch of requests; only building the dicts is per event.
+*reported*) from a heap of pending events once event time passes it. Work is vectorised per
+batch of requests; only building the dicts is per event.
 """
 
 from __future__ import annotations
