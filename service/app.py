@@ -27,7 +27,7 @@ from fastapi import FastAPI, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.utils import get_openapi
-from fastapi.responses import Response
+from fastapi.responses import PlainTextResponse, Response
 from pydantic import TypeAdapter, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -467,8 +467,24 @@ def _event_routes(app: FastAPI, state: ServiceState) -> None:
 
 # ---------------------------------------------------------------------------- models, health
 
+def _example(body: dict[str, Any]) -> dict[str, Any]:
+    return {"content": {JSON: {"example": body}}}
+
+
+_MODELS_EXAMPLE = {
+    "serving": {"version": "42", "status": "trained", "loaded_at": 1767225601.2,
+                "load_seconds": 0.031, "model": "fwfm", "spec_hash": "d1d76588fb80d1fe",
+                "published_at": 1767225600.9, "samples_seen": 1250000,
+                "metrics": {"auc": 0.71, "logloss": 0.118, "calibration": 1.01}},
+    "reloader": {"reloads": 41, "reload_failures": {}, "refused_versions": [],
+                 "registry_reachable": True, "pinned": None},
+    "registry": {"current": 42, "pinned": None, "versions": [38, 39, 40, 41, 42]},
+}
+
+
 def _model_routes(app: FastAPI, state: ServiceState) -> None:
-    @app.get("/v1/models", tags=["models"], summary="What is served and what the registry has")
+    @app.get("/v1/models", tags=["models"], summary="What is served and what the registry has",
+             responses={200: _example(_MODELS_EXAMPLE)})
     async def models() -> Response:
         """The served version (when published, samples seen, the trainer's progressive
         metrics), reload counters, and the registry's current/pinned/kept versions."""
@@ -483,12 +499,16 @@ def _model_routes(app: FastAPI, state: ServiceState) -> None:
         return _json(200, {"serving": state.holder.served.describe(),
                            "reloader": state.reloader.describe(), "registry": registry})
 
-    @app.get("/healthz", tags=["health"], summary="Liveness")
+    @app.get("/healthz", tags=["health"], summary="Liveness",
+             responses={200: _example({"status": "ok"})})
     async def healthz() -> Response:
         return _json(200, {"status": "ok"})
 
     @app.get("/readyz", tags=["health"], summary="Readiness",
-             responses={503: {"model": ErrorBody, "description": "Starting or stopping"}})
+             responses={200: _example({"ready": True, "model_version": "42",
+                                       "model_status": "trained", "registry_reachable": True,
+                                       "impressions_queued": 0}),
+                        503: {"model": ErrorBody, "description": "Starting or stopping"}})
     async def readyz() -> Response:
         """Ready once started: scoring works from the first request (with the prior model
         until one is published). The body says what is served and whether Kafka and the
@@ -500,7 +520,8 @@ def _model_routes(app: FastAPI, state: ServiceState) -> None:
                 "impressions_queued": state.sink.queued() if state.sink else 0}
         return _json(200 if state.ready else 503, body)
 
-    @app.get("/metrics", tags=["health"], summary="Prometheus metrics")
+    @app.get("/metrics", tags=["health"], summary="Prometheus metrics",
+             response_class=PlainTextResponse)  # documents text/plain, not JSON
     async def prometheus() -> Response:
         return Response(render(state.metrics), media_type=CONTENT_TYPE)
 
@@ -509,8 +530,10 @@ def _model_routes(app: FastAPI, state: ServiceState) -> None:
 
 def _admin_routes(app: FastAPI, state: ServiceState) -> None:
     token = state.settings.admin_token
-    auth_errors = {401: {"model": ErrorBody}, 403: {"model": ErrorBody},
-                   404: {"model": ErrorBody}, 409: {"model": ErrorBody}}
+    auth_errors: dict[int | str, dict[str, Any]] = {
+        200: _example({"pinned": 41, "serving": "41", "status": "pinned"}),
+        401: {"model": ErrorBody}, 403: {"model": ErrorBody},
+        404: {"model": ErrorBody}, 409: {"model": ErrorBody}}
 
     def denied(request: Request) -> Response | None:
         if token is None:

@@ -204,15 +204,20 @@ class EventsRequest(BaseModel):
 
 
 class EventsAccepted(BaseModel):
+    model_config = ConfigDict(json_schema_extra={"examples": [
+        {"accepted": 2, "by_type": {"click": 1, "conversion": 1}}]})
+
     accepted: int = Field(description="events acknowledged by Kafka")
     by_type: dict[str, int]
 
 
 class ErrorBody(BaseModel):
-    detail: str | list[dict[str, Any]] = Field(description="what is wrong and how to fix it")
+    # str, a list of {loc, msg, type}, or (/v1/events 422) {"message", "errors": [{index, reason}]}
+    detail: str | list[dict[str, Any]] | dict[str, Any] = Field(
+        description="what is wrong and how to fix it")
 
 
 class PinRequest(BaseModel):
-    model_config = _STRICT
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [{"version": 41}]})
 
     version: Annotated[int, Field(ge=1)]
