@@ -431,9 +431,9 @@ def _event_routes(app: FastAPI, state: ServiceState) -> None:
         if extra:
             return _error(422, f"unknown top-level field(s) {extra}; only 'events' is allowed")
         raw = doc["events"]
-        if not 1 <= len(raw) <= settings.max_events:
-            return _error(422, f"{len(raw)} events; send 1-{settings.max_events} per request "
-                               "(CTRLOOP_MAX_EVENTS)")
+        if not 1 <= len(raw) <= settings.max_events_per_request:
+            return _error(422, f"{len(raw)} events; send 1-{settings.max_events_per_request} "
+                               "per request (CTRLOOP_MAX_EVENTS_PER_REQUEST)")
         parsed, errors = [], []
         for i, d in enumerate(raw):
             try:
@@ -559,7 +559,7 @@ def _admin_routes(app: FastAPI, state: ServiceState) -> None:
             return _json(409, body)
         return _json(200, body)
 
-    @app.post("/v1/admin/pin", tags=["admin"], responses=auth_errors,
+    @app.post("/v1/admin/pin", tags=["admin"], responses={**_ERRORS, **auth_errors},
               openapi_extra=_body_doc("PinRequest"), summary="Serve one version everywhere")
     async def pin(request: Request) -> Response:
         """Every service process serves `version` (loaded and verified as usual) until

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pydantic import Field
+from pydantic import Field, field_validator
 from pydantic_settings import SettingsConfigDict
 
 from ctrloop.settings import ConnectionSettings
@@ -18,7 +18,8 @@ class ServiceSettings(ConnectionSettings):
     port: int = Field(8000, ge=1, le=65535)
     workers: int = Field(1, ge=1, le=64, description="uvicorn worker processes")
     max_candidates: int = Field(500, ge=1, le=10_000, description="candidates per /v1/score")
-    max_events: int = Field(1000, ge=1, le=100_000, description="events per /v1/events")
+    max_events_per_request: int = Field(1000, ge=1, le=100_000,
+                                        description="events per /v1/events")
     max_body_bytes: int = Field(4 << 20, ge=1024, description="request body limit")
     produce_timeout_s: float = Field(5.0, gt=0, description="wait for Kafka acks this long")
     retry_after_s: int = Field(5, ge=1, description="Retry-After of a 503")
@@ -30,3 +31,9 @@ class ServiceSettings(ConnectionSettings):
         None, min_length=8, description="bearer token of /v1/admin/*; unset: admin disabled")
     log_impressions: bool = Field(True, description="allow options.log (needs Kafka)")
     explore: bool = Field(True, description="allow options.explore (global switch)")
+
+    @field_validator("admin_token", mode="before")
+    @classmethod
+    def _empty_token_is_unset(cls, v: object) -> object:
+        # Compose files write ${CTRLOOP_ADMIN_TOKEN:-}: an empty value means "admin disabled".
+        return None if v == "" else v

@@ -18,7 +18,6 @@ from torch.nn import functional as F
 
 from ctrloop.features import FeatureSpec
 
-
 _inference_only: ContextVar[bool] = ContextVar("inference_only", default=False)
 
 
