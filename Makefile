@@ -13,11 +13,15 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install --quiet -e '.[dev]'
 	touch $(STAMP)
 
-.PHONY: install demo test lint clean
+.PHONY: install demo stack test lint clean
 install: $(STAMP)
 
 demo: $(STAMP)
 	$(BIN)/ctrloop demo
+
+# The live loop: Kafka + Redis + trainer + service + simulated users; Ctrl-C stops it all.
+stack: $(STAMP)
+	$(BIN)/ctrloop stack
 
 test: $(STAMP)
 	$(BIN)/ruff check .

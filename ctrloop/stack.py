@@ -376,6 +376,7 @@ class _Run:
     driver: LiveDriver | None
     models: list[dict[str, Any]] = field(default_factory=list)
     error: str | None = None
+    interrupted: bool = False  # Ctrl-C or SIGTERM (rather than --duration or an error)
 
     def record_models(self, answer: dict[str, Any] | None, elapsed: float) -> None:
         if not answer:
@@ -410,10 +411,14 @@ async def _live(run: _Run, client: httpx.AsyncClient) -> None:
         assert driver is not None
         bucket = _latest_full(driver.stats.timeline(), snap["elapsed_s"],
                               driver.stats.bucket_s)
-        fresh = driver.stats.served_auc(since=time.time() - LAST_WINDOW_S)
+        fresh = driver.stats.served_auc_last(LAST_WINDOW_S)
         stack.say(view_line(snap, rates, models, fresh, bucket))
 
-    with stop_on_signals(request_stop):
+    def interrupted() -> None:
+        run.interrupted = True
+        request_stop()
+
+    with stop_on_signals(interrupted):
         if driver is not None:
             await run_with_reports(driver, cfg.duration, cfg.view_interval_s, report)
         else:
@@ -482,7 +487,8 @@ def run_stack(config: StackConfig, out: IO[str] = sys.stdout) -> dict[str, Any]:
     try:
         with _sigterm_as_interrupt():
             urls = stack.start()
-            stack.say("ctrloop stack is up (Ctrl-C stops everything):")
+            stack.say(f"ctrloop stack is up after {time.time() - t0:.1f} s "
+                      "(Ctrl-C stops everything):")
             for line in urls.lines():
                 stack.say(line)
             if config.simulator:
@@ -501,7 +507,9 @@ def run_stack(config: StackConfig, out: IO[str] = sys.stdout) -> dict[str, Any]:
     finally:
         with _signals_ignored():
             stack.say("stopping the stack ...")
+            t_stop = time.time()
             stack.close()
+            stack.say(f"stopped every process in {time.time() - t_stop:.1f} s")
     summary = build_summary(run, t0, interrupted)
     path = config.workdir / "stack-summary.json"
     path.write_text(json.dumps(_finite(summary), indent=2, default=str))
@@ -528,15 +536,14 @@ def build_summary(run: _Run, t0: float, interrupted: bool) -> dict[str, Any]:
     out: dict[str, Any] = {
         "config": {k: str(v) if isinstance(v, Path) else v for k, v in asdict(cfg).items()},
         "urls": asdict(stack.urls) if stack.urls else None,
-        "seconds": round(time.time() - t0, 1), "interrupted": interrupted,
+        "seconds": round(time.time() - t0, 1), "interrupted": interrupted or run.interrupted,
         "error": run.error, "exit_codes": stack.exit_codes, "models": run.models,
     }
     if run.driver is not None:
         stats = run.driver.stats
         timeline = stats.timeline()
-        last = time.time() - LAST_WINDOW_S
         out.update(final=run.driver.snapshot(), served_auc=stats.served_auc(),
-                   served_auc_last=stats.served_auc(since=last), ctr=ctr_lift(timeline),
+                   served_auc_last=stats.served_auc_last(LAST_WINDOW_S), ctr=ctr_lift(timeline),
                    timeline=timeline)
     return out
 

@@ -40,7 +40,10 @@ from ctrloop.sim.world import Ad, Request, RequestBatch, World, WorldConfig, see
 
 log = logging.getLogger(__name__)
 
-SEED_LIVE_CLICKS = 200  # disjoint from the World's and the offline stream's seed streams
+# Disjoint from the World's and the offline stream's seed streams; conversions have their own,
+# so that a change in the conversion model does not move any click.
+SEED_LIVE_CLICKS = 200
+SEED_LIVE_CONVERSIONS = 201
 MAX_EVENTS_PER_POST = 500  # under the service's default CTRLOOP_MAX_EVENTS of 1000
 LATENCY_WINDOW = 5000
 
@@ -236,14 +239,22 @@ class DriverStats:
         rows = [s for s in self.recent if s.status in statuses and s.ts >= start]
         if not rows:
             return {"n": 0, "clicks": 0, "auc_clicks": math.nan, "auc_true_ctr": math.nan,
-                    "auc_ad_appeal": math.nan}
+                    "auc_ad_appeal": math.nan, "oracle_auc_true_ctr": math.nan}
         pctr = np.fromiter((s.pctr for s in rows), np.float64, len(rows))
         clicked = np.fromiter((s.clicked for s in rows), np.float64, len(rows))
         true_ctr = np.fromiter((s.true_ctr for s in rows), np.float64, len(rows))
         base = np.fromiter((s.base_ctr for s in rows), np.float64, len(rows))
         return {"n": len(rows), "clicks": int(clicked.sum()), "auc_clicks": auc(clicked, pctr),
                 "auc_true_ctr": expected_auc(pctr, true_ctr),
-                "auc_ad_appeal": expected_auc(pctr, base)}
+                "auc_ad_appeal": expected_auc(pctr, base),
+                # The ceiling: the truth's own AUC (its position-1 CTR as the score).
+                "oracle_auc_true_ctr": expected_auc(base, true_ctr)}
+
+    def served_auc_last(self, seconds: float) -> dict[str, Any]:
+        """`served_auc` over the impressions of the last `seconds` of traffic."""
+        if not self.recent:
+            return self.served_auc()
+        return self.served_auc(since=max(s.ts for s in self.recent) - seconds)
 
     def snapshot(self, now: float | None = None, pending_events: int = 0) -> dict[str, Any]:
         now = time.time() if now is None else now
@@ -365,6 +376,7 @@ class LiveDriver:
         self.stats = DriverStats(started_at=start, bucket_s=cfg.bucket_s,
                                  keep_last=cfg.keep_last)
         self._rng = np.random.default_rng(seed_sequence(cfg.seed, SEED_LIVE_CLICKS))
+        self._conv_rng = np.random.default_rng(seed_sequence(cfg.seed, SEED_LIVE_CONVERSIONS))
         self._position_bias = tuple(self.world.config.position_bias)
         self._client = client
         self._own_client = client is None
@@ -392,8 +404,11 @@ class LiveDriver:
         """Send traffic until `duration` seconds pass or `request_stop()`, then drain."""
         cfg = self.config
         if self._client is None:
+            # Idle connections expire well before uvicorn's 5 s keep-alive: at equal timeouts
+            # a reused connection can be closed by the server mid-request (a ReadError).
             limits = httpx.Limits(max_connections=cfg.max_in_flight + 2,
-                                  max_keepalive_connections=cfg.max_in_flight + 2)
+                                  max_keepalive_connections=cfg.max_in_flight + 2,
+                                  keepalive_expiry=2.0)
             self._client = httpx.AsyncClient(timeout=cfg.timeout_s, limits=limits)
         try:
             events = asyncio.create_task(self._events_loop(), name="live-events")
@@ -432,8 +447,10 @@ class LiveDriver:
                 await asyncio.wait(tasks, timeout=cfg.timeout_s + 1.0)
 
     async def _sleep_or_stop(self, seconds: float) -> None:
-        if seconds <= 0:
-            await asyncio.sleep(0)
+        if seconds < 0.5:
+            # The usual gap between requests: a plain sleep costs far less than wait_for's
+            # task, and a stop is still seen within one gap.
+            await asyncio.sleep(max(seconds, 0.0))
             return
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._stop.wait(), seconds)
@@ -497,7 +514,7 @@ class LiveDriver:
                         click_ts: float) -> None:
         self._push({"type": "click", "impression_id": impression_id, "ts": click_ts},
                    request.ts)
-        for conv in self.world.sample_conversions(self._rng, request.user_index, ad, click_ts):
+        for conv in self.world.sample_conversions(self._conv_rng, request.user_index, ad, click_ts):
             self.stats.conversions_drawn += 1
             self._push({"type": "conversion", "impression_id": impression_id, "ts": conv.ts,
                         "conversion_type": conv.conversion_type}, request.ts)

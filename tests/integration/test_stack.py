@@ -1,0 +1,257 @@
+"""`ctrloop stack` end to end: a real broker, redis-server, trainer and service, driven by the
+simulator. Within ~110 s the served model must advance, its pCTR must rank fresh traffic
+better than a constant, and the CTR of what it serves must rise above what the prior served.
+Ctrl-C and SIGTERM must stop every process the stack started.
+
+Measured on the 2-core development machine (stack at 60 requests/s, 10 runs): the first
+trained model is served 36-37 s in (the trainer's first 30 s click window has to close); the
+expected CTR of served ads goes from 3.65% under the prior to 4.45-4.7% a minute later (+22-28%;
+oracle 7.2%, random 3.1%). The whole module takes ~2 min 15 s.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from ctrloop.errors import CtrloopError
+from ctrloop.stack import check_binaries
+
+pytestmark = pytest.mark.integration
+
+RATE = 60  # requests/s: enough data to learn from in a minute, modest on 2 cores
+RUN_S = 110.0  # seconds of traffic after the stack is up
+UP_LINE = "ctrloop stack is up"
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _binaries() -> None:
+    try:
+        check_binaries()
+    except CtrloopError as e:
+        pytest.skip(str(e))
+
+
+# ---------------------------------------------------------------------------- processes
+
+def _stat(pid: int) -> tuple[int, str, int] | None:
+    """(ppid, state, start time) of a process, or None if it is gone."""
+    try:
+        raw = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    # The command name may hold spaces and parentheses: fields start after the last ')'.
+    fields = raw[raw.rindex(")") + 2:].split()
+    return int(fields[1]), fields[0], int(fields[19])
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+    except OSError:
+        return "?"
+
+
+def _descendants(root: int) -> dict[int, tuple[int, str]]:
+    """pid -> (start time, command line) of every live descendant of `root`."""
+    children: dict[int, list[int]] = {}
+    starts: dict[int, int] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit() and (st := _stat(int(entry))) is not None:
+            children.setdefault(st[0], []).append(int(entry))
+            starts[int(entry)] = st[2]
+    out: dict[int, tuple[int, str]] = {}
+    todo = [root]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            out[child] = (starts[child], _cmdline(child))
+            todo.append(child)
+    return out
+
+
+def _still_running_pids(procs: dict[int, tuple[int, str]]) -> list[int]:
+    """The processes of `procs` still running (same pid and start time, not a zombie)."""
+    left = []
+    for pid, (start, _) in procs.items():
+        st = _stat(pid)
+        if st is not None and st[2] == start and st[1] != "Z":
+            left.append(pid)
+    return left
+
+
+def _still_running(procs: dict[int, tuple[int, str]]) -> list[str]:
+    return [f"{pid}: {procs[pid][1]}" for pid in _still_running_pids(procs)]
+
+
+def _clean_env() -> dict[str, str]:
+    # The stack configures its children; stray CTRLOOP_* settings of the caller must not.
+    return {k: v for k, v in os.environ.items() if not k.startswith("CTRLOOP_")}
+
+
+@dataclass
+class StackRun:
+    proc: subprocess.Popen[bytes]
+    out_path: Path
+    workdir: Path
+    children: dict[int, tuple[int, str]]
+
+    def output(self) -> str:
+        return self.out_path.read_text(errors="replace")
+
+    def watch(self, seconds: float) -> None:
+        """Let it run, noting every process it starts (children may come and go)."""
+        end = time.monotonic() + seconds
+        while time.monotonic() < end:
+            assert self.proc.poll() is None, f"the stack exited early:\n{self.output()}"
+            self.children.update(_descendants(self.proc.pid))
+            time.sleep(min(2.0, max(end - time.monotonic(), 0.0)))
+
+    def stop(self, sig: signal.Signals, timeout: float = 60.0) -> int:
+        self.children.update(_descendants(self.proc.pid))
+        self.proc.send_signal(sig)
+        try:
+            return self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.kill()
+            raise
+
+    def kill(self) -> None:
+        """Last resort for a failed test: nothing of ours may outlive it."""
+        for pid in _still_running_pids(self.children):
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(pid, signal.SIGKILL)
+        self.proc.kill()
+        self.proc.wait(timeout=10)
+
+    def summary(self) -> dict[str, Any]:
+        return json.loads((self.workdir / "stack-summary.json").read_text())
+
+
+def _start(workdir: Path, *args: str) -> StackRun:
+    workdir.mkdir(parents=True, exist_ok=True)
+    out_path = workdir / "stack.out"
+    with open(out_path, "wb") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "ctrloop.cli", "stack", "--port", "0", "--workdir",
+             str(workdir), *args],
+            stdout=out, stderr=subprocess.STDOUT, env=_clean_env())
+    return StackRun(proc, out_path, workdir, {})
+
+
+def _wait_until(run: StackRun, done: Any, timeout: float, what: str) -> None:
+    end = time.monotonic() + timeout
+    while not done():
+        if run.proc.poll() is not None or time.monotonic() > end:
+            run.kill()
+            pytest.fail(f"{what} did not happen; stack output:\n{run.output()}")
+        run.children.update(_descendants(run.proc.pid))
+        time.sleep(0.2)
+
+
+def _wait_up(run: StackRun, timeout: float = 90.0) -> None:
+    _wait_until(run, lambda: UP_LINE in run.output(), timeout, "the stack starting")
+
+
+# ---------------------------------------------------------------------------- learning run
+
+@pytest.fixture(scope="module")
+def learned(tmp_path_factory: pytest.TempPathFactory) -> Iterator[StackRun]:
+    """One stack with simulated traffic for RUN_S seconds, then Ctrl-C (SIGINT)."""
+    run = _start(tmp_path_factory.mktemp("stack"), "--rate", str(RATE),
+                 "--duration", str(RUN_S + 120))  # --duration only guards a stuck test
+    try:
+        _wait_up(run)
+        run.watch(RUN_S)
+        run.stop(signal.SIGINT)
+        yield run
+    finally:
+        if run.proc.poll() is None:
+            run.kill()
+
+
+def test_ctrl_c_stops_the_stack_and_every_child(learned: StackRun) -> None:
+    assert learned.proc.returncode == 0, learned.output()
+    cmds = " | ".join(cmd for _, cmd in learned.children.values())
+    for child in ("tansu broker", "redis-server", "ctrloop.cli train", "ctrloop.cli serve"):
+        assert child in cmds
+    assert _still_running(learned.children) == []
+    out = learned.output()
+    for what in ("/docs", "/metrics", "/v1/models", "Kafka", "Redis", "service.log"):
+        assert what in out
+    assert learned.summary()["interrupted"] is True
+
+
+def _trained_versions(summary: dict[str, Any]) -> set[int]:
+    return {int(v) for b in summary["timeline"] for v in b["versions"] if v != "prior"}
+
+
+def test_served_model_version_advances(learned: StackRun) -> None:
+    s = learned.summary()
+    errors = s["final"]["score_errors"]
+    # No error status ever; a rare transport error (a keep-alive connection closed by the
+    # server just as it is reused) is tolerated, not retried: the request may have logged.
+    assert not any(k.isdigit() for k in errors), errors
+    assert sum(errors.values()) <= 0.001 * s["final"]["requests"], errors
+    assert s["final"]["first_trained_s"] is not None and s["final"]["first_trained_s"] < 70
+    versions = _trained_versions(s)
+    assert len(versions) >= 10, versions  # hot reloads keep coming (~1 per second)
+    served = [int(m["version"]) for m in s["models"] if m["status"] == "trained"]
+    assert served == sorted(served) and served[-1] > served[0]
+    assert s["models"][-1]["samples_seen"] > 2000
+
+
+def test_served_pctr_ranks_fresh_traffic_better_than_a_constant(learned: StackRun) -> None:
+    # The last 30 s of impressions, all scored by models trained for about a minute. The AUC
+    # is against the true CTR (expected over the click draw): a constant scores exactly 0.5
+    # and there is no click noise, so the margin is the model's alone. Measured 0.57-0.61 in
+    # ten runs (against the drawn clicks 0.55-0.63, which wobbles with ~130 clicks); the
+    # truth itself as the score gets ~0.78.
+    fresh = learned.summary()["served_auc_last"]
+    assert fresh["n"] > 2000
+    assert fresh["auc_true_ctr"] > 0.56, fresh
+
+
+def test_expected_ctr_of_served_ads_rises_over_the_prior(learned: StackRun) -> None:
+    ctr = learned.summary()["ctr"]
+    prior, trained = ctr["prior"], ctr["trained"]
+    assert prior["impressions"] > 1000 and trained["impressions"] > 1000
+    assert ctr["rose"]
+    assert trained["expected_ctr"] > 1.1 * prior["expected_ctr"], ctr
+    assert trained["expected_ctr"] < trained["oracle_ctr"]
+    assert prior["random_ctr"] < trained["expected_ctr"]
+
+
+# ---------------------------------------------------------------------------- SIGTERM
+
+def _trainer_started(run: StackRun) -> bool:
+    return (run.workdir / "logs" / "trainer.log").exists()
+
+
+@pytest.mark.parametrize("when", ["starting", "running"])
+def test_sigterm_stops_every_child(tmp_path: Path, when: str) -> None:
+    run = _start(tmp_path, "--no-simulator", "--duration", "120")
+    try:
+        if when == "starting":
+            _wait_until(run, lambda: _trainer_started(run), 60.0, "the trainer starting")
+        else:
+            _wait_up(run)
+            run.watch(2.0)
+        code = run.stop(signal.SIGTERM)
+        assert code == 0, run.output()
+        assert run.children, "the stack had started nothing yet"
+        assert _still_running(run.children) == []
+        assert "stopping the stack" in run.output()
+    finally:
+        if run.proc.poll() is None:
+            run.kill()
