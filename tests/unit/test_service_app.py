@@ -57,7 +57,7 @@ class RecordingSink:
         self.produced.extend(records)
 
     def queued(self) -> int:
-        return len(self.logged)
+        return 0
 
     def close(self, timeout: float = 2.0) -> None:
         self.closed = True
@@ -110,6 +110,12 @@ def score_request(n: int = 6, **options: Any) -> dict[str, Any]:
     }
 
 
+@pytest.fixture(autouse=True)
+def _single_process_metrics(monkeypatch: pytest.MonkeyPatch) -> None:
+    # /metrics reads every worker's files when this is set (ctrloop serve --workers N).
+    monkeypatch.delenv("PROMETHEUS_MULTIPROC_DIR", raising=False)
+
+
 @pytest.fixture
 def registry() -> InMemoryRegistry:
     return InMemoryRegistry()
@@ -123,6 +129,8 @@ def sink() -> RecordingSink:
 def make_client(registry: InMemoryRegistry, sink: RecordingSink | None,
                 **overrides: Any) -> TestClient:
     settings = ServiceSettings(reload_poll_s=3600, **overrides)
+    for key, value in overrides.items():  # unknown keys are ignored silently (extra="ignore")
+        assert getattr(settings, key) == value, key
     return TestClient(create_app(settings, registry=registry, sink=sink))  # type: ignore[arg-type]
 
 
@@ -291,8 +299,10 @@ def test_log_refused_when_impression_logging_is_off(
     assert sink.logged == []
 
 
-def test_log_without_a_sink_says_not_logged(registry: InMemoryRegistry) -> None:
-    app = create_app(ServiceSettings(reload_poll_s=3600), registry=registry)
+def test_log_without_a_sink_says_not_logged(registry: InMemoryRegistry,
+                                           sink: RecordingSink) -> None:
+    app = create_app(ServiceSettings(reload_poll_s=3600), registry=registry,
+                     sink=sink)  # type: ignore[arg-type]
     app.state.service.sink = None
     with TestClient(app) as c:
         body = c.post("/v1/score", json=score_request(top_k=2, log=True)).json()
@@ -637,7 +647,7 @@ def test_events_body_shape(client: TestClient, sink: RecordingSink, body: Any) -
 
 
 def test_too_many_events(registry: InMemoryRegistry, sink: RecordingSink) -> None:
-    with make_client(registry, sink, max_events=3) as c:
+    with make_client(registry, sink, max_events_per_request=3) as c:
         r = c.post("/v1/events", json={"events": [CLICK] * 4})
         assert r.status_code == 422
         assert "send 1-3 per request" in r.json()["detail"]
