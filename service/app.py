@@ -604,5 +604,7 @@ def app_from_env() -> FastAPI:
     """uvicorn's factory (`ctrloop serve`): settings from CTRLOOP_* in each worker."""
     logging.basicConfig(level=logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    logging.getLogger("kafka").setLevel(logging.WARNING)
+    # kafka-python logs every failed reconnect (several lines a second while Kafka is down);
+    # service/sink.py logs one line per outage and /readyz and /metrics show the state.
+    logging.getLogger("kafka").setLevel(logging.CRITICAL)
     return create_app(ServiceSettings())

@@ -56,7 +56,8 @@ Bid = Annotated[float, Field(gt=0, le=1e9, allow_inf_nan=False,
                                          "when absent")]
 HARD_MAX_CANDIDATES = 10_000  # the schema's bound; the configured limit is checked per request
 
-_STRICT = ConfigDict(extra="forbid", allow_inf_nan=False, use_attribute_docstrings=True)
+_STRICT = ConfigDict(extra="forbid", allow_inf_nan=False, use_attribute_docstrings=True,
+                     strict=True)  # "log": "yes" or "top_k": "3" are mistakes, not requests
 
 _SCORE_EXAMPLE: dict[str, Any] = {
     "user_id": "u1931",
@@ -97,6 +98,7 @@ class ScoreOptions(TypedDict, total=False):
 
 
 @with_config(ConfigDict(extra="forbid", allow_inf_nan=False, use_attribute_docstrings=True,
+                        strict=True,
                         json_schema_extra={"examples": [_SCORE_EXAMPLE]}))
 class ScoreRequest(TypedDict):
     request_id: NotRequired[Id | None]

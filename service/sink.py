@@ -58,6 +58,7 @@ class _Producer:
         self._producer: KafkaProducer | None = None
         self._lock = threading.Lock()
         self._next_try = 0.0
+        self._down = False
 
     def get(self) -> KafkaProducer:
         with self._lock:
@@ -79,7 +80,14 @@ class _Producer:
                     self._producer.config["max_block_ms"] = 0
             except KafkaError as e:
                 self._next_try = time.monotonic() + 1.0
+                if not self._down:  # one line per outage, not one per retry
+                    self._down = True
+                    log.warning("%s: Kafka at %s is unreachable (%s); retrying every second",
+                                self.client_id, self.bootstrap, e)
                 raise SinkUnavailable(f"Kafka at {self.bootstrap} is unreachable: {e}") from None
+            if self._down:
+                self._down = False
+                log.info("%s: Kafka at %s is reachable again", self.client_id, self.bootstrap)
             return self._producer
 
     def ready(self) -> KafkaProducer | None:
