@@ -18,8 +18,7 @@ Policies, by name (`build_policy`):
 - `fixed:SECONDS`: a click waits SECONDS of event time; its label is "conversion reported at or
   before click_ts + SECONDS" (the edge is inclusive).
 - `variance` (paper §6.3, designed here): a per-advertiser wait chosen from the dispersion of the
-  advertiser's conversion reports (below), plus an expected-label correction for conversions
-  still to come when a click is released.
+  advertiser's conversion reports (below); labels and late corrections as `fixed`.
 - `oracle`: the eventual label is known at the click (read from the simulator's truth): the
   "prophet" every other policy is measured against. Replay only.
 
@@ -55,17 +54,16 @@ with floor 5 min, ceiling 3 days (the longest upload gap of the simulator plus c
 delay), d_lo 2, d_hi 8: stable advertisers are released within minutes, volatile ones when their
 uploads have come in. Waits are recomputed when the bucket changes and apply to clicks from then.
 
-A stable advertiser's click released after minutes has most of its conversion still to come.
-Its delay distribution is stable, which is exactly when a delay model works, so the variance
-policy releases an unconverted click with the *expected* label instead of 0:
-
-    q = h (1 - F(W)) / (1 - h F(W))      = P(converts | not reported within W)
-
-h the advertiser's conversion rate (decayed reports / decayed clicks), F its click-to-report
-delay CDF (a decayed histogram on log-spaced bins), both shrunk toward the pool the same way.
-If the conversion comes, the retraction pair replaces q by 1. For a volatile advertiser released
-at the ceiling, F(W) is close to 1 and q close to 0. (F is estimated from reported conversions,
-which under-represents long delays while history is short — see docs/benchmarks.md.)
+A click released with label 0 whose conversion comes later is a fake negative until the
+retraction pair arrives, so the bias of a fast release is the conversion mass still to come; it
+is small for advertisers whose delays are short and for ads with a long history, and largest for
+new ads of advertisers with long delays (docs/benchmarks.md measures it). `soft_labels=True`
+(off by default) releases an unconverted click with the expected label
+q = h (1 - F(W)) / (1 - h F(W)) instead (h: the advertiser's decayed conversion rate, F: its
+decayed click-to-report delay histogram). Measured, it over-counts: q is fixed at release while
+the posterior of a click that stays unconverted keeps falling, and a non-converting click is
+never corrected back to 0, so the bias flips sign instead of vanishing (+50% on a 5-day
+simulation). Kept as an option for experiments, not used.
 
 **State and memory.** Pending clicks (with their feature rows), remembered released clicks and
 per-advertiser statistics are plain data in `state()`. At most `max_clicks` clicks are held
@@ -121,7 +119,7 @@ class PolicyConfig:
     shrink_reports: float = 10.0
     prior_dispersion: float = 8.0  # before any report: assume volatile (wait the ceiling)
     half_life_s: float = 7 * 86_400.0  # of the rate and delay statistics
-    soft_labels: bool = True
+    soft_labels: bool = False  # expected labels at release: over-counts, see the docstring
 
     def __post_init__(self) -> None:
         if self.remember_s < 0 or self.orphan_ttl < 0:

@@ -135,6 +135,8 @@ class Pipeline:
         self._adv_slot = names.index(ADVERTISER_FIELD) if ADVERTISER_FIELD in names else None
         self.advertiser_names: dict[int, str] = {}  # policy key -> advertiser id(s), for reports
         self._cvr_ready: list[CvrSample] = []
+        # Observability/benchmark hook: sees every pCVR sample as it is learned.
+        self.on_cvr_samples: Callable[[list[CvrSample]], None] | None = None
         self.tracker = WatermarkTracker(self.config.allowed_lateness)
         self.publisher: Publisher = publisher or CountingPublisher()
         self.served = served
@@ -273,6 +275,8 @@ class Pipeline:
         if not ready:
             return
         self._cvr_ready = []
+        if self.on_cvr_samples is not None:
+            self.on_cvr_samples(ready)
         rows = np.asarray([s.payload for s in ready], dtype=np.int64)
         labels = np.fromiter((s.label for s in ready), dtype=np.float32, count=len(ready))
         policy = self.cvr_policy
@@ -290,6 +294,19 @@ class Pipeline:
     def published_models(self) -> dict[str, Any]:
         """What a snapshot carries: the pCTR model and the pCVR head (see `head_snapshots`)."""
         return {"pctr": self.learner.model, "pcvr": self.cvr_learner.model}
+
+    def head_snapshots(self, version: int, meta: dict[str, Any]) -> dict[str, bytes]:
+        """The heads published with pCTR snapshot `version`: today {"pcvr": blob}. Each blob
+        is a standard ctrloop snapshot (`decode_snapshot` + `build_from_snapshot` load it) of
+        the same version, with meta["head"] = "pcvr", the delay policy and the pCVR metrics,
+        so a reader that loaded pCTR version v loads pCVR version v next to it."""
+        from ctrloop.snapshot import encode_snapshot  # publication only; keeps import light
+
+        cvr = self.cvr_learner
+        head_meta = {**meta, "head": "pcvr", "delay_policy": self.cvr_policy.name,
+                     "samples_seen": cvr.samples_seen, "positives_seen": cvr.positives_seen,
+                     "metrics": cvr.metrics.report().as_dict()}
+        return {"pcvr": encode_snapshot(cvr.model, version, head_meta)}
 
     def _publish(self, clock: float) -> None:
         if not self._learned_since_publish:

@@ -14,6 +14,15 @@ and ad ids) and the position it was shown in, so a good model can approach the o
             + a small per-user effect (learnable only through `user.id`)
     ctr   = sigmoid(logit) · position_bias[position - 1]
 
+Conversions (per click, at most one) have a true CVR built the same way, from features a model
+sees (category, landing, creative, interest match, age × category, engagement) plus advertiser
+and ad effects learnable through the ids. Each advertiser has its own conversion-delay
+distribution (lognormal, median log-uniform in minutes to half a day, capped at the attribution
+horizon) and reporting behaviour: `streaming` advertisers report each conversion seconds after
+it happens; `bursty` ones upload everything since the last upload at irregular times (gaps
+uniform in 6–48 h), so their reported conversions arrive in spikes (`bursty_share` sets the mix).
+All conversion draws come from seed streams of their own, so a seed's clicks do not change.
+
 Ads retire and new ads arrive continuously; a new ad's quality is drawn afresh, so nothing
 but its own impressions tells a model how good it is — the reason exploration is needed.
 
