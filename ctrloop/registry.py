@@ -20,6 +20,8 @@ import redis
 from ctrloop.errors import RegistryError
 from ctrloop.snapshot import checksum
 
+FETCH_CHUNK = 1 << 20
+
 
 @dataclass(frozen=True)
 class ModelRecord:
@@ -177,13 +179,24 @@ class RedisRegistry:
         return None if raw is None else ModelRecord.from_json(raw)
 
     def fetch(self, version: int) -> bytes:
+        """The blob, read in FETCH_CHUNK pieces: parsing one 23 MB reply holds the GIL for
+        tens of milliseconds, which stalls every request a serving process has in flight;
+        1 MiB pieces let them interleave (docs/benchmarks.md, reload)."""
+        key = self._k("blob", version)
         try:
-            data = self.r.get(self._k("blob", version))
+            size = self.r.strlen(key)
+            parts, offset = [], 0
+            while offset < size:
+                part = self.r.getrange(key, offset, offset + FETCH_CHUNK - 1)
+                if not part:
+                    break
+                parts.append(part)
+                offset += len(part)
         except redis.RedisError as e:
             raise RegistryError(f"registry unreachable: {e}") from None
-        if data is None:
+        if size == 0 or offset != size:  # missing, or trimmed while we read it
             raise RegistryError(f"model version {version} is not in the registry")
-        return bytes(data)
+        return b"".join(parts)
 
     def versions(self) -> list[int]:
         try:
