@@ -64,6 +64,7 @@ class InMemoryRegistry:
         self._records: dict[int, ModelRecord] = {}
         self._current: int | None = None
         self._pinned: int | None = None
+        self._heads: dict[str, InMemoryRegistry] = {}
         self.notices: list[ModelRecord] = []
 
     def next_version(self) -> int:
@@ -99,6 +100,10 @@ class InMemoryRegistry:
     def versions(self) -> list[int]:
         return sorted(self._blobs)
 
+    def head(self, name: str) -> InMemoryRegistry:
+        """See RedisRegistry.head."""
+        return self._heads.setdefault(name, InMemoryRegistry(self.keep, self._clock))
+
     def pin(self, version: int) -> None:
         if version not in self._blobs:
             raise RegistryError(f"cannot pin version {version}: not in the registry "
@@ -128,6 +133,11 @@ class RedisRegistry:
     def from_url(cls, url: str, namespace: str = "ctrloop", keep: int = 5) -> RedisRegistry:
         return cls(redis.Redis.from_url(url, socket_timeout=30, socket_connect_timeout=5),
                    namespace, keep)
+
+    def head(self, name: str) -> RedisRegistry:
+        """The registry of a model head published next to each version (e.g. "pcvr"): same
+        server, namespace `<namespace>:<name>`, same version numbers as the main model."""
+        return RedisRegistry(self.r, f"{self.ns}:{name}", self.keep)
 
     def _k(self, *parts: object) -> str:
         return ":".join([self.ns, *map(str, parts)])

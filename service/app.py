@@ -374,11 +374,17 @@ def _score(state: ServiceState, req: ScoreRequest, topic: str,
     shared = req.get("features") or {}
     user_id = req["user_id"]
     cands = [(c["ad_id"], c["advertiser_id"], c.get("features") or {}) for c in candidates]
-    pctr = served.pctr(shared, user_id, cands)
-    if opts.get("rank_by", "bid_pctr") == "bid_pctr":
-        value = pctr * np.array([c.get("bid") or 1.0 for c in candidates])
-    else:
+    rank_by = opts.get("rank_by", "bid_pctr")
+    pctr, pcvr = served.predict(shared, user_id, cands)
+    if rank_by == "pctr":
         value = pctr
+    else:
+        value = pctr * np.array([c.get("bid") or 1.0 for c in candidates])
+        if rank_by == "bid_pctr_pcvr":
+            if pcvr is None:
+                return _error(422, f"rank_by bid_pctr_pcvr needs a pCVR model, and version "
+                                   f"{served.version} has none; use bid_pctr")
+            value = value * pcvr
     order = np.argsort(-value, kind="stable")
     if top_k is not None:
         order = order[:top_k]
@@ -388,6 +394,10 @@ def _score(state: ServiceState, req: ScoreRequest, topic: str,
     propensity = 1.0
     out = [{"ad_id": cands[j][0], "rank": rank, "pctr": pctr_l[j], "score": value_l[j],
             "propensity": propensity} for rank, j in enumerate(order.tolist(), start=1)]
+    if pcvr is not None:
+        pcvr_l = pcvr.tolist()
+        for item, j in zip(out, order.tolist(), strict=True):
+            item["pcvr"] = pcvr_l[j]
     records = []
     if log_on:
         ts = req.get("ts") or time.time()

@@ -13,6 +13,7 @@ reads it once and finishes on that model. Without a pin, the served version neve
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import threading
 import time
@@ -198,6 +199,17 @@ class Reloader:
             if self._on_failure:
                 self._on_failure("invalid")
             return False
+        try:
+            new = self._with_heads(new, version)
+        except SnapshotError as e:
+            self._refused.add(version)
+            self.stats.refused = sorted(self._refused)[-20:]
+            self.stats.fail("invalid", str(e))
+            log.error("refused model version %d (its pCVR head), still serving %s: %s",
+                      version, served.version, e)
+            if self._on_failure:
+                self._on_failure("invalid")
+            return False
         if not self.holder.swap(new, allow_older=pinned):
             return False
         self.stats.reloads += 1
@@ -206,6 +218,24 @@ class Reloader:
         if self._on_swap:
             self._on_swap(new)
         return True
+
+    def _with_heads(self, new: ServedModel, version: int) -> ServedModel:
+        """Attach the pCVR head published with `version`, verified like the model itself;
+        a version without one serves pCTR only."""
+        head_of = getattr(self.registry, "head", None)
+        if head_of is None or new.spec is None:
+            return new
+        head = head_of("pcvr")
+        try:
+            record = head.record(version)
+            data = head.fetch(version) if record is not None else None
+        except RegistryError as e:
+            log.warning("pCVR head of version %d not fetched (%s); serving pCTR only", version, e)
+            return new
+        if record is None or data is None:
+            return new
+        cvr = load_verified(data, record, new.spec, new.status, self.holder.prior_ctr)
+        return dataclasses.replace(new, cvr=cvr.model, cvr_record=record)
 
     def describe(self) -> dict[str, Any]:
         s = self.stats

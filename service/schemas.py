@@ -93,8 +93,9 @@ class ScoreOptions(TypedDict, total=False):
     """return (and log) only the k best; default all candidates"""
     log: bool
     """write an impression event for each of the top_k to Kafka; needs top_k; default false"""
-    rank_by: Literal["bid_pctr", "pctr"]
-    """score = bid x pCTR (bid 1 when absent; the default), or pCTR alone"""
+    rank_by: Literal["bid_pctr", "pctr", "bid_pctr_pcvr"]
+    """score = bid x pCTR (bid 1 when absent; the default), pCTR alone, or bid x pCTR x pCVR
+    (expected value per impression of a conversion bid; needs a served pCVR model)"""
 
 
 @with_config(ConfigDict(extra="forbid", allow_inf_nan=False, use_attribute_docstrings=True,

@@ -35,6 +35,8 @@ class ServedModel:
     record: ModelRecord | None = None
     loaded_at: float = field(default_factory=time.time)
     load_seconds: float = 0.0
+    cvr: CTRModel | None = None  # the pCVR head published with this version, if any
+    cvr_record: ModelRecord | None = None
 
     @property
     def spec(self) -> FeatureSpec | None:
@@ -47,12 +49,20 @@ class ServedModel:
 
     def pctr(self, shared: dict[str, Any], user_id: str,
              candidates: list[tuple[str, str, dict[str, Any]]]) -> np.ndarray:
+        return self.predict(shared, user_id, candidates, with_cvr=False)[0]
+
+    def predict(self, shared: dict[str, Any], user_id: str,
+                candidates: list[tuple[str, str, dict[str, Any]]], with_cvr: bool = True
+                ) -> tuple[np.ndarray, np.ndarray | None]:
+        """pCTR per candidate and, when a pCVR head is loaded, pCVR (same encoded rows)."""
         if self.model is None or self.encoder is None:
-            return np.full(len(candidates), self.prior_ctr)
-        rows = self.encoder.encode_request(shared, user_id, candidates)
+            return np.full(len(candidates), self.prior_ctr), None
+        rows = torch.from_numpy(self.encoder.encode_request(shared, user_id, candidates))
         with torch.inference_mode():
-            logits = self.model(torch.from_numpy(rows))
-        return torch.sigmoid(logits).double().numpy()
+            pctr = torch.sigmoid(self.model(rows)).double().numpy()
+            pcvr = (torch.sigmoid(self.cvr(rows)).double().numpy()
+                    if with_cvr and self.cvr is not None else None)
+        return pctr, pcvr
 
     def describe(self) -> dict[str, Any]:
         d: dict[str, Any] = {"version": self.version, "status": self.status,
@@ -70,6 +80,8 @@ class ServedModel:
         for key in ("samples_seen", "positives_seen", "event_time", "metrics", "trainer"):
             if key in meta:
                 d[key] = meta[key]
+        if self.cvr is not None and self.cvr_record is not None:
+            d["pcvr"] = {"model": self.cvr.name, "checksum": self.cvr_record.checksum}
         return d
 
 

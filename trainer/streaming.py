@@ -84,6 +84,11 @@ class RegistryPublisher:
         if self._extra_meta is not None:
             meta["trainer"] = self._extra_meta()
         data = encode_snapshot(learner.model, version, meta)
+        # Heads (pCVR) first: a reader that sees pCTR version v finds head version v too.
+        head_of = getattr(self.registry, "head", None)
+        if head_of is not None:
+            for name, blob in pipeline.head_snapshots(version, meta).items():
+                head_of(name).publish(version, blob, {"head": name})
         self.registry.publish(version, data, meta)
         self._last = now
         self.published += 1

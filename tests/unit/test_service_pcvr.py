@@ -1,0 +1,106 @@
+"""The pCVR head: published next to each pCTR version, served as `pcvr`, usable for ranking."""
+
+from __future__ import annotations
+
+import torch
+from fastapi.testclient import TestClient
+
+from ctrloop.features import FeatureSpec, Field
+from ctrloop.models import build_model
+from ctrloop.registry import InMemoryRegistry
+from ctrloop.snapshot import encode_snapshot
+from service.app import create_app
+from service.settings import ServiceSettings
+
+SPEC = FeatureSpec((Field("user.id", "categorical", "user", 256),
+                    Field("ad.id", "categorical", "ad", 256),
+                    Field("ad.advertiser_id", "categorical", "ad", 64)))
+
+
+class _Sink:
+    def log(self, records: list) -> bool:
+        return True
+
+    def produce(self, records: list) -> None:
+        pass
+
+    def queued(self) -> int:
+        return 0
+
+    def close(self) -> None:
+        pass
+
+
+def _model(bias: float, name: str = "lr") -> torch.nn.Module:
+    m = build_model(name, SPEC)
+    with torch.no_grad():
+        m.bias.fill_(bias)
+    return m
+
+
+def _publish(registry: InMemoryRegistry, ctr_bias: float, cvr_bias: float | None) -> int:
+    v = registry.next_version()
+    if cvr_bias is not None:
+        registry.head("pcvr").publish(v, encode_snapshot(_model(cvr_bias), v, {}), {})
+    registry.publish(v, encode_snapshot(_model(ctr_bias), v, {}), {})
+    return v
+
+
+BODY = {"user_id": "u1", "candidates": [
+    {"ad_id": "a1", "advertiser_id": "v1", "bid": 1.0},
+    {"ad_id": "a2", "advertiser_id": "v2", "bid": 2.0}]}
+
+
+def test_pcvr_is_served_with_its_version_and_ranks_when_asked() -> None:
+    registry = InMemoryRegistry()
+    app = create_app(ServiceSettings(), registry=registry, sink=_Sink())  # type: ignore[arg-type]
+    with TestClient(app) as c:
+        _publish(registry, ctr_bias=-3.0, cvr_bias=None)
+        app.state.service.reloader.check()
+        r = c.post("/v1/score", json=BODY).json()
+        assert all("pcvr" not in x for x in r["candidates"])
+        no_cvr = c.post("/v1/score", json={**BODY, "options": {"rank_by": "bid_pctr_pcvr"}})
+        assert no_cvr.status_code == 422 and "pCVR" in no_cvr.json()["detail"]
+
+        v = _publish(registry, ctr_bias=-3.0, cvr_bias=-1.0)
+        app.state.service.reloader.check()
+        r = c.post("/v1/score", json={**BODY, "options": {"rank_by": "bid_pctr_pcvr"}}).json()
+        assert r["model_version"] == str(v)
+        expected_cvr = float(torch.sigmoid(torch.tensor(-1.0)))
+        for x in r["candidates"]:
+            assert abs(x["pcvr"] - expected_cvr) < 1e-6
+            bid = {"a1": 1.0, "a2": 2.0}[x["ad_id"]]
+            assert abs(x["score"] - bid * x["pctr"] * x["pcvr"]) < 1e-12
+        assert c.get("/v1/models").json()["serving"]["pcvr"]["model"] == "lr"
+
+
+def test_a_corrupt_pcvr_head_refuses_the_whole_version() -> None:
+    registry = InMemoryRegistry()
+    app = create_app(ServiceSettings(), registry=registry, sink=_Sink())  # type: ignore[arg-type]
+    with TestClient(app):
+        good = _publish(registry, ctr_bias=-3.0, cvr_bias=-1.0)
+        app.state.service.reloader.check()
+        v = registry.next_version()
+        data = bytearray(encode_snapshot(_model(-1.0), v, {}))
+        rec = registry.head("pcvr").publish(v, bytes(data), {})
+        registry.head("pcvr")._blobs[v] = bytes(data[:-10])  # corrupt after the checksum
+        assert rec.version == v
+        registry.publish(v, encode_snapshot(_model(-2.0), v, {}), {})
+        assert not app.state.service.reloader.check()
+        assert app.state.service.holder.served.version == str(good)
+        assert v in app.state.service.reloader.describe()["refused_versions"]
+
+
+def test_the_trainer_publishes_the_pcvr_head_before_the_model() -> None:
+    from trainer.pipeline import Pipeline
+    from trainer.streaming import RegistryPublisher
+
+    registry = InMemoryRegistry()
+    publisher = RegistryPublisher(registry, min_interval_s=0.0)
+    version = publisher(Pipeline(SPEC), 1767225600.0)
+    assert version is not None
+    head = registry.head("pcvr")
+    assert head.versions() == registry.versions() == [int(version)]
+    record = head.record(int(version))
+    assert record is not None and record.meta["head"] == "pcvr"
+    assert record.published_at <= registry.current().published_at  # type: ignore[union-attr]
