@@ -4,7 +4,7 @@ admin routes, health and metrics, body limits and the /v1/events contract."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -12,6 +12,7 @@ import orjson
 import pytest
 import torch
 from fastapi.testclient import TestClient
+from service_fakes import RecordingSink
 
 from ctrloop.events import Impression, decode_event
 from ctrloop.features import NUMERIC_BUCKETS, FeatureEncoder, FeatureSpec, Field
@@ -20,9 +21,7 @@ from ctrloop.registry import InMemoryRegistry
 from ctrloop.snapshot import encode_snapshot
 from service.app import create_app
 from service.settings import ServiceSettings
-from service.sink import SinkUnavailable
 
-Record = tuple[str, bytes, bytes]
 TOKEN = "s3cret-admin-token"
 
 SPEC = FeatureSpec((
@@ -35,32 +34,6 @@ SPEC = FeatureSpec((
     Field("ad.advertiser_id", "categorical", "ad", 256),
     Field("ad.category", "categorical", "ad", 64),
 ))
-
-
-class RecordingSink:
-    """Stands in for service.sink.EventSink: keeps what it is given; `down` makes produce()
-    raise SinkUnavailable as the Kafka sink does when Kafka does not acknowledge."""
-
-    def __init__(self) -> None:
-        self.logged: list[Record] = []
-        self.produced: list[Record] = []
-        self.down = False
-        self.closed = False
-
-    def log(self, records: list[Record]) -> bool:
-        self.logged.extend(records)
-        return True
-
-    def produce(self, records: Sequence[Record]) -> None:
-        if self.down:
-            raise SinkUnavailable("Kafka at 127.0.0.1:1 is unreachable")
-        self.produced.extend(records)
-
-    def queued(self) -> int:
-        return 0
-
-    def close(self, timeout: float = 2.0) -> None:
-        self.closed = True
 
 
 def random_model(seed: int, spec: FeatureSpec = SPEC) -> CTRModel:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 from fastapi.testclient import TestClient
+from service_fakes import RecordingSink
 
 from ctrloop.features import FeatureSpec, Field
 from ctrloop.models import build_model
@@ -15,20 +16,6 @@ from service.settings import ServiceSettings
 SPEC = FeatureSpec((Field("user.id", "categorical", "user", 256),
                     Field("ad.id", "categorical", "ad", 256),
                     Field("ad.advertiser_id", "categorical", "ad", 64)))
-
-
-class _Sink:
-    def log(self, records: list) -> bool:
-        return True
-
-    def produce(self, records: list) -> None:
-        pass
-
-    def queued(self) -> int:
-        return 0
-
-    def close(self) -> None:
-        pass
 
 
 def _model(bias: float, name: str = "lr") -> torch.nn.Module:
@@ -53,7 +40,7 @@ BODY = {"user_id": "u1", "candidates": [
 
 def test_pcvr_is_served_with_its_version_and_ranks_when_asked() -> None:
     registry = InMemoryRegistry()
-    app = create_app(ServiceSettings(), registry=registry, sink=_Sink())  # type: ignore[arg-type]
+    app = create_app(ServiceSettings(), registry=registry, sink=RecordingSink())  # type: ignore[arg-type]
     with TestClient(app) as c:
         _publish(registry, ctr_bias=-3.0, cvr_bias=None)
         app.state.service.reloader.check()
@@ -76,7 +63,7 @@ def test_pcvr_is_served_with_its_version_and_ranks_when_asked() -> None:
 
 def test_a_corrupt_pcvr_head_refuses_the_whole_version() -> None:
     registry = InMemoryRegistry()
-    app = create_app(ServiceSettings(), registry=registry, sink=_Sink())  # type: ignore[arg-type]
+    app = create_app(ServiceSettings(), registry=registry, sink=RecordingSink())  # type: ignore[arg-type]
     with TestClient(app):
         good = _publish(registry, ctr_bias=-3.0, cvr_bias=-1.0)
         app.state.service.reloader.check()
