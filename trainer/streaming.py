@@ -269,6 +269,12 @@ class StreamingTrainer:
         assert self.pipeline is not None
         tracker = self.pipeline.tracker
         assigned = self.consumer.assignment()
+        if not assigned:
+            # No partitions yet: the group is still (re)balancing, e.g. waiting for a killed
+            # member's session to expire. That is not "caught up": treating it so let event
+            # time follow the wall clock (closing windows before their clicks were read) and
+            # let --stop-when-idle-s stop a restarted trainer before it read anything.
+            return False
         all_caught_up = True
         unknown = [tp for tp in assigned if tp not in self._initial_end]
         if unknown:

@@ -117,15 +117,9 @@ def test_kill_9_mid_stream_loses_nothing_and_learns_nothing_twice(
     assert "restored checkpoint" in log.read_text()
 
     assert summary["pipeline"]["learned"] == N_IMPRESSIONS
-    # KNOWN ISSUE (open, docs in the issue notes): around the restart, some clicks are read
-    # after their impression's window was closed by the watermark (cross-partition timing), so
-    # they count as late clicks instead of positives: 0-2 of ~150 when run alone, 7 of 149 once
-    # under the full suite's load. Every impression is still learned exactly once (count and
-    # digest below are exact); a missing positive must show up as a counted late click.
-    learned_pos = summary["pipeline"]["learned_positives"]
-    late = summary["join"]["late_clicks"]
-    assert positives - 10 <= learned_pos <= positives, (learned_pos, positives, summary["join"])
-    assert learned_pos + late >= positives, (learned_pos, late, positives, summary["join"])
+    # Exact: an empty assignment while the group rebalanced after the kill used to count as
+    # "caught up", letting event time run on the wall clock and close windows early.
+    assert summary["pipeline"]["learned_positives"] == positives, summary["join"]
     assert summary["pipeline"]["learned_digest"] == digest
     assert summary["join"]["duplicate_impressions"] == 50
     assert summary["pending"] == 0
