@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ctrloop.delays import CvrSample, VariancePolicy
+from ctrloop.delays import CvrSample, PolicyConfig, VariancePolicy
 from ctrloop.evaluate import evaluate_cvr
 from ctrloop.sim import World, WorldConfig, write_files
 from trainer.pipeline import Pipeline, PipelineConfig
@@ -37,7 +37,20 @@ COLORS = {"oracle": "#000000", "variance": "#d62728", "naive": "#1f77b4", "fnw":
 
 def world_config(args: argparse.Namespace) -> WorldConfig:
     return WorldConfig(seed=args.seed, impressions_per_second=args.rate, base_ctr=args.ctr,
-                       base_cvr=args.cvr, bursty_share=args.bursty_share)
+                       base_cvr=args.cvr, bursty_share=args.bursty_share,
+                       n_advertisers=args.advertisers)
+
+
+def parse_policy(label: str) -> tuple[str, PolicyConfig]:
+    """`variance{soft_labels=1|d_hi=6}`: a policy name with PolicyConfig overrides."""
+    name, _, rest = label.partition("{")
+    overrides: dict[str, Any] = {}
+    defaults = PolicyConfig()
+    for item in filter(None, rest.rstrip("}").split("|")):
+        k, _, v = item.partition("=")
+        kind = type(getattr(defaults, k))
+        overrides[k] = bool(int(v)) if kind is bool else kind(v)
+    return name, PolicyConfig(**overrides)
 
 
 def run_policy(job: tuple[str, str, str, str, float, int]) -> dict[str, Any]:
@@ -45,9 +58,11 @@ def run_policy(job: tuple[str, str, str, str, float, int]) -> dict[str, Any]:
     torch.set_num_threads(1)
     out = Path(out_dir)
     spec = infer_spec(Path(events))
-    cfg = PipelineConfig(publish_interval=publish_interval, delay_policy=policy)
-    converted = load_converted(Path(truth)) if policy == "oracle" else None
-    preds_path = out / f"preds_{policy.replace(':', '_')}.jsonl"
+    name, pconfig = parse_policy(policy)
+    cfg = PipelineConfig(publish_interval=publish_interval, delay_policy=name, policy=pconfig)
+    converted = load_converted(Path(truth)) if name == "oracle" else None
+    safe = "".join(c if c.isalnum() else "_" for c in policy)
+    preds_path = out / f"preds_{safe}.jsonl"
     delays: list[tuple[int, float]] = []
 
     def record(samples: list[CvrSample]) -> None:
@@ -85,6 +100,7 @@ def run_policy(job: tuple[str, str, str, str, float, int]) -> dict[str, Any]:
     }
     if snapshots:
         result["statistic_snapshots"] = snapshots
+    result["delay_report"] = pipe.delay_report(top_n=10)
     print(f"  {policy:<12} {seconds:7.1f} s  ({result['events_per_s']:,.0f} events/s)",
           file=sys.stderr, flush=True)
     return result
@@ -117,8 +133,25 @@ def dispersion_check(rows: list[dict[str, Any]], bursty: set[str]) -> dict[str, 
             "share_at_floor": float(np.mean(waits <= 300.0 + 1e-6)) if waits.size else math.nan,
             "share_at_ceiling": float(np.mean(waits >= 3 * 86400.0 - 1)) if waits.size
             else math.nan,
+            # The confusion table: how many of this kind got which window.
+            "at_floor": int(np.sum(waits <= 300.0 + 1e-6)),
+            "between": int(np.sum((waits > 300.0 + 1e-6) & (waits < 3600.0 * 6))),
+            "long_6h_plus": int(np.sum(waits >= 3600.0 * 6)),
         }
     return out
+
+
+def render_confusion(checks: list[dict[str, Any]]) -> str:
+    """Advertisers by reporting kind and window, summed over the 5-day snapshots."""
+    lines = ["| reporting | advertiser-snapshots | wait 5 min (floor) | 5 min – 6 h | ≥ 6 h |",
+             "|---|---|---|---|---|"]
+    for kind in ("streaming", "bursty"):
+        n = sum(c[kind]["advertisers"] for c in checks)
+        f = sum(c[kind]["at_floor"] for c in checks)
+        b = sum(c[kind]["between"] for c in checks)
+        long_ = sum(c[kind]["long_6h_plus"] for c in checks)
+        lines.append(f"| {kind} | {n} | {f} | {b} | {long_} |")
+    return "\n".join(lines)
 
 
 def svg_plot(results: list[dict[str, Any]], key: str, title: str) -> str:
@@ -169,6 +202,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--ctr", type=float, default=0.1, help="base CTR (more clicks per month)")
     ap.add_argument("--cvr", type=float, default=0.15, help="base CVR of clicks")
     ap.add_argument("--bursty-share", type=float, default=0.3)
+    ap.add_argument("--advertisers", type=int, default=200,
+                    help="advertisers in the world (fewer: more reports per advertiser)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--publish-interval", type=float, default=60.0,
                     help="event seconds between snapshots (1 s is needlessly slow at low rates)")
@@ -206,6 +241,10 @@ def main(argv: list[str] | None = None) -> int:
                        ("bias_bursty", "pCVR bias per day, bursty advertisers")):
         (args.out / f"bias_{key}.svg").write_text(svg_plot(results, key, title))
     print(render(summary["table"]))
+    for r in results:
+        if "dispersion_check" in r:
+            print(f"\n{r['policy']}: advertisers by reporting kind and window (5-day "
+                  f"snapshots)\n{render_confusion(r['dispersion_check'])}")
     return 0
 
 

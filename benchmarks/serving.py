@@ -9,7 +9,12 @@ noise hits both alike. The body is one simulated request with 100 candidates.
     python -m benchmarks.serving --duration 15 --workers 2 --out runs/bench/serving.json
 
 Targets: `minimal` (orjson parse + encode + model), `service` (validation, ranking, metrics,
-no logging), `service+log` (also logs the top k, default 3, as impressions to Kafka).
+no logging), `service+log` (also logs the top k, default 3, as impressions to Kafka), and the
+exploration pair `explore-off` / `explore-on`: the same logged request with `options.explore`
+false / true (Thompson sampling plus Monte Carlo propensities of the top k; the service runs
+with CTRLOOP_EXPLORE_COST_CAP=1 so every explore-on request explores). The published model
+carries a GP posterior (ctrloop/posterior.py) that learned from simulated impressions, so
+every target also pays for the posterior variances it reports.
 """
 
 from __future__ import annotations
@@ -29,12 +34,14 @@ from typing import Any
 
 import httpx
 import numpy as np
+import torch
 
 from ctrloop.events import parse_event
-from ctrloop.features import FeatureSpec
+from ctrloop.features import FeatureEncoder, FeatureSpec
 from ctrloop.kafkaio import create_topics
 from ctrloop.localservers import KafkaBroker, RedisServer, free_port
-from ctrloop.models import build_model
+from ctrloop.models import CTRModel, build_model
+from ctrloop.posterior import LogitPosterior
 from ctrloop.registry import RedisRegistry
 from ctrloop.sim import World, WorldConfig, generate
 from ctrloop.snapshot import encode_snapshot
@@ -52,6 +59,19 @@ def sim_spec(n: int = 5000) -> FeatureSpec:
     imps = [parse_event(ev, "impression") for ev, truth in generate(WorldConfig(), n)
             if truth is not None]
     return FeatureSpec.infer(imps)
+
+
+def with_posterior(model: CTRModel, impressions: int = 20_000) -> CTRModel:
+    """Attach a posterior that learned `impressions` simulated impressions (p = 3%): narrow
+    for popular rows, the prior for new ads, as a served model's would be."""
+    enc = FeatureEncoder(model.spec)
+    imps = [parse_event(ev, "impression") for ev, truth in generate(WorldConfig(), impressions)
+            if truth is not None]
+    rows = torch.from_numpy(enc.encode_many(imps))  # type: ignore[arg-type]
+    post = LogitPosterior(model.spec)
+    post.update(rows, torch.full((rows.shape[0],), 0.03))
+    model.posterior = post
+    return model
 
 
 def score_body(n_candidates: int, log: bool, top_k: int = 10, seed: int = 1) -> dict[str, Any]:
@@ -128,7 +148,8 @@ def main() -> None:
     ap.add_argument("--candidates", type=int, default=100)
     ap.add_argument("--log-top-k", type=int, default=3,
                     help="ads shown (and logged) per request in service+log (the sim shows 1-3)")
-    ap.add_argument("--targets", nargs="+", default=["minimal", "service", "service+log"])
+    ap.add_argument("--targets", nargs="+", default=["minimal", "service", "service+log",
+                                                     "explore-off", "explore-on"])
     ap.add_argument("--out", type=Path, default=Path("runs/bench/serving.json"))
     args = ap.parse_args()
     args.out.parent.mkdir(parents=True, exist_ok=True)
@@ -139,8 +160,12 @@ def main() -> None:
     bodies["plain"].write_bytes(json.dumps(score_body(args.candidates, False)).encode())
     log_body = score_body(args.candidates, True, args.log_top_k)
     bodies["log"].write_bytes(json.dumps(log_body).encode())
+    for on in (False, True):
+        body = {**log_body, "options": {**log_body["options"], "explore": on}}
+        bodies[f"explore-{'on' if on else 'off'}"] = path = work / f"body-explore-{on}.json"
+        path.write_bytes(json.dumps(body).encode())
     spec = sim_spec()
-    model = build_model("fwfm", spec, dim=16)
+    model = with_posterior(build_model("fwfm", spec, dim=16))
     snap_path = work / "model.safetensors"
     with KafkaBroker(work) as kafka, RedisServer(work) as redis_server:
         create_topics(kafka.bootstrap, ["impressions", "clicks", "conversions"])
@@ -150,7 +175,8 @@ def main() -> None:
         registry.publish(version, data, {"samples_seen": 0})
         snap_path.write_bytes(data)
         env = {**os.environ, "CTRLOOP_KAFKA_BOOTSTRAP": kafka.bootstrap,
-               "CTRLOOP_REDIS_URL": redis_server.url, "CTRLOOP_BENCH_SNAPSHOT": str(snap_path)}
+               "CTRLOOP_REDIS_URL": redis_server.url, "CTRLOOP_BENCH_SNAPSHOT": str(snap_path),
+               "CTRLOOP_EXPLORE_COST_CAP": "1"}
         sport, mport = free_port(), free_port()
         svc_cmd = [sys.executable, "-m", "ctrloop.cli", "serve", "--port", str(sport),
                    "--workers", str(args.workers), "--loop", "uvloop", "--http", "httptools"]
@@ -165,7 +191,14 @@ def main() -> None:
                        timeout=30).raise_for_status()
             urls = {"minimal": (f"http://127.0.0.1:{mport}/score", bodies["plain"]),
                     "service": (f"http://127.0.0.1:{sport}/v1/score", bodies["plain"]),
-                    "service+log": (f"http://127.0.0.1:{sport}/v1/score", bodies["log"])}
+                    "service+log": (f"http://127.0.0.1:{sport}/v1/score", bodies["log"]),
+                    "explore-off": (f"http://127.0.0.1:{sport}/v1/score",
+                                    bodies["explore-off"]),
+                    "explore-on": (f"http://127.0.0.1:{sport}/v1/score", bodies["explore-on"])}
+            explored = httpx.post(urls["explore-on"][0], content=bodies["explore-on"].read_bytes(),
+                                  timeout=30).json()
+            if not explored["explored"]:
+                raise RuntimeError(f"explore-on did not explore: {explored['exploration']}")
             for target in args.targets:  # warm every worker's caches
                 run_wrk(urls[target][0], urls[target][1], lua, 8, 3)
             results: dict[str, dict[str, Any]] = {}
@@ -188,6 +221,11 @@ def main() -> None:
         if "minimal" in row:
             for target in row:
                 row[target]["vs_minimal"] = round(row[target]["rps"] / row["minimal"]["rps"], 3)
+        if "explore-on" in row and "explore-off" in row:  # the goal: under 1.2 at p99
+            on, off = row["explore-on"], row["explore-off"]
+            row["explore_on_over_off"] = {"p50": round(on["p50_ms"] / off["p50_ms"], 3),
+                                          "p99": round(on["p99_ms"] / off["p99_ms"], 3),
+                                          "rps": round(on["rps"] / off["rps"], 3)}
     args.out.write_text(json.dumps(summary, indent=2))
     print(json.dumps(summary, indent=2))
 

@@ -100,6 +100,19 @@ def cmd_replay(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_ope(args: argparse.Namespace) -> int:
+    from ctrloop.offpolicy import evaluate_file, render
+
+    result = evaluate_file(args.events, args.target, args.target_file, args.max_weight,
+                           args.click_window, args.confidence)
+    out = result.as_dict()
+    if args.json_out is not None:
+        args.json_out.write_text(json.dumps(out, indent=2))
+    _print_json(out)
+    print(render(result), file=sys.stderr)
+    return 0
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     from trainer.settings import TrainerSettings
     from trainer.streaming import run_trainer
@@ -198,6 +211,40 @@ def cmd_stack(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_delay_report(args: argparse.Namespace) -> int:
+    from ctrloop.delay_report import render_report
+
+    if (args.checkpoint_dir is None) == (args.redis_url is None):
+        raise CtrloopError("delay-report reads one source: --checkpoint-dir (the trainer's "
+                           "checkpoint) or --redis-url (the latest published pCVR record)")
+    if args.checkpoint_dir is not None:
+        from ctrloop.delay_report import report_from_pipeline_state
+        from trainer.checkpoint import load_checkpoint
+
+        state = load_checkpoint(args.checkpoint_dir)
+        if state is None:
+            raise CtrloopError(f"no checkpoint in {args.checkpoint_dir}")
+        report = report_from_pipeline_state(state["pipeline"], args.top)
+    else:
+        from ctrloop.registry import RedisRegistry
+
+        record = RedisRegistry.from_url(args.redis_url, args.namespace).head("pcvr").current()
+        if record is None:
+            raise CtrloopError(f"no pCVR model published under {args.namespace!r} yet")
+        report = record.meta.get("delays")
+        if report is None:
+            raise CtrloopError(f"pCVR version {record.version} carries no delay report "
+                               "(published by a trainer from before the report existed)")
+        # The trainer fixed the top N when it published; a smaller --top only shows fewer.
+        report = {**report, "advertisers": report["advertisers"][:args.top],
+                  "version": record.version}
+    if args.json:
+        _print_json(report)
+    else:
+        print(render_report(report))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="ctrloop",
@@ -231,6 +278,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--summary-out", type=Path, help="write the summary JSON here")
     _learning_flags(p)
     p.set_defaults(func=cmd_replay)
+
+    p = sub.add_parser("ope", help="off-policy evaluation (IPS, SNIPS) of a target policy "
+                                   "over logged impressions and clicks")
+    p.add_argument("--events", type=Path, required=True,
+                   help="JSON Lines events (impressions with position and propensity, clicks)")
+    p.add_argument("--target", choices=["logging", "uniform"], default="logging",
+                   help="logging: the policy that wrote the log (sanity check); uniform: "
+                        "random over the candidates (needs n_candidates on impressions)")
+    p.add_argument("--target-file", type=Path,
+                   help='JSON Lines {"impression_id", "target_propensity"}: any other policy')
+    p.add_argument("--max-weight", type=float, help="clip importance weights at this value")
+    p.add_argument("--click-window", type=float,
+                   help="count only clicks this many seconds after the impression (default all)")
+    p.add_argument("--confidence", type=float, default=0.95, help="CI level (default 0.95)")
+    p.add_argument("--json-out", type=Path, help="also write the JSON result here")
+    p.set_defaults(func=cmd_ope)
 
     p = sub.add_parser("train", help="train from Kafka, publish snapshots to Redis")
     p.add_argument("--kafka-bootstrap", help="host:port (CTRLOOP_KAFKA_BOOTSTRAP)")
@@ -285,6 +348,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-simulator", dest="simulator", action="store_false",
                    help="start the stack without simulated traffic")
     p.set_defaults(func=cmd_stack)
+
+    p = sub.add_parser("delay-report",
+                       help="per advertiser: conversion-delay wait, variance statistic, "
+                            "observed vs history CVR, pCVR calibration")
+    p.add_argument("--checkpoint-dir", type=Path, help="read the trainer's checkpoint here")
+    p.add_argument("--redis-url", help="or read the latest pCVR record from this registry")
+    p.add_argument("--namespace", default="ctrloop", help="registry namespace (default ctrloop)")
+    p.add_argument("--top", type=int, default=20,
+                   help="advertisers by recent clicks shown; the rest pooled (default 20)")
+    p.add_argument("--json", action="store_true", help="the report as JSON")
+    p.set_defaults(func=cmd_delay_report)
     return parser
 
 

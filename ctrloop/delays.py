@@ -60,10 +60,12 @@ is small for advertisers whose delays are short and for ads with a long history,
 new ads of advertisers with long delays (docs/benchmarks.md measures it). `soft_labels=True`
 (off by default) releases an unconverted click with the expected label
 q = h (1 - F(W)) / (1 - h F(W)) instead (h: the advertiser's decayed conversion rate, F: its
-decayed click-to-report delay histogram). Measured, it over-counts: q is fixed at release while
-the posterior of a click that stays unconverted keeps falling, and a non-converting click is
-never corrected back to 0, so the bias flips sign instead of vanishing (+50% on a 5-day
-simulation). Kept as an option for experiments, not used.
+decayed click-to-report delay histogram). Without more, it over-counts (measured +50% on a
+5-day simulation): q is fixed at release while the posterior of a click that stays unconverted
+keeps falling. So a soft-labelled click still unconverted at `settle_s` (3 days) after the click
+is *settled*: a retraction pair (label 0, weight +1) and (label q, weight -1) turns it into a
+negative, and a conversion after that is corrected as usual; every click's net label is then its
+eventual one, as with hard labels. docs/benchmarks.md measures it against hard labels.
 
 **State and memory.** Pending clicks (with their feature rows), remembered released clicks and
 per-advertiser statistics are plain data in `state()`. At most `max_clicks` clicks are held
@@ -71,6 +73,27 @@ per-advertiser statistics are plain data in `state()`. At most `max_clicks` clic
 conversion, if any, will be dropped and counted), and if none is remembered the pending click
 with the earliest deadline is released early with the label it has (counted as `evicted`).
 Orphan conversions (before their click) wait `orphan_ttl` seconds, at most `max_orphans`.
+`state()` also carries the `PolicyConfig`, so a reader of a checkpoint can rebuild the policy.
+
+**Observability.** `key_view(key)` gives a key's current wait and, for `variance`, the statistic
+raw and shrunk and the reports in its window, without side effects; `pool_view()` the pooled
+statistic. `ctrloop/delay_report.py` joins them with the model's calibration over matured
+clicks into a bounded per-advertiser report (published with every pCVR snapshot, exported on
+the service's /metrics, printed by `ctrloop delay-report`).
+
+**Conversion types (designed, not built).** Today every conversion counts for its click
+whatever its `conversion_type`, and the first one decides the label (the simulator emits one
+type, "default"). The design for several types as tasks of one model, after the paper's STEM
+notes: the policy key becomes (advertiser, type), so each type has its own statistic and wait
+(a purchase uploaded in bursts waits; a registration reported live does not); a click is a
+pending sample *per configured type* and is released per type with that type's label, the
+retraction pair being per type too; samples carry a task index; the pCVR model shares the
+FwFM embeddings (plus a small task-specific embedding per type, STEM's "all forward,
+task-specific backward") and has one output per type, the loss of a sample touching only its
+task's output; the snapshot names its tasks, `/v1/score` returns `pcvr` as {type: value} and
+ranks by the type the request names. Missing for that: the task-indexed sample and learner, the
+multi-output model and its snapshot meta, the per-type response schema, and a simulator with
+several types of different delays and rates to measure it on.
 """
 
 from __future__ import annotations
@@ -119,7 +142,8 @@ class PolicyConfig:
     shrink_reports: float = 10.0
     prior_dispersion: float = 8.0  # before any report: assume volatile (wait the ceiling)
     half_life_s: float = 7 * 86_400.0  # of the rate and delay statistics
-    soft_labels: bool = False  # expected labels at release: over-counts, see the docstring
+    soft_labels: bool = False  # expected labels at release, settled at settle_s (docstring)
+    settle_s: float = 3 * 86_400.0  # soft labels: when an unconverted click becomes a 0
 
     def __post_init__(self) -> None:
         if self.remember_s < 0 or self.orphan_ttl < 0:
@@ -132,6 +156,9 @@ class PolicyConfig:
             raise ConfigError("need 1 <= d_lo < d_hi")
         if self.bucket_s <= 0 or self.window_buckets < 2 or self.half_life_s <= 0:
             raise ConfigError("bucket_s, half_life_s must be > 0 and window_buckets >= 2")
+        if self.soft_labels and not 0 <= self.settle_s <= self.remember_s:
+            # A soft label is settled while its click is still remembered, or never.
+            raise ConfigError("need 0 <= settle_s <= remember_s")
 
 
 @dataclass
@@ -147,6 +174,7 @@ class PolicyStats:
     evicted: int = 0
     forgotten_at_cap: int = 0
     release_delay_sum: float = 0.0  # seconds from click to first release, summed
+    settled: int = 0  # soft labels turned into 0 at settle_s (a retraction pair each)
 
 
 # Pending record: [key, click_ts, deadline, payload, conversion_ts or None]
@@ -173,6 +201,7 @@ class DelayPolicy:
         self._done: dict[str, list[Any]] = {}
         self._forget: deque[tuple[float, str]] = deque()
         self._orphans: dict[str, float] = {}
+        self._settle: list[tuple[float, str]] = []  # soft-labelled clicks: (settle at, id)
 
     # --- hooks -------------------------------------------------------------------------
     def _wait(self, key: Hashable, click_ts: float) -> float:
@@ -271,8 +300,23 @@ class DelayPolicy:
             rec = self._pending.pop(iid, None)
             if rec is not None:
                 out.extend(self._release(iid, rec, rec[2]))
+        settle = self._settle
+        while settle and settle[0][0] <= watermark:
+            at, iid = heapq.heappop(settle)
+            done = self._done.get(iid)
+            if done is not None and 0.0 < done[2] < 1.0:
+                out.extend(self._settle_one(iid, done, at))
         self._expire(watermark)
         return out
+
+    def _settle_one(self, iid: str, rec: list[Any], at: float) -> list[CvrSample]:
+        """No conversion by settle_s: the soft label q becomes 0 through a retraction pair, so
+        a click's net label is its eventual one (without this, soft labels over-count)."""
+        key, click_ts, given, payload, _ = rec
+        self.stats.settled += 1
+        rec[2] = 0.0
+        return [CvrSample(iid, click_ts, 0.0, 1.0, payload, at, "settle", key),
+                CvrSample(iid, click_ts, given, -1.0, payload, at, "retract", key)]
 
     def flush(self) -> list[CvrSample]:
         """End of a finite stream: release every pending click with the label it has."""
@@ -301,6 +345,8 @@ class DelayPolicy:
             st.late_conversions += 1
             out.extend(self._late(iid, done, max(at, conv_ts)))
             done[2] = 1.0
+        elif 0.0 < label < 1.0:
+            heapq.heappush(self._settle, (click_ts + self.config.settle_s, iid))
         self._done[iid] = done
         self._forget.append((done[4], iid))
         return out
@@ -362,6 +408,8 @@ class DelayPolicy:
             "orphans": [[k, v] for k, v in self._orphans.items()],
             "stats": asdict(self.stats),
             "extra": self._extra_state(),
+            # Readers of a checkpoint (`ctrloop delay-report`) rebuild the policy with it.
+            "config": asdict(self.config),
         }
 
     def restore(self, state: dict[str, Any]) -> None:
@@ -384,6 +432,9 @@ class DelayPolicy:
             forget_at = float(click_ts) + self.config.remember_s
             self._done[iid] = [key, float(click_ts), float(label), payload, forget_at]
             self._forget.append((forget_at, iid))
+            if 0.0 < float(label) < 1.0:  # the settle queue follows from the soft labels
+                self._settle.append((float(click_ts) + self.config.settle_s, iid))
+        heapq.heapify(self._settle)
         self._orphans = {k: float(v) for k, v in state["orphans"]}
         self.stats = PolicyStats(**state["stats"])
         self._restore_extra(state["extra"])
@@ -393,6 +444,20 @@ class DelayPolicy:
 
     def _restore_extra(self, extra: dict[str, Any]) -> None:
         pass
+
+    # --- observability (ctrloop/delay_report.py builds the bounded report) --------------
+    def stat_keys(self) -> list[Hashable]:
+        """Keys the policy keeps statistics for (none but the variance policy's)."""
+        return []
+
+    def key_view(self, key: Hashable) -> dict[str, Any]:
+        """The current wait of `key` and, for the variance policy, its statistic; no side
+        effects (a report must not create keys or move caches)."""
+        return {"wait_s": self._wait(key, self.watermark), "dispersion": None,
+                "dispersion_shrunk": None, "window_reports": None}
+
+    def pool_view(self) -> dict[str, Any]:
+        return {}
 
     def report(self) -> dict[str, Any]:
         st = self.stats
@@ -660,6 +725,24 @@ class VariancePolicy(DelayPolicy):
                     k, self.wait_for(self.shrunk_dispersion(k))),
             })
         return out
+
+    def stat_keys(self) -> list[Hashable]:
+        return list(self._keys)
+
+    def key_view(self, key: Hashable) -> dict[str, Any]:
+        ks = self._keys.get(key)
+        shrunk = self.shrunk_dispersion(key)
+        # The cached wait is what clicks of this key get until the next bucket.
+        wait = ks.wait if ks is not None and ks.wait >= 0 else self.wait_for(shrunk)
+        return {"wait_s": wait,
+                "dispersion": None if ks is None or math.isnan(ks.dispersion)
+                else ks.dispersion,
+                "dispersion_shrunk": shrunk,
+                "window_reports": 0.0 if ks is None else ks.window_reports}
+
+    def pool_view(self) -> dict[str, Any]:
+        return {"dispersion": self._pool_dispersion,
+                "wait_s": self.wait_for(self._pool_dispersion)}
 
     def report(self) -> dict[str, Any]:
         out = super().report()

@@ -6,7 +6,9 @@ the oracle is the simulator's true CTR on the same impressions: the best any mod
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
+from statistics import NormalDist
 from typing import Any
 
 import numpy as np
@@ -129,3 +131,43 @@ def evaluate_cvr(predictions: Path, truth: Path, skip_s: float = 3 * 86_400.0,
         for k in np.unique(period).tolist() for m in [period == k]
     ]
     return out
+
+
+# Ad-age cohorts for interval coverage (issue 5): (name, min age s, max age s).
+AGE_COHORTS: tuple[tuple[str, float, float], ...] = (
+    ("<1h", 0.0, 3600.0), ("1-6h", 3600.0, 21_600.0), ("6-24h", 21_600.0, 86_400.0),
+    (">1d", 86_400.0, math.inf))
+
+
+def interval_coverage(logit_mean: np.ndarray, logit_std: np.ndarray, true_rate: np.ndarray,
+                      age_s: np.ndarray, levels: tuple[float, ...] = (0.5, 0.9),
+                      cohorts: tuple[tuple[str, float, float], ...] = AGE_COHORTS
+                      ) -> dict[str, Any]:
+    """How often the central posterior intervals of sigmoid(f), f ~ N(mean, std^2), hold the
+    true rate: overall and per ad-age cohort, with the mean interval width (probability scale)
+    and the mean logit std. sigmoid is monotone, so the interval of sigmoid(f) is sigmoid of
+    the logit interval and "inside" can be decided on logits."""
+    z = np.log(true_rate) - np.log1p(-true_rate)
+    err = np.abs(z - logit_mean)
+    quantiles = {lv: NormalDist().inv_cdf(0.5 + lv / 2) for lv in levels}
+
+    def report(mask: np.ndarray) -> dict[str, Any]:
+        out: dict[str, Any] = {"impressions": int(mask.sum())}
+        if not mask.any():
+            return out
+        m, s = logit_mean[mask], logit_std[mask]
+        out["mean_logit_std"] = float(s.mean())
+        for lv, q in quantiles.items():
+            key = f"{round(lv * 100)}"
+            out[f"coverage_{key}"] = float(np.mean(err[mask] <= q * s))
+            out[f"width_{key}"] = float(np.mean(_sigmoid(m + q * s) - _sigmoid(m - q * s)))
+        return out
+
+    result: dict[str, Any] = {"all": report(np.ones(z.shape, dtype=bool))}
+    for name, lo, hi in cohorts:
+        result[name] = report((age_s >= lo) & (age_s < hi))
+    return result
+
+
+def _sigmoid(x: np.ndarray) -> np.ndarray:
+    return 1.0 / (1.0 + np.exp(-x))

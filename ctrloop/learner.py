@@ -7,6 +7,11 @@ forward pass needed for the loss gives them for free.
 Embedding tables (HashEmbedding) update only the rows a minibatch touches, with Adagrad
 (per-coordinate learning rates, the standard choice for online CTR since FTRL-Proximal); the few
 dense parameters (field-pair weights, bias) use Adam.
+
+Given a `LogitPosterior` (ctrloop/posterior.py), every minibatch learned also adds its
+curvature to the posterior, from the same pre-update predictions and sample weights; the
+posterior is attached to the model (`model.posterior`) so that a snapshot of the model carries
+it, and it is part of the learner's checkpoint state.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ import torch
 from ctrloop.errors import ConfigError
 from ctrloop.metrics import ProgressiveMetrics
 from ctrloop.models import MODELS, CTRModel
+from ctrloop.posterior import LogitPosterior
 
 
 @dataclass(frozen=True)
@@ -43,9 +49,12 @@ class LearnerConfig:
 
 
 class OnlineLearner:
-    def __init__(self, model: CTRModel, config: LearnerConfig | None = None) -> None:
+    def __init__(self, model: CTRModel, config: LearnerConfig | None = None,
+                 posterior: LogitPosterior | None = None) -> None:
         self.model = model
         self.config = config or LearnerConfig()
+        self.posterior = posterior
+        model.posterior = posterior
         c = self.config
         self._tables = model.hash_embeddings()
         dense = model.dense_parameters()
@@ -91,7 +100,10 @@ class OnlineLearner:
                 table.step(self.config.sparse_lr)
             if self._dense_opt is not None:
                 self._dense_opt.step()
-            preds[start:start + bs] = torch.sigmoid(logits.detach()).numpy()
+            p = torch.sigmoid(logits.detach())
+            if self.posterior is not None:
+                self.posterior.update(x, p, None if w_all is None else w_all[start:start + bs])
+            preds[start:start + bs] = p.numpy()
         if weights is None:
             self.metrics.add(labels, preds)
             self.samples_seen += n
@@ -121,6 +133,7 @@ class OnlineLearner:
             "dense_opt": self._dense_opt.state_dict() if self._dense_opt else None,
             "samples_seen": self.samples_seen,
             "positives_seen": self.positives_seen,
+            **({"posterior": self.posterior.state_dict()} if self.posterior is not None else {}),
         })
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -132,3 +145,6 @@ class OnlineLearner:
             self._dense_opt.load_state_dict(copy.deepcopy(state["dense_opt"]))
         self.samples_seen = int(state["samples_seen"])
         self.positives_seen = int(state["positives_seen"])
+        # A checkpoint from before the posterior leaves it fresh (prior everywhere).
+        if self.posterior is not None and "posterior" in state:
+            self.posterior.load_state_dict(state["posterior"])

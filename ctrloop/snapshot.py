@@ -3,6 +3,11 @@
 safetensors holds only tensors and a string map, so loading a snapshot can never execute code
 (unlike pickle); the spec, architecture and metadata travel as JSON in that map. A snapshot is
 identified by its version and verified by the SHA-256 of its bytes.
+
+A pCTR snapshot may also carry the GP posterior over the logit (ctrloop/posterior.py): one
+float32 per embedding row under `posterior.*` and its priors in the header's "posterior". A
+snapshot without one still loads (`model.posterior is None`). A reader from before the
+posterior refuses a snapshot with one (unexpected weights) and keeps serving what it had.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ from ctrloop.errors import ConfigError, FeatureSpecError, SnapshotError
 from ctrloop.features import FeatureSpec
 from ctrloop.models import CTRModel, build_model
 from ctrloop.models.base import inference_only
+from ctrloop.posterior import LogitPosterior
 
 FORMAT = "ctrloop-snapshot/1"
 
@@ -34,6 +40,7 @@ class Snapshot:
     spec: FeatureSpec
     tensors: dict[str, torch.Tensor]
     meta: dict[str, Any]
+    posterior: LogitPosterior | None = None
 
 
 def checksum(data: bytes) -> str:
@@ -51,6 +58,9 @@ def encode_snapshot(model: CTRModel, version: int, meta: dict[str, Any] | None =
         "meta": meta or {},
     }
     tensors = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    if model.posterior is not None:
+        header["posterior"] = model.posterior.snapshot_header()
+        tensors.update(model.posterior.snapshot_tensors())
     return st_save(tensors, metadata={"ctrloop": json.dumps(header)})
 
 
@@ -83,8 +93,14 @@ def decode_snapshot(data: bytes) -> Snapshot:
         spec = FeatureSpec.from_dict(header["spec"])
         if spec.hash != header.get("spec_hash"):
             raise SnapshotError("snapshot's feature spec does not match its recorded hash")
+        posterior = None
+        extra = {k: tensors.pop(k) for k in [k for k in tensors if k.startswith("posterior.")]}
+        if header.get("posterior") is not None:
+            posterior = LogitPosterior.from_snapshot(spec, header["posterior"], extra)
+        elif extra:
+            raise SnapshotError("snapshot has posterior tensors but no posterior header")
         return Snapshot(int(header["version"]), str(header["model"]), dict(header["hparams"]),
-                        spec, tensors, dict(header.get("meta", {})))
+                        spec, tensors, dict(header.get("meta", {})), posterior)
     except (KeyError, TypeError, ValueError, FeatureSpecError) as e:
         raise SnapshotError(f"malformed snapshot header ({type(e).__name__}: {e})") from None
 
@@ -100,4 +116,5 @@ def build_from_snapshot(snap: Snapshot, inference: bool = False) -> CTRModel:
         model.load_state_dict(snap.tensors, strict=True, assign=inference)
     except (ConfigError, RuntimeError) as e:
         raise SnapshotError(f"snapshot weights do not fit model {snap.model_name!r}: {e}") from None
+    model.posterior = snap.posterior  # read-only at serving; shared by every build of `snap`
     return model.eval()

@@ -35,6 +35,14 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from ctrloop.errors import InvalidEvent, RegistryError
 from ctrloop.events import encode_event, event_type, parse_event
+from ctrloop.exploration import (
+    ExplorationBudget,
+    JointPosterior,
+    expected_pctr,
+    exploration_cost,
+    generator,
+    thompson_rank,
+)
 from ctrloop.registry import ModelRegistry, RedisRegistry
 from service.metrics import CONTENT_TYPE, Metrics, render
 from service.reloader import ModelHolder, Reloader
@@ -48,6 +56,7 @@ from service.schemas import (
     ScoreResponse,
     check_feature_names,
 )
+from service.scoring import Prediction
 from service.settings import ServiceSettings
 from service.sink import EventSink, SinkUnavailable
 
@@ -217,6 +226,9 @@ class ServiceState:
         self.ready = False
         self.started_at = time.time()
         self.requests = 0
+        # Per worker: each process bounds its own exploration cost (no shared state to lock).
+        self.budget = ExplorationBudget(cost_cap=settings.explore_cost_cap,
+                                        max_share=settings.explore_max_share)
         # Which process answered: with several workers, versions only increase per process.
         self.worker_header = {"x-ctrloop-worker": str(os.getpid())}
 
@@ -230,6 +242,8 @@ class ServiceState:
             meta = served.record.meta
             m.model_samples.set(meta.get("samples_seen", 0))
             m.trainer_dead_lettered.set(meta.get("trainer", {}).get("dead_lettered", 0))
+        cvr_record = getattr(served, "cvr_record", None)
+        m.delays.update(cvr_record.meta.get("delays") if cvr_record is not None else None)
 
     def _failed(self, reason: str) -> None:
         self.metrics.reload_failures.labels(reason).inc()
@@ -375,41 +389,81 @@ def _score(state: ServiceState, req: ScoreRequest, topic: str,
     user_id = req["user_id"]
     cands = [(c["ad_id"], c["advertiser_id"], c.get("features") or {}) for c in candidates]
     rank_by = opts.get("rank_by", "bid_pctr")
-    pctr, pcvr = served.predict(shared, user_id, cands)
+    pred = served.predict_full(shared, user_id, cands,
+                               with_variance=served.posterior is not None)
+    pctr, pcvr = pred.pctr, pred.pcvr
+    weights = None
     if rank_by == "pctr":
         value = pctr
     else:
-        value = pctr * np.array([c.get("bid") or 1.0 for c in candidates])
+        weights = np.array([c.get("bid") or 1.0 for c in candidates])
         if rank_by == "bid_pctr_pcvr":
             if pcvr is None:
                 return _error(422, f"rank_by bid_pctr_pcvr needs a pCVR model, and version "
                                    f"{served.version} has none; use bid_pctr")
-            value = value * pcvr
-    order = np.argsort(-value, kind="stable")
+            weights = weights * pcvr
+        value = pctr * weights
+    explore = _explore_decision(state, opts.get("explore", False), pred)
+    seed = opts.get("seed")
+    info: dict[str, Any] = {"reason": explore}
+    tr = None
+    if explore == "explored":
+        assert pred.logit is not None and pred.rows is not None and pred.row_var is not None
+        post = JointPosterior.from_rows(pred.logit, pred.rows, pred.row_var)
+        tr = thompson_rank(post, weights=weights, propensity_ranks=top_k or 0,
+                           draws=settings.explore_draws, rng=generator(seed))
+        order = tr.order
+        cost = exploration_cost(value, order, top_k or 1)
+        state.budget.record(cost)
+        state.metrics.explore_cost.observe(cost)
+        info.update(draws=tr.draws, seed=seed, cost=cost)
+        score_l = tr.scores.tolist()
+    else:
+        order = np.argsort(-value, kind="stable")
+        score_l = value.tolist()
+    state.metrics.explore_decisions.labels(explore).inc()
+    if explore in _ELIGIBLE:
+        state.metrics.explore_cost_avg.set(state.budget.avg_cost)
     if top_k is not None:
         order = order[:top_k]
     request_id = req.get("request_id") or _new_id()
-    pctr_l, value_l = pctr.tolist(), value.tolist()
-    # Deterministic ranking: the ad at each rank was chosen with probability 1.
-    propensity = 1.0
-    out = [{"ad_id": cands[j][0], "rank": rank, "pctr": pctr_l[j], "score": value_l[j],
-            "propensity": propensity} for rank, j in enumerate(order.tolist(), start=1)]
+    pctr_l = pctr.tolist()
+    order_l = order.tolist()
+    if tr is None:
+        # Deterministic ranking: the ad at each rank was chosen with probability 1.
+        props: list[float | None] = [1.0] * len(order_l)
+    elif tr.propensities is None:
+        props = [None] * len(order_l)  # no top_k: no shown ranks to estimate
+    else:
+        props = tr.propensities.tolist()
+    out = [{"ad_id": cands[j][0], "rank": rank, "pctr": pctr_l[j], "score": score_l[j],
+            "propensity": p} for rank, (j, p) in enumerate(zip(order_l, props, strict=True),
+                                                         start=1)]
     if pcvr is not None:
         pcvr_l = pcvr.tolist()
-        for item, j in zip(out, order.tolist(), strict=True):
+        for item, j in zip(out, order_l, strict=True):
             item["pcvr"] = pcvr_l[j]
+    if pred.row_var is not None and pred.logit is not None:
+        var = pred.row_var.sum(axis=1, dtype=np.float64)
+        mean_l = expected_pctr(pred.logit, var).tolist()
+        std_l = np.sqrt(var).tolist()
+        sample_l = None if tr is None else (1.0 / (1.0 + np.exp(-tr.logits))).tolist()
+        for item, j in zip(out, order_l, strict=True):
+            item["pctr_mean"], item["logit_std"] = mean_l[j], std_l[j]
+            if sample_l is not None:
+                item["pctr_sample"] = sample_l[j]
     records = []
     if log_on:
         ts = req.get("ts") or time.time()
         serial = request_id if "request_id" not in req else _new_id()
         version = served.version
-        for item in out:
-            _, advertiser_id, features = cands[order[item["rank"] - 1]]
+        for item, j in zip(out, order_l, strict=True):
+            _, advertiser_id, features = cands[j]
             imp_id = item["impression_id"] = f"{serial}.{item['rank']}"
             event = {"impression_id": imp_id, "ts": ts, "user_id": user_id,
                      "ad_id": item["ad_id"], "advertiser_id": advertiser_id,
                      "features": {**shared, **features}, "position": item["rank"],
-                     "model_version": version, "propensity": propensity,
+                     "model_version": version, "propensity": item["propensity"],
                      "request_id": request_id}
             records.append((topic, imp_id.encode(), orjson.dumps(event)))
     logged = bool(records) and state.sink is not None and state.sink.log(records)
@@ -419,8 +473,27 @@ def _score(state: ServiceState, req: ScoreRequest, topic: str,
     if served.encoder is not None and state.requests % REMEMBER_EVERY == 0:
         state.holder.remember_rows(served.encoder.encode_request(shared, user_id, cands[:8]))
     return _json(200, {"request_id": request_id, "model_version": served.version,
-                       "model_status": served.status, "explored": False,
-                       "logged": logged, "candidates": out}, state.worker_header)
+                       "model_status": served.status, "explored": tr is not None,
+                       "exploration": info, "logged": logged, "candidates": out},
+                 state.worker_header)
+
+
+# Decisions where the request asked to explore and the model could: they count toward the
+# running cost that CTRLOOP_EXPLORE_COST_CAP bounds.
+_ELIGIBLE = frozenset({"explored", "cost_cap", "share_cap"})
+
+
+def _explore_decision(state: ServiceState, asked: bool, pred: Prediction) -> str:
+    if not asked:
+        return "not_requested"
+    if not state.settings.explore:
+        return "disabled"
+    if pred.row_var is None:
+        return "no_posterior"
+    decision = state.budget.admit()
+    if decision != "explored":
+        state.budget.record(0.0)
+    return decision
 
 
 # ---------------------------------------------------------------------------- /v1/events

@@ -9,6 +9,9 @@ worker answers it.
 from __future__ import annotations
 
 import os
+import threading
+from collections.abc import Iterator
+from typing import Any
 
 from prometheus_client import CONTENT_TYPE_LATEST as CONTENT_TYPE
 from prometheus_client import (
@@ -19,6 +22,8 @@ from prometheus_client import (
     generate_latest,
     multiprocess,
 )
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
 
 __all__ = ["CONTENT_TYPE", "Metrics", "render"]
 
@@ -127,11 +132,91 @@ class Metrics:
             "Impressions from /v1/score lost (queue full or delivery failed)",
             registry=reg,
         )
+        # Exploration (docs/exploration.md): the share is explored / all decisions.
+        self.explore_decisions = Counter(
+            "ctrloop_explore_decisions",
+            "Score requests by ranking used: explored, or why not (not_requested, disabled, "
+            "no_posterior, cost_cap, share_cap)",
+            ["decision"],
+            registry=reg,
+        )
+        self.explore_cost = Histogram(
+            "ctrloop_explore_cost",
+            "Per explored request: 1 - mean-model value of the explored top k / of the greedy "
+            "top k",
+            buckets=(0.0, 0.001, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0),
+            registry=reg,
+        )
+        self.explore_cost_avg = Gauge(
+            "ctrloop_explore_cost_running_avg",
+            "Running average exploration cost over requests asking to explore (what "
+            "CTRLOOP_EXPLORE_COST_CAP bounds); the highest worker's",
+            multiprocess_mode="max",
+            registry=reg,
+        )
+        self.delays = DelayGauges()
+        reg.register(self.delays)
+
+
+# (metric name, help, report field): one gauge per field, labelled by advertiser.
+_DELAY_GAUGES = (
+    ("ctrloop_delay_wait_seconds", "Current conversion-delay wait of the advertiser's clicks",
+     "wait_s"),
+    ("ctrloop_delay_dispersion", "Index of dispersion of conversion reports (raw)",
+     "dispersion"),
+    ("ctrloop_delay_dispersion_shrunk", "Index of dispersion shrunk toward the pool",
+     "dispersion_shrunk"),
+    ("ctrloop_delay_window_reports", "Conversion reports in the statistic's window",
+     "window_reports"),
+    ("ctrloop_delay_clicks_recent", "Clicks, decayed (the ranking of the top N)",
+     "clicks_recent"),
+    ("ctrloop_cvr_observed", "Conversions per click over recent matured clicks",
+     "observed_cvr"),
+    ("ctrloop_cvr_history", "Conversions per click over every matured click", "history_cvr"),
+    ("ctrloop_pcvr_calibration", "Sum pCVR / sum conversions over recent matured clicks",
+     "calibration"),
+)
+
+
+class DelayGauges(Collector):
+    """Per-advertiser gauges of the delay policy, from the served pCVR head's record.
+
+    Built at scrape time from the last report (`update`), not kept as labelled Gauge children:
+    the label set is exactly the report's top N advertisers plus `_other` and `_total`, and an
+    advertiser that left the top N disappears instead of lingering (labelled children would
+    stay forever, and in multiprocess mode their files too). Fields that are null (no matured
+    click yet, a policy without a statistic) are left out rather than exported as NaN.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._report: dict[str, Any] | None = None
+
+    def update(self, report: dict[str, Any] | None) -> None:
+        with self._lock:
+            self._report = report
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        with self._lock:
+            report = self._report
+        if not report:
+            return
+        rows = [*report.get("advertisers", [])]
+        rows += [report[k] for k in ("other", "total") if report.get(k)]
+        for name, help_, field_ in _DELAY_GAUGES:
+            g = GaugeMetricFamily(name, help_, labels=["advertiser"])
+            for r in rows:
+                v = r.get(field_)
+                if v is not None:
+                    g.add_metric([str(r["advertiser"])], float(v))
+            yield g
 
 
 def render(metrics: Metrics) -> bytes:
     if "PROMETHEUS_MULTIPROC_DIR" in os.environ:
         reg = CollectorRegistry()
         multiprocess.MultiProcessCollector(reg)
+        # Per process by design: the report travels with the model this worker serves.
+        reg.register(metrics.delays)
         return generate_latest(reg)
     return generate_latest(metrics.registry)

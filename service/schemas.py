@@ -71,6 +71,8 @@ _SCORE_EXAMPLE: dict[str, Any] = {
     ],
     "options": {"top_k": 1, "log": True},
 }
+_EXPLORE_EXAMPLE: dict[str, Any] = {
+    **_SCORE_EXAMPLE, "options": {"top_k": 1, "log": True, "explore": True, "seed": 7}}
 
 
 # Requests are TypedDicts, not BaseModels: validating 100 candidates into plain dicts measured
@@ -88,7 +90,11 @@ class Candidate(TypedDict):
 @with_config(_STRICT)
 class ScoreOptions(TypedDict, total=False):
     explore: bool
-    """rank by a posterior sample (exploration) where the model has one; default false"""
+    """rank by a Thompson sample from the model's posterior (exploration) where the model has
+    one and the service allows it; default false (rank by the posterior mean)"""
+    seed: Annotated[int, Field(ge=0, le=2**63 - 1)] | None
+    """seeds this request's posterior draws: the same request, model and seed give the same
+    ranking and propensities; default random"""
     top_k: Annotated[int, Field(ge=1, le=HARD_MAX_CANDIDATES)] | None
     """return (and log) only the k best; default all candidates"""
     log: bool
@@ -100,7 +106,7 @@ class ScoreOptions(TypedDict, total=False):
 
 @with_config(ConfigDict(extra="forbid", allow_inf_nan=False, use_attribute_docstrings=True,
                         strict=True,
-                        json_schema_extra={"examples": [_SCORE_EXAMPLE]}))
+                        json_schema_extra={"examples": [_SCORE_EXAMPLE, _EXPLORE_EXAMPLE]}))
 class ScoreRequest(TypedDict):
     request_id: NotRequired[Id | None]
     """echoed back; generated when absent"""
@@ -138,13 +144,33 @@ class ScoredCandidate(BaseModel):
     score: float = Field(description="the ranking value (bid x pCTR by default)")
     impression_id: str | None = Field(None, description="with options.log: report clicks and "
                                                         "conversions with this id")
-    propensity: float | None = Field(None, description="P(this ad at this rank) under the "
-                                                       "serving policy, when known")
-    # Filled by later releases: pCVR and the posterior used by exploration.
-    pcvr: float | None = None
-    pctr_mean: float | None = None
-    pctr_std: float | None = None
-    pctr_sample: float | None = None
+    propensity: float | None = Field(
+        None, description="P(this ad at this rank) under the serving policy: 1 for the "
+                          "mean ranking; a Monte Carlo estimate over posterior draws for an "
+                          "explored one (given for the top_k ranks; null without top_k)")
+    pcvr: float | None = Field(None, description="P(conversion | click), with a pCVR model")
+    pctr_mean: float | None = Field(
+        None, description="posterior mean of the click probability, E[sigmoid(f)] (probit "
+                          "approximation); with a posterior")
+    logit_std: float | None = Field(
+        None, description="posterior standard deviation of the CTR logit f; with a posterior")
+    pctr_sample: float | None = Field(
+        None, description="sigmoid of the sampled logit that ranked this ad; when explored")
+
+
+class Exploration(BaseModel):
+    reason: Literal["explored", "not_requested", "disabled", "no_posterior", "cost_cap",
+                    "share_cap"] = Field(
+        description="explored, or why the posterior mean ranked: not_requested "
+                    "(options.explore false), disabled (CTRLOOP_EXPLORE=false), no_posterior "
+                    "(prior, or a model published without one), cost_cap (the running "
+                    "exploration cost reached CTRLOOP_EXPLORE_COST_CAP), share_cap "
+                    "(CTRLOOP_EXPLORE_MAX_SHARE)")
+    draws: int | None = Field(None, description="posterior draws behind the propensities")
+    seed: int | None = Field(None, description="options.seed, when given")
+    cost: float | None = Field(
+        None, description="1 - mean-model value of the explored top k / of the greedy top k "
+                          "(k = top_k, or 1)")
 
 
 class ScoreResponse(BaseModel):
@@ -152,15 +178,24 @@ class ScoreResponse(BaseModel):
     model_version: str = Field(description='the version that scored every candidate; "prior" '
                                            "before the first model is loaded")
     model_status: Literal["prior", "trained", "pinned"]
-    explored: bool = Field(description="whether the ranking used posterior samples")
+    explored: bool = Field(description="whether the ranking used a posterior sample")
+    exploration: Exploration
     logged: bool = Field(description="whether impressions were queued to Kafka")
     candidates: list[ScoredCandidate]
 
     model_config = ConfigDict(json_schema_extra={"examples": [{
         "request_id": "3f2a9c", "model_version": "42", "model_status": "trained",
-        "explored": False, "logged": True,
+        "explored": False, "exploration": {"reason": "not_requested"}, "logged": True,
         "candidates": [{"ad_id": "a77", "rank": 1, "pctr": 0.031, "score": 0.0558,
-                        "impression_id": "3f2a9c.1", "propensity": 1.0}]}]})
+                        "impression_id": "3f2a9c.1", "propensity": 1.0,
+                        "pctr_mean": 0.033, "logit_std": 0.41}]}, {
+        "request_id": "3f2a9d", "model_version": "42", "model_status": "trained",
+        "explored": True,
+        "exploration": {"reason": "explored", "draws": 128, "seed": 7, "cost": 0.12},
+        "logged": True,
+        "candidates": [{"ad_id": "a78", "rank": 1, "pctr": 0.024, "score": 0.0612,
+                        "impression_id": "3f2a9d.1", "propensity": 0.27,
+                        "pctr_mean": 0.041, "logit_std": 1.35, "pctr_sample": 0.068}]}]})
 
 
 class ImpressionEvent(BaseModel):

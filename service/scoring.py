@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 
 import numpy as np
 import torch
@@ -23,6 +23,23 @@ from ctrloop.snapshot import build_from_snapshot, checksum, decode_snapshot
 
 Status = Literal["prior", "trained", "pinned"]
 WARMUP_ROWS = 64
+
+
+class RowPosterior(Protocol):
+    """What the service needs of ctrloop.posterior.LogitPosterior."""
+
+    def row_variance(self, rows: torch.Tensor) -> torch.Tensor:
+        """[B, F] posterior variance of each embedding row a candidate uses."""
+        ...
+
+
+@dataclass(frozen=True)
+class Prediction:
+    pctr: np.ndarray  # [C] sigmoid of the logit (the posterior mean's)
+    pcvr: np.ndarray | None = None
+    logit: np.ndarray | None = None  # [C] posterior mean of the logit; None for the prior
+    rows: np.ndarray | None = None  # [C, F] the encoded rows that were scored
+    row_var: np.ndarray | None = None  # [C, F] their posterior variances, when asked and known
 
 
 @dataclass(frozen=True)
@@ -47,6 +64,12 @@ class ServedModel:
         """The registry version, 0 for the prior."""
         return 0 if self.record is None else self.record.version
 
+    @property
+    def posterior(self) -> RowPosterior | None:
+        """The GP posterior of the logit published with this model; None for the prior and
+        for snapshots from before exploration (ranked by the mean only)."""
+        return None if self.model is None else getattr(self.model, "posterior", None)
+
     def pctr(self, shared: dict[str, Any], user_id: str,
              candidates: list[tuple[str, str, dict[str, Any]]]) -> np.ndarray:
         return self.predict(shared, user_id, candidates, with_cvr=False)[0]
@@ -55,14 +78,27 @@ class ServedModel:
                 candidates: list[tuple[str, str, dict[str, Any]]], with_cvr: bool = True
                 ) -> tuple[np.ndarray, np.ndarray | None]:
         """pCTR per candidate and, when a pCVR head is loaded, pCVR (same encoded rows)."""
+        p = self.predict_full(shared, user_id, candidates, with_cvr=with_cvr)
+        return p.pctr, p.pcvr
+
+    def predict_full(self, shared: dict[str, Any], user_id: str,
+                     candidates: list[tuple[str, str, dict[str, Any]]], *,
+                     with_cvr: bool = True, with_variance: bool = False) -> Prediction:
+        """Everything one request needs from the model: pCTR (and its logit), pCVR when a
+        head is loaded, and with `with_variance` and a posterior, each row's posterior
+        variance (all from the same encoded rows)."""
         if self.model is None or self.encoder is None:
-            return np.full(len(candidates), self.prior_ctr), None
-        rows = torch.from_numpy(self.encoder.encode_request(shared, user_id, candidates))
+            return Prediction(np.full(len(candidates), self.prior_ctr))
+        rows_np = self.encoder.encode_request(shared, user_id, candidates)
+        rows = torch.from_numpy(rows_np)
+        posterior = self.posterior if with_variance else None
         with torch.inference_mode():
-            pctr = torch.sigmoid(self.model(rows)).double().numpy()
+            logit = self.model(rows)
+            pctr = torch.sigmoid(logit).double().numpy()
             pcvr = (torch.sigmoid(self.cvr(rows)).double().numpy()
                     if with_cvr and self.cvr is not None else None)
-        return pctr, pcvr
+            row_var = None if posterior is None else posterior.row_variance(rows).numpy()
+        return Prediction(pctr, pcvr, logit.double().numpy(), rows_np, row_var)
 
     def describe(self) -> dict[str, Any]:
         d: dict[str, Any] = {"version": self.version, "status": self.status,
@@ -131,6 +167,14 @@ def load_verified(data: bytes, record: ModelRecord, expected_spec: FeatureSpec |
     if out.shape != (rows.shape[0],) or not bool(torch.isfinite(out).all()):
         raise SnapshotError(f"version {record.version}: non-finite or misshapen outputs on "
                             "warm-up inputs")
+    posterior = getattr(model, "posterior", None)
+    if posterior is not None:
+        # A NaN or negative variance would turn every explored ranking into noise or errors.
+        with torch.inference_mode():
+            var = posterior.row_variance(rows)
+        if var.shape != rows.shape or not bool((torch.isfinite(var) & (var >= 0)).all()):
+            raise SnapshotError(f"version {record.version}: the posterior gives non-finite, "
+                                "negative or misshapen variances on warm-up inputs")
     if encoder is None or encoder.spec.hash != snap.spec.hash:
         encoder = FeatureEncoder(snap.spec)  # same spec: keep the warm per-field hash caches
     return ServedModel(str(record.version), status, model, encoder, prior_ctr, record,

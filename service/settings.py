@@ -31,6 +31,18 @@ class ServiceSettings(ConnectionSettings):
         None, min_length=8, description="bearer token of /v1/admin/*; unset: admin disabled")
     log_impressions: bool = Field(True, description="allow options.log (needs Kafka)")
     explore: bool = Field(True, description="allow options.explore (global switch)")
+    # 128 = ctrloop.exploration.DEFAULT_DRAWS (a test keeps them equal); importing it here
+    # would import torch into every reader of the settings.
+    explore_draws: int = Field(
+        128, ge=16, le=10_000,
+        description="posterior draws per explored request for the propensities of its top_k")
+    explore_cost_cap: float = Field(
+        0.1, ge=0, le=1,
+        description="explored requests fall back to the mean ranking while the running average "
+                    "exploration cost (share of the greedy top_k's expected value) is at or "
+                    "above this; 1: no cap")
+    explore_max_share: float = Field(
+        1.0, ge=0, le=1, description="at most this share of requests asking to explore do")
 
     @field_validator("admin_token", mode="before")
     @classmethod

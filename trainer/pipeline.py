@@ -33,6 +33,7 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 
+from ctrloop.delay_report import DEFAULT_TOP_N, CvrMonitor, MonitorConfig, delay_report
 from ctrloop.delays import CvrSample, DelayPolicy, PolicyConfig, build_policy
 from ctrloop.errors import ConfigError
 from ctrloop.events import Click, Conversion, Event, Impression
@@ -41,6 +42,7 @@ from ctrloop.joining import Joiner, JoinerConfig, Sample, WatermarkTracker
 from ctrloop.learner import LearnerConfig, OnlineLearner
 from ctrloop.metrics import ProgressiveMetrics
 from ctrloop.models import build_model
+from ctrloop.posterior import LogitPosterior, PosteriorConfig
 
 PRIOR_VERSION = "0"
 
@@ -57,6 +59,11 @@ class PipelineConfig:
     delay_policy: str = "variance"
     policy: PolicyConfig = field(default_factory=PolicyConfig)
     cvr_learner: LearnerConfig | None = None
+    # The GP posterior over the pCTR logit (ctrloop/posterior.py; None: no posterior). The
+    # pCVR head has none: exploration ranks by pCTR.
+    posterior: PosteriorConfig | None = field(default_factory=PosteriorConfig)
+    # Per-advertiser calibration over matured clicks (ctrloop/delay_report.py).
+    monitor: MonitorConfig = field(default_factory=MonitorConfig)
 
     def __post_init__(self) -> None:
         if not self.publish_interval > 0:
@@ -112,16 +119,23 @@ class Pipeline:
     def __init__(self, spec: FeatureSpec, config: PipelineConfig | None = None,
                  publisher: Publisher | None = None, served: ServedSink | None = None,
                  seed: int = 0, served_cvr: ServedSink | None = None,
-                 converted: Collection[str] | None = None) -> None:
+                 converted: Collection[str] | None = None,
+                 served_var: ServedSink | None = None) -> None:
         """`served_cvr` receives the pCVR of every impression (same ids and version as
-        `served`, called just before it); `converted` is the truth the oracle policy reads."""
+        `served`, called just before it); `converted` is the truth the oracle policy reads;
+        `served_var` receives the posterior's per-field variances of every impression's logit
+        (float32 [B, F], `LogitPosterior.row_variance`; sum a row for Sigma(x)), also just
+        before `served` (not called without a posterior)."""
         self.config = config or PipelineConfig()
         torch.manual_seed(seed)
         self.spec = spec
         self.encoder = FeatureEncoder(spec)
         self.joiner = Joiner(self.config.joiner)
         lc = self.config.learner
-        self.learner = OnlineLearner(build_model(lc.model, spec, **lc.hparams), lc)
+        posterior = (LogitPosterior(spec, self.config.posterior)
+                     if self.config.posterior is not None else None)
+        self.learner = OnlineLearner(build_model(lc.model, spec, **lc.hparams), lc, posterior)
+        self.served_var = served_var
         # Built after the pCTR model, so the pCTR initialisation is what it was without pCVR.
         cc = self.config.cvr_learner or lc
         cvr_hparams = dict(cc.hparams)
@@ -135,6 +149,10 @@ class Pipeline:
         self._adv_slot = names.index(ADVERTISER_FIELD) if ADVERTISER_FIELD in names else None
         self.advertiser_names: dict[int, str] = {}  # policy key -> advertiser id(s), for reports
         self._cvr_ready: list[CvrSample] = []
+        self.cvr_monitor = CvrMonitor(self.config.monitor)
+        # Clicks waiting for their served pCVR: scored in one batch at the next tick, with the
+        # weights of the last published snapshot (they only change at ticks).
+        self._unscored_clicks: list[tuple[str, int, float, list[int]]] = []
         # Observability/benchmark hook: sees every pCVR sample as it is learned.
         self.on_cvr_samples: Callable[[list[CvrSample]], None] | None = None
         self.tracker = WatermarkTracker(self.config.allowed_lateness)
@@ -180,6 +198,7 @@ class Pipeline:
             self.stats.conversions += 1
             self._cvr_ready.extend(self.cvr_policy.add_conversion(event.impression_id,
                                                                    event.ts))
+            self.cvr_monitor.add_conversion(event.impression_id, event.ts)
             return
         else:
             raise TypeError(f"not an event: {event!r}")
@@ -197,6 +216,26 @@ class Pipeline:
                 key = s.payload[slot] if slot is not None else 0
                 self._cvr_ready.extend(policy.add_click(s.impression_id, key, s.label_ts,
                                                         s.payload))
+                self.cvr_monitor.add_click(s.impression_id, key, s.label_ts)
+                self._unscored_clicks.append((s.impression_id, key, s.label_ts, s.payload))
+
+    def _score_clicks(self) -> None:
+        """The monitor's pCVR of each click: what the served model said (before learning)."""
+        clicks = self._unscored_clicks
+        if not clicks:
+            return
+        self._unscored_clicks = []
+        preds = self.cvr_learner.predict(np.asarray([c[3] for c in clicks], dtype=np.int64))
+        monitor = self.cvr_monitor
+        for (_, key, ts, _), p in zip(clicks, preds.tolist(), strict=True):
+            monitor.add_pcvr(key, ts, p)
+
+    def delay_report(self, top_n: int = DEFAULT_TOP_N) -> dict[str, Any]:
+        """Per advertiser (top `top_n` by recent clicks, the rest pooled): the policy's wait
+        and statistic, observed vs history CVR and the pCVR calibration over matured clicks."""
+        return delay_report(self.cvr_policy, self.cvr_monitor,
+                            lambda k: self.advertiser_names.get(k, str(k)),  # type: ignore
+                            top_n)
 
     def _name_advertiser(self, key: int, advertiser_id: str) -> None:
         # Keys are hashed advertiser ids (the model's own bucket, so colliding advertisers
@@ -216,6 +255,8 @@ class Pipeline:
         watermark = clock - self.config.allowed_lateness
         self._ready.extend(self.joiner.advance(watermark))
         self._cvr_ready.extend(self.cvr_policy.advance(watermark))
+        self._score_clicks()
+        self.cvr_monitor.advance(watermark)
         self._learn_ready()
         self._learn_cvr_ready()
         self._publish(clock)
@@ -227,6 +268,7 @@ class Pipeline:
         self._score_unscored()
         self._ready.extend(self.joiner.flush())
         self._cvr_ready.extend(self.cvr_policy.flush())
+        self._score_clicks()
         self._learn_ready()
         self._learn_cvr_ready()
         self._publish(self.tracker.clock)
@@ -240,6 +282,10 @@ class Pipeline:
         if self.served_cvr is not None:
             self.served_cvr(self._unscored_ids, self.cvr_learner.predict(rows),
                             self.model_version)
+        posterior = self.learner.posterior
+        if self.served_var is not None and posterior is not None:
+            self.served_var(self._unscored_ids, posterior.row_variance(
+                torch.from_numpy(rows)).numpy(), self.model_version)
         self.served(self._unscored_ids, preds, self.model_version)
         self._unscored_ids = []
         self._unscored_rows = []
@@ -260,6 +306,9 @@ class Pipeline:
                 return
         rows = np.asarray([s.payload for s in ready], dtype=np.int64)
         labels = np.fromiter((s.label for s in ready), dtype=np.float32, count=len(ready))
+        if self.learner.posterior is not None:
+            # Evidence fades with event time; a tick's samples all count as of its clock.
+            self.learner.posterior.advance(self.tracker.clock)
         self.learner.learn(rows, labels)
         st = self.stats
         st.learned += len(ready)
@@ -308,6 +357,15 @@ class Pipeline:
                      "metrics": cvr.metrics.report().as_dict()}
         return {"pcvr": encode_snapshot(cvr.model, version, head_meta)}
 
+    def head_record_meta(self, name: str, top_n: int = DEFAULT_TOP_N) -> dict[str, Any]:
+        """The registry record's meta of head `name`: small and readable without the blob
+        (the service exports the pCVR head's "delays" report on /metrics; `ctrloop
+        delay-report` prints it), bounded by `top_n` advertisers."""
+        if name != "pcvr":
+            return {"head": name}
+        return {"head": name, "delay_policy": self.cvr_policy.name,
+                "delays": self.delay_report(top_n)}
+
     def _publish(self, clock: float) -> None:
         if not self._learned_since_publish:
             return
@@ -326,7 +384,8 @@ class Pipeline:
             "model_version": self.model_version,
             "pending": self.joiner.pending,
             "cvr": {"delay_policy": self.cvr_policy.report(),
-                    "metrics": self.cvr_learner.metrics.report().as_dict()},
+                    "metrics": self.cvr_learner.metrics.report().as_dict(),
+                    "delays": self.delay_report()},
         }
 
     # --- checkpointing -------------------------------------------------------------------
@@ -376,6 +435,10 @@ class Pipeline:
             "cvr_ready_rows": torch.tensor([s.payload for s in ready],
                                            dtype=torch.int64).reshape(-1, nf),
             "advertiser_names": [[k, v] for k, v in self.advertiser_names.items()],
+            "cvr_monitor": self.cvr_monitor.state(),
+            "cvr_unscored_clicks": [[iid, key, ts] for iid, key, ts, _ in self._unscored_clicks],
+            "cvr_unscored_rows": torch.tensor([c[3] for c in self._unscored_clicks],
+                                              dtype=torch.int64).reshape(-1, nf),
         }
 
     def _restore_cvr(self, state: dict[str, Any]) -> None:
@@ -392,6 +455,12 @@ class Pipeline:
             for (iid, cts, label, w, rts, kind, key), row in
             zip(state["cvr_ready"], state["cvr_ready_rows"].tolist(), strict=True)]
         self.advertiser_names = {int(k): str(v) for k, v in state["advertiser_names"]}
+        if "cvr_monitor" in state:  # older checkpoints: the monitor starts fresh
+            self.cvr_monitor.restore(state["cvr_monitor"])
+            self._unscored_clicks = [
+                (str(iid), key, float(ts), row) for (iid, key, ts), row in
+                zip(state["cvr_unscored_clicks"], state["cvr_unscored_rows"].tolist(),
+                    strict=True)]
 
     def restore(self, state: dict[str, Any], source_key: Callable[[str], Any] = str) -> None:
         """Load `state()` output into this (fresh) pipeline; `source_key` maps the saved source

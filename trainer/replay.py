@@ -1,8 +1,9 @@
 """Replay an events file through the same pipeline as the streaming trainer, as fast as possible.
 
 Writes one prediction per impression — the pCTR and pCVR of the last snapshot published before
-the impression's ts, i.e. what the served models would have said — and a rejects file for lines
-that break the contract. Deterministic for a given seed and configuration.
+the impression's ts, i.e. what the served models would have said, and the standard deviation of
+that snapshot's posterior over the pCTR logit (`pctr_std`, ctrloop/posterior.py) — and a rejects
+file for lines that break the contract. Deterministic for a given seed and configuration.
 """
 
 from __future__ import annotations
@@ -77,28 +78,36 @@ def infer_spec(path: Path, limit: int = INFER_FROM) -> FeatureSpec:
 
 
 class PredictionWriter:
-    """One line per impression: the pCTR and (given by `pcvr` just before) the pCVR of the
-    last published snapshot."""
+    """One line per impression: the pCTR and (given by `pcvr` / `pctr_var` just before) the
+    pCVR and the std of the pCTR logit of the last published snapshot."""
 
     def __init__(self, f: IO[bytes]) -> None:
         self.f = f
         self.count = 0
         self._pcvr: list[float] | None = None
+        self._std: list[float] | None = None
 
     def pcvr(self, ids: list[str], preds: np.ndarray, version: str) -> None:
         self._pcvr = preds.tolist()
+
+    def pctr_var(self, ids: list[str], row_var: np.ndarray, version: str) -> None:
+        # float64 sum: the std written is the one a reader recomputes from the row variances.
+        self._std = np.sqrt(row_var.sum(1, dtype=np.float64)).tolist()
 
     def __call__(self, ids: list[str], preds: np.ndarray, version: str) -> None:
         tail = b',"model_version":' + orjson.dumps(version) + b"}\n"
         dumps = orjson.dumps
         pcvr, self._pcvr = self._pcvr, None
+        std, self._std = self._std, None
+        pctr = [b',"pctr":' + dumps(p) for p in preds.tolist()]
+        if std is not None:
+            pctr = [a + b',"pctr_std":' + dumps(x) for a, x in zip(pctr, std, strict=True)]
         if pcvr is None:
-            lines = (b'{"impression_id":' + dumps(i) + b',"pctr":' + dumps(p) + tail
-                     for i, p in zip(ids, preds.tolist(), strict=True))
+            lines = (b'{"impression_id":' + dumps(i) + p + tail
+                     for i, p in zip(ids, pctr, strict=True))
         else:
-            lines = (b'{"impression_id":' + dumps(i) + b',"pctr":' + dumps(p) + b',"pcvr":'
-                     + dumps(c) + tail
-                     for i, p, c in zip(ids, preds.tolist(), pcvr, strict=True))
+            lines = (b'{"impression_id":' + dumps(i) + p + b',"pcvr":' + dumps(c) + tail
+                     for i, p, c in zip(ids, pctr, pcvr, strict=True))
         self.f.write(b"".join(lines))
         self.count += len(ids)
 
@@ -135,7 +144,7 @@ def replay(events: Path, outputs: ReplayOutputs, spec: FeatureSpec | None = None
     with open(outputs.predictions, "wb") as pf, open(outputs.rejects, "wb") as rf:
         writer = PredictionWriter(pf)
         pipe = Pipeline(spec, config, served=writer, seed=seed, served_cvr=writer.pcvr,
-                        converted=converted)
+                        converted=converted, served_var=writer.pctr_var)
         for i, event in enumerate(read_events(events, rf, counts), start=1):
             pipe.process(event)
             if progress is not None and i % progress_every == 0:

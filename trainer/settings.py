@@ -15,6 +15,7 @@ from ctrloop.delays import validate_policy_name
 from ctrloop.errors import ConfigError
 from ctrloop.joining import JoinerConfig
 from ctrloop.learner import LearnerConfig
+from ctrloop.posterior import DEFAULT_SCALE, PosteriorConfig
 from ctrloop.settings import ConnectionSettings
 from trainer.pipeline import PipelineConfig
 
@@ -47,6 +48,17 @@ class LearningSettings(BaseSettings):
     delay_policy: str = Field("variance", description="variance, fixed:SECONDS, naive, fnw, "
                               "oracle (replay with --truth only)")
 
+    # The GP posterior over the pCTR logit (ctrloop/posterior.py, docs/exploration.md). The
+    # per-field prior variances of the simulator's id fields are built in (measured); the
+    # prior here is for every other field.
+    posterior: bool = Field(True, description="publish a posterior over the pCTR logit")
+    posterior_prior_var: float = Field(1.0, gt=0, description="prior variance of a row's "
+                                       "residual logit weight (fields without a default)")
+    posterior_scale: float = Field(DEFAULT_SCALE, gt=0,
+                                   description="multiplies every posterior variance")
+    posterior_half_life_s: float = Field(86_400.0, gt=0,
+                                         description="event seconds for evidence to halve")
+
     @field_validator("delay_policy")
     @classmethod
     def _known_policy(cls, v: str) -> str:
@@ -62,6 +74,10 @@ class LearningSettings(BaseSettings):
             allowed_lateness=self.allowed_lateness,
             warmup=self.warmup,
             delay_policy=self.delay_policy,
+            posterior=PosteriorConfig(prior_var=self.posterior_prior_var,
+                                      scale=self.posterior_scale,
+                                      half_life_s=self.posterior_half_life_s)
+            if self.posterior else None,
             joiner=JoinerConfig(click_window=self.click_window, max_pending=self.max_pending,
                                 evict=self.evict),
             learner=LearnerConfig(model=self.model, hparams=hparams, batch_size=self.batch_size,

@@ -88,7 +88,7 @@ class RegistryPublisher:
         head_of = getattr(self.registry, "head", None)
         if head_of is not None:
             for name, blob in pipeline.head_snapshots(version, meta).items():
-                head_of(name).publish(version, blob, {"head": name})
+                head_of(name).publish(version, blob, pipeline.head_record_meta(name))
         self.registry.publish(version, data, meta)
         self._last = now
         self.published += 1

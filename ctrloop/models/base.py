@@ -10,13 +10,16 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterator
 from contextvars import ContextVar
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 from torch import nn
 from torch.nn import functional as F
 
 from ctrloop.features import FeatureSpec
+
+if TYPE_CHECKING:
+    from ctrloop.posterior import LogitPosterior
 
 _inference_only: ContextVar[bool] = ContextVar("inference_only", default=False)
 
@@ -83,6 +86,10 @@ class CTRModel(nn.Module):
         super().__init__()
         self.spec = spec
         self.hparams = hparams
+        # The GP posterior over the logit (ctrloop/posterior.py) travels with the model it was
+        # learned next to: snapshots carry it, and a served model exposes it. Not a module, so
+        # it stays out of state_dict and old snapshots load unchanged.
+        self.posterior: LogitPosterior | None = None
 
     def forward(self, idx: torch.Tensor) -> torch.Tensor:  # pragma: no cover - abstract
         raise NotImplementedError

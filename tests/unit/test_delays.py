@@ -307,3 +307,136 @@ def test_memory_never_exceeds_the_cap(ops: list[Op], cap: int) -> None:
     for op in ops:
         run_ops(p, [op], clock)
         assert p.pending + p.remembered <= cap and len(p._orphans) <= 2
+
+
+# --- the variance policy at its window edges, and edges as a property -------------------------
+
+# A fresh variance policy has no reports: every key waits the ceiling (200 s in SMALL).
+VARIANCE_EDGES = [
+    (None, [("a", "click", 0.0, 1.0)]),
+    (199.999, [("a", "click", 1.0, 1.0)]),
+    (200.0, [("a", "click", 1.0, 1.0)]),  # inclusive, as fixed
+    (200.001, [("a", "click", 0.0, 1.0), ("a", "late", 1.0, 1.0), ("a", "retract", 0.0, -1.0)]),
+]
+
+
+@pytest.mark.parametrize(("delay", "expected"), VARIANCE_EDGES)
+def test_variance_labels_at_its_window_edges(
+        delay: float | None, expected: list[tuple[str, str, float, float]]) -> None:
+    p = build_policy("variance", SMALL)
+    out = p.add_click("a", 7, T0, ROW)
+    if delay is not None:
+        out += p.advance(T0 + min(delay, 199.0))
+        out += p.add_conversion("a", T0 + delay)
+    out += p.advance(T0 + 10_000.0) + p.flush()
+    assert labels(out) == expected
+    assert [s.release_ts for s in out if s.kind == "click"] == [T0 + 200.0]
+
+
+@pytest.mark.parametrize(("conv_delay", "label"), [(30.0, 1.0), (60.0, 1.0), (61.0, 0.0)])
+def test_a_click_that_arrives_after_its_deadline_is_released_at_once(
+        conv_delay: float, label: float) -> None:
+    """A late click event (the watermark already past click_ts + wait) is not held: it goes
+    out at the watermark with the label its deadline decides (an orphan conversion matched)."""
+    p = build_policy("fixed:60")
+    p.advance(T0 + 100.0)
+    p.add_conversion("a", T0 + conv_delay)  # arrived before its click: an orphan
+    out = p.add_click("a", 7, T0, ROW)
+    assert out[0].kind == "click" and out[0].label == label
+    assert out[0].release_ts == T0 + 100.0
+    assert net_label(out, "a") == 1.0  # a late conversion is corrected in the same call
+
+
+edge_delays = st.one_of(st.none(), st.sampled_from([0.0, 59.999, 60.0, 60.001]),
+                        st.floats(0.0, 300.0))
+
+
+@settings(max_examples=60, deadline=None)
+@given(clicks=st.lists(st.tuples(st.floats(0.0, 50.0), edge_delays), min_size=1, max_size=30))
+def test_first_label_is_conversion_within_the_window(
+        clicks: list[tuple[float, float | None]]) -> None:
+    """fixed:60 on a stream in event-time order: a click's first sample is positive iff its
+    conversion came at or before click_ts + 60, and goes out exactly at that deadline."""
+    p = build_policy("fixed:60")
+    events: list[tuple[float, int, str, int]] = []  # (ts, order: click first, kind, i)
+    t = T0
+    for i, (gap, delay) in enumerate(clicks):
+        t += gap
+        events.append((t, 0, "click", i))
+        if delay is not None:
+            events.append((t + delay, 1, "conv", i))
+    events.sort()
+    click_ts = {i: ts for ts, _, kind, i in events if kind == "click"}
+    out: list[CvrSample] = []
+    for ts, _, kind, i in events:
+        out += p.advance(ts - 1e-3)  # the watermark trails the newest event
+        if kind == "click":
+            out += p.add_click(f"c{i}", 0, ts, [i])
+        else:
+            out += p.add_conversion(f"c{i}", ts)
+    out += p.advance(t + 1e6)
+    firsts = {s.impression_id: s for s in out if s.kind == "click"}
+    assert len(firsts) == len(clicks)
+    for i, (_, delay) in enumerate(clicks):
+        s = firsts[f"c{i}"]
+        deadline = click_ts[i] + 60.0
+        conv_ts = None if delay is None else click_ts[i] + delay
+        assert s.label == float(conv_ts is not None and conv_ts <= deadline), (i, delay)
+        assert s.release_ts == deadline
+        assert net_label(out, f"c{i}") == float(delay is not None)
+
+
+# --- soft labels, settled ---------------------------------------------------------------------
+
+SOFT = PolicyConfig(remember_s=10_000.0, orphan_ttl=50.0, floor_s=10.0, ceiling_s=200.0,
+                    bucket_s=20.0, window_buckets=4, soft_labels=True, settle_s=500.0)
+
+
+def test_a_soft_label_is_settled_to_zero_then_corrected_by_a_late_conversion() -> None:
+    p = VariancePolicy(SOFT)
+    # Teach the key a conversion rate first, so the expected label is strictly inside (0, 1).
+    # Conversions 1000 s after their clicks: longer than any wait, so F(wait) = 0 and q = h.
+    for i in range(10):
+        p.add_click(f"w{i}", 1, T0 + i, ROW)
+    for i in range(5):
+        p.add_conversion(f"w{i}", T0 + i + 1000.0)
+    t = T0 + 1100.0
+    p.advance(t)
+    settled_before = p.stats.settled  # the warm-up clicks that never converted
+    [first] = p.add_click("a", 1, t, ROW) + p.advance(t + 200.0)
+    q = first.label
+    assert 0.0 < q < 1.0 and first.kind == "click"
+    assert p.advance(t + 499.0) == []
+    settle = p.advance(t + 500.0)  # the settle edge is inclusive
+    assert labels(settle) == [("a", "settle", 0.0, 1.0), ("a", "retract", q, -1.0)]
+    late = p.add_conversion("a", T0 + 2000.0)
+    assert labels(late) == [("a", "late", 1.0, 1.0), ("a", "retract", 0.0, -1.0)]
+    assert net_label([first, *settle, *late], "a") == pytest.approx(1.0)
+    assert p.stats.settled == settled_before + 1
+
+
+@settings(max_examples=60, deadline=None)
+@given(ops=ops_strategy, cut=st.floats(0.0, 1.0))
+def test_soft_labels_net_to_the_eventual_label_and_survive_a_restart(
+        ops: list[Op], cut: float) -> None:
+    plain = build_policy("variance", SOFT)
+    clock = [T0]
+    expected = run_ops(plain, ops, clock) + plain.advance(clock[0] + 1e6) + plain.flush()
+    clicked, converted = truth_of(ops)
+    assert sorted(s.impression_id for s in expected if s.kind == "click") == sorted(clicked)
+    for iid in clicked:
+        assert net_label(expected, iid) == pytest.approx(float(iid in converted), abs=1e-9)
+    k = int(cut * len(ops))
+    first = build_policy("variance", SOFT)
+    clock = [T0]
+    got = run_ops(first, ops[:k], clock)
+    second = build_policy("variance", SOFT)
+    second.restore(through_torch(first.state()))
+    got += run_ops(second, ops[k:], clock) + second.advance(clock[0] + 1e6) + second.flush()
+    assert [(s.impression_id, s.kind, s.label, s.weight, s.release_ts) for s in got] == \
+        [(s.impression_id, s.kind, s.label, s.weight, s.release_ts) for s in expected]
+
+
+def test_settle_must_come_before_the_click_is_forgotten() -> None:
+    with pytest.raises(ConfigError, match="settle_s"):
+        PolicyConfig(remember_s=100.0, settle_s=200.0, soft_labels=True)

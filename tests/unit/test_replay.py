@@ -61,8 +61,9 @@ def test_one_prediction_per_impression(sim: dict[str, Any], first: dict[str, Any
     preds = lines(first["out"].predictions)
     assert len(imps) == N_IMPRESSIONS
     assert [p["impression_id"] for p in preds] == imps
-    assert all(set(p) == {"impression_id", "pctr", "pcvr", "model_version"} for p in preds)
-    assert all(0 < p["pctr"] < 1 and 0 < p["pcvr"] < 1 for p in preds)
+    assert all(set(p) == {"impression_id", "pctr", "pctr_std", "pcvr", "model_version"}
+               for p in preds)
+    assert all(0 < p["pctr"] < 1 and 0 < p["pcvr"] < 1 and p["pctr_std"] > 0 for p in preds)
     s = first["summary"]
     assert s["predictions"] == s["pipeline"]["impressions"] == N_IMPRESSIONS
     assert s["rejected"] == 0 and first["out"].rejects.read_bytes() == b""

@@ -26,6 +26,7 @@ from schemathesis.specs.openapi.checks import negative_data_rejection, positive_
 
 from ctrloop.features import NUMERIC_BUCKETS, FeatureSpec, Field
 from ctrloop.models import build_model
+from ctrloop.posterior import LogitPosterior
 from ctrloop.registry import InMemoryRegistry
 from ctrloop.snapshot import encode_snapshot
 from service.app import create_app
@@ -75,6 +76,7 @@ def build_app(sink: CountingSink) -> FastAPI:
     registry = InMemoryRegistry()
     torch.manual_seed(0)
     model = build_model("fwfm", SPEC, dim=4).eval()
+    model.posterior = LogitPosterior(SPEC)  # so options.explore reaches Thompson sampling
     for _ in range(2):  # versions 1 and 2, so pin and rollback have somewhere to go
         v = registry.next_version()
         registry.publish(v, encode_snapshot(model, v), {})
@@ -254,6 +256,7 @@ def score_requests(draw: st.DrawFn) -> dict[str, Any]:
              for _ in range(n)]
     options = f.doc({}, {"top_k": st.integers(1, MAX_CANDIDATES + 2) | st.none(),
                          "log": st.booleans(), "explore": st.booleans(),
+                         "seed": st.integers(0, 2**63 - 1) | st.none(),
                          "rank_by": st.sampled_from(["bid_pctr", "pctr"])})
     return f.doc({"user_id": ids, "candidates": st.just(cands)},
                  {"request_id": ids | st.none(), "ts": timestamps | st.none(),
@@ -289,7 +292,7 @@ def score_doc() -> dict[str, Any]:
              "bid": 1.5},
             {"ad_id": "a2", "advertiser_id": "adv2", "features": {"ad.category": None}},
         ],
-        "options": {"top_k": 1, "log": True, "rank_by": "pctr", "explore": False},
+        "options": {"top_k": 1, "log": True, "rank_by": "pctr", "explore": False, "seed": 7},
     }
 
 
@@ -311,7 +314,7 @@ SCORE_PATHS: list[tuple[Any, ...]] = [
     ("candidates", 0, "ad_id"), ("candidates", 0, "advertiser_id"), ("candidates", 0, "bid"),
     ("candidates", 1, "features"), ("candidates", 0, "features", "ad.category"),
     ("options",), ("options", "top_k"), ("options", "log"), ("options", "rank_by"),
-    ("options", "explore"),
+    ("options", "explore"), ("options", "seed"),
 ]
 EVENT_PATHS: list[tuple[Any, ...]] = [
     (), ("events",), ("events", 0), ("events", 1), ("events", 0, "type"),
