@@ -4,9 +4,13 @@ Simulates a month of traffic with streaming and bursty advertisers, replays ever
 the same events through the trainer's pipeline, and scores the served pCVR of every click against
 the truth: AUC, logloss, calibration bias overall / new ads / bursty advertisers, bias per day,
 and the delay from click to sample release for stable (streaming) and volatile (bursty)
-advertisers. Writes a JSON result and an SVG plot of bias over time per policy.
+advertisers. Writes a JSON result and an SVG plot of bias over time per policy, and prints,
+for the variance policy, how many streaming and bursty advertisers got which wait (the
+statistic against the simulator's labels, every 5 days). A policy may carry PolicyConfig
+overrides in braces, e.g. `variance{shrink_reports=3|soft_labels=1}`.
 
-    python -m benchmarks.delay_policies --days 30 --rate 0.5 --out runs/delay_policies
+    python -m benchmarks.delay_policies --days 30 --rate 0.3 --advertisers 50 \
+        --publish-interval 300 --jobs 2 --out runs/delay_policies
 """
 
 from __future__ import annotations

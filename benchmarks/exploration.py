@@ -42,7 +42,7 @@ import math
 import sys
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -68,7 +68,7 @@ SEED_CLICK_DELAYS = 302
 SEED_POLICY = 303
 DAY_S = 86_400.0
 
-DEFAULT_POLICIES = "greedy,eps-0.05,eps-0.1,ts,ts-0.05,vw:--squarecb --gamma_scale 100"
+DEFAULT_POLICIES = "greedy,eps-0.05,ts,ts-1,vw:--squarecb --gamma_scale 100"
 VW_SWEEP = ("--epsilon 0.05", "--epsilon 0.1", "--softmax --lambda 10", "--cover 4",
             "--squarecb", "--squarecb --gamma_scale 100")
 COLORS = ("#000000", "#1f77b4", "#2ca02c", "#d62728", "#9467bd", "#ff7f0e", "#8c564b",
@@ -217,7 +217,7 @@ class Thompson(ModelPolicy):
     """Thompson sampling through the service's sampler over the published GP posterior."""
 
     name = "ts"
-    posterior_scale: float | None = None
+    temperature: float | None = None  # None: ctrloop.exploration.DEFAULT_TEMPERATURE
 
     def __init__(self, seed: int) -> None:
         super().__init__(seed)
@@ -247,6 +247,8 @@ class Thompson(ModelPolicy):
         flat_mu = mu[chunk.mask]
         with torch.inference_mode():
             row_var = posterior.row_variance(rows).double().numpy()
+        temp = self.temperature
+        row_var *= self.exploration.DEFAULT_TEMPERATURE if temp is None else temp
         np_rows = rows.numpy()
         ex = self.exploration
         for i in range(len(chunk)):
@@ -356,9 +358,6 @@ class Loop:
             return str(versions[0])
 
         pcfg = cfg.pipeline()
-        scale = getattr(policy, "posterior_scale", None)
-        if scale is not None and pcfg.posterior is not None:
-            pcfg = replace(pcfg, posterior=replace(pcfg.posterior, scale=scale))
         pipe = None if is_vw else Pipeline(self.spec, pcfg, publisher=publish, seed=cfg.seed)
         tally = Tally()
         start_ts = world.config.start_ts
@@ -465,12 +464,13 @@ def make_policy(name: str, cfg: LoopConfig) -> Callable[[], Any]:
         eps = float(name[4:])
         return lambda: EpsilonGreedy(cfg.seed, eps)
     if name == "ts" or name.startswith("ts-"):
-        # ts-S: the posterior's `scale` (variance multiplier) set to S in the trainer.
-        scale = float(name[3:]) if name.startswith("ts-") else None
+        # ts-T: sampling temperature T (the calibrated posterior's variance times T), as the
+        # service's CTRLOOP_EXPLORE_TEMPERATURE; plain ts: the service default.
+        temperature = float(name[3:]) if name.startswith("ts-") else None
 
         def make_ts() -> Thompson:
             t = Thompson(cfg.seed)
-            t.name, t.posterior_scale = name, scale
+            t.name, t.temperature = name, temperature
             return t
         return make_ts
     if name.startswith("vw:"):

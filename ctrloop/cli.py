@@ -170,7 +170,8 @@ def cmd_drive(args: argparse.Namespace) -> int:
     from ctrloop.sim.live import DriverConfig, LiveDriver, run_with_reports, stop_on_signals
 
     logging.getLogger("httpx").setLevel(logging.WARNING)  # a line per request otherwise
-    driver = LiveDriver(args.url, DriverConfig(rate=args.rate, seed=args.seed))
+    driver = LiveDriver(args.url, DriverConfig(rate=args.rate, seed=args.seed,
+                                               explore=args.explore))
 
     async def report(snap: dict[str, Any], rates: dict[str, float]) -> None:
         print(_drive_line(snap, rates, args.json), flush=True)
@@ -206,7 +207,8 @@ def cmd_stack(args: argparse.Namespace) -> int:
     logging.getLogger("httpx").setLevel(logging.WARNING)  # a line per request otherwise
     config = StackConfig(workdir=args.workdir, port=args.port, workers=args.workers,
                          rate=args.rate, duration=args.duration, seed=args.seed,
-                         simulator=args.simulator, click_window=args.click_window)
+                         simulator=args.simulator, click_window=args.click_window,
+                         explore=args.explore)
     run_stack(config)
     return 0
 
@@ -331,6 +333,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="simulated world seed")
     p.add_argument("--interval", type=float, default=5.0, help="seconds between stats lines")
     p.add_argument("--json", action="store_true", help="stats as JSON lines")
+    p.add_argument("--no-explore", dest="explore", action="store_false",
+                   help="rank by the posterior mean (default: ask for Thompson sampling)")
     p.set_defaults(func=cmd_drive)
 
     p = sub.add_parser("stack", help="Kafka + Redis + trainer + service + simulated users, "
@@ -347,6 +351,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the trainer's click window, s (default 30: first model ~35 s in)")
     p.add_argument("--no-simulator", dest="simulator", action="store_false",
                    help="start the stack without simulated traffic")
+    p.add_argument("--no-explore", dest="explore", action="store_false",
+                   help="simulated requests rank by the posterior mean (default: Thompson "
+                        "sampling)")
     p.set_defaults(func=cmd_stack)
 
     p = sub.add_parser("delay-report",

@@ -65,7 +65,10 @@ decayed click-to-report delay histogram). Without more, it over-counts (measured
 keeps falling. So a soft-labelled click still unconverted at `settle_s` (3 days) after the click
 is *settled*: a retraction pair (label 0, weight +1) and (label q, weight -1) turns it into a
 negative, and a conversion after that is corrected as usual; every click's net label is then its
-eventual one, as with hard labels. docs/benchmarks.md measures it against hard labels.
+eventual one, as with hard labels. Measured on a month (docs/benchmarks.md), it is unstable:
+the settle pairs push the logit down at a constant rate q whatever the prediction, and with one
+per unconverted click they dominate the loss (per-day bias between +74% and -100%, AUC 0.55).
+Kept as an option for experiments, off by default.
 
 **State and memory.** Pending clicks (with their feature rows), remembered released clicks and
 per-advertiser statistics are plain data in `state()`. At most `max_clicks` clicks are held
@@ -142,7 +145,7 @@ class PolicyConfig:
     shrink_reports: float = 10.0
     prior_dispersion: float = 8.0  # before any report: assume volatile (wait the ceiling)
     half_life_s: float = 7 * 86_400.0  # of the rate and delay statistics
-    soft_labels: bool = False  # expected labels at release, settled at settle_s (docstring)
+    soft_labels: bool = False  # expected labels, settled at settle_s: unstable (docstring)
     settle_s: float = 3 * 86_400.0  # soft labels: when an unconverted click becomes a 0
 
     def __post_init__(self) -> None:

@@ -74,6 +74,7 @@ class StackConfig:
     duration: float | None = None
     seed: int = 0
     simulator: bool = True
+    explore: bool = True  # simulated requests ask for Thompson sampling
     # Short, so the first model arrives ~35 s in: a fresh trainer learns nothing until its
     # first window has closed. It labels clicks later than this negative (~40% of the world's
     # clicks at 30 s), which lowers calibration but not the ranking; `ctrloop train` defaults
@@ -492,8 +493,8 @@ def run_stack(config: StackConfig, out: IO[str] = sys.stdout) -> dict[str, Any]:
             for line in urls.lines():
                 stack.say(line)
             if config.simulator:
-                run.driver = LiveDriver(urls.service, DriverConfig(rate=config.rate,
-                                                                   seed=config.seed))
+                run.driver = LiveDriver(urls.service, DriverConfig(
+                    rate=config.rate, seed=config.seed, explore=config.explore))
                 stack.say(f"simulated traffic: {config.rate:g} requests/s. Every "
                           f"{config.view_interval_s:g} s: the expected CTR of the ads served "
                           "in the last full 10 s (vs the best and a random choice), and the "

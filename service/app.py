@@ -409,7 +409,8 @@ def _score(state: ServiceState, req: ScoreRequest, topic: str,
     tr = None
     if explore == "explored":
         assert pred.logit is not None and pred.rows is not None and pred.row_var is not None
-        post = JointPosterior.from_rows(pred.logit, pred.rows, pred.row_var)
+        post = JointPosterior.from_rows(pred.logit, pred.rows,
+                                        pred.row_var * settings.explore_temperature)
         tr = thompson_rank(post, weights=weights, propensity_ranks=top_k or 0,
                            draws=settings.explore_draws, rng=generator(seed))
         order = tr.order

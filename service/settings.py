@@ -36,6 +36,11 @@ class ServiceSettings(ConnectionSettings):
     explore_draws: int = Field(
         128, ge=16, le=10_000,
         description="posterior draws per explored request for the propensities of its top_k")
+    # 0.025 = ctrloop.exploration.DEFAULT_TEMPERATURE (a test keeps them equal).
+    explore_temperature: float = Field(
+        0.025, gt=0, le=10,
+        description="Thompson sampling draws from the posterior with its variance times this "
+                    "(1: the calibrated posterior; smaller explores less)")
     explore_cost_cap: float = Field(
         0.1, ge=0, le=1,
         description="explored requests fall back to the mean ranking while the running average "

@@ -348,6 +348,9 @@ class DriverConfig:
     timeout_s: float = 10.0
     drain_timeout_s: float = 10.0  # at stop: how long to keep trying to deliver due events
     max_retry_wait_s: float = 30.0
+    # Ask for Thompson-sampled rankings (the service decides: global switch, caps, a model
+    # with a posterior); the logged impressions then carry the propensities `ctrloop ope` needs.
+    explore: bool = True
 
     def __post_init__(self) -> None:
         if not 0 < self.rate <= 10_000:
@@ -471,7 +474,7 @@ class LiveDriver:
         stats.in_flight += 1
         try:
             request, _, base = self._sample()
-            body = orjson.dumps(score_body(request))
+            body = orjson.dumps(score_body(request, self.config.explore))
             t0 = time.perf_counter()
             try:
                 assert self._client is not None
@@ -608,7 +611,7 @@ def retry_after(header: str | None, cap: float) -> float:
     return min(max(value, 0.1), cap)
 
 
-def score_body(request: Request) -> dict[str, Any]:
+def score_body(request: Request, explore: bool = False) -> dict[str, Any]:
     """The /v1/score body for a simulated request: show and log the top n_slots."""
     return {
         "request_id": f"sim{request.request_id}",
@@ -617,7 +620,7 @@ def score_body(request: Request) -> dict[str, Any]:
         "features": request.features,
         "candidates": [{"ad_id": ad.id, "advertiser_id": ad.advertiser_id,
                         "features": ad.features, "bid": ad.bid} for ad in request.candidates],
-        "options": {"top_k": request.n_slots, "log": True},
+        "options": {"top_k": request.n_slots, "log": True, "explore": explore},
     }
 
 

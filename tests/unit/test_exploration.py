@@ -11,6 +11,7 @@ from scipy import stats
 
 from ctrloop.exploration import (
     DEFAULT_DRAWS,
+    DEFAULT_TEMPERATURE,
     ExplorationBudget,
     JointPosterior,
     _served_rank_share,
@@ -268,3 +269,7 @@ def test_budget_share_is_exact() -> None:
 
 def test_service_default_draws_is_the_library_default() -> None:
     assert ServiceSettings.model_fields["explore_draws"].default == DEFAULT_DRAWS
+
+
+def test_service_default_temperature_is_the_library_default() -> None:
+    assert ServiceSettings.model_fields["explore_temperature"].default == DEFAULT_TEMPERATURE

@@ -173,8 +173,9 @@ def test_retry_after_parses_seconds_and_falls_back() -> None:
 def test_score_body_is_a_valid_score_request() -> None:
     world = World(WorldConfig(seed=1, start_ts=time.time()))
     request = world.sample_request(time.time())
-    body = SCORE_REQUEST.validate_json(orjson.dumps(score_body(request)))
-    assert body["options"] == {"top_k": request.n_slots, "log": True}
+    for explore in (False, True):
+        body = SCORE_REQUEST.validate_json(orjson.dumps(score_body(request, explore)))
+        assert body["options"] == {"top_k": request.n_slots, "log": True, "explore": explore}
     assert [c["ad_id"] for c in body["candidates"]] == [a.id for a in request.candidates]
     assert body.get("ts") == request.ts
 

@@ -54,6 +54,9 @@ def explorable_model(seed: int = 1, prior_var: float = 1.0) -> CTRModel:
 
 def serve(registry: InMemoryRegistry, sink: RecordingSink | None, model: CTRModel | None,
           **settings: Any) -> TestClient:
+    # The mechanism tests sample from the calibrated posterior (temperature 1): at the tempered
+    # default the wide new ad is rarely sampled above the others in a handful of requests.
+    settings.setdefault("explore_temperature", 1.0)
     client = make_client(registry, sink, **settings)
     if model is not None:
         publish(registry, model)
@@ -304,3 +307,23 @@ def test_snapshot_round_trip_keeps_the_posterior(model: CTRModel) -> None:
     assert model.posterior is not None
     torch.testing.assert_close(served.posterior.row_variance(rows),
                                model.posterior.row_variance(rows))
+
+
+def test_temperature_scales_the_sampling_variance_not_the_reported_std(
+        registry: InMemoryRegistry, sink: RecordingSink, model: CTRModel) -> None:
+    def new_ad_first_share(temperature: float) -> tuple[float, list[float]]:
+        with serve(registry, sink, model, explore_temperature=temperature) as c:
+            bodies = [scored(c, explore=True, seed=s, rank_by="pctr") for s in range(60)]
+        first = [next(x for x in b["candidates"] if x["rank"] == 1)["ad_id"] for b in bodies]
+        stds = [x["logit_std"] for x in bodies[0]["candidates"]]
+        return first.count(NEW_AD) / len(first), stds
+
+    hot, hot_std = new_ad_first_share(1.0)
+    cold, cold_std = new_ad_first_share(1e-6)
+    assert hot_std == cold_std  # the reported posterior is the calibrated one either way
+    assert hot > 0.1
+    with serve(registry, sink, model, explore=False) as c:
+        mean_first = next(x for x in scored(c, rank_by="pctr")["candidates"]
+                          if x["rank"] == 1)["ad_id"]
+    # At a vanishing temperature every sample ranks like the mean.
+    assert cold == float(mean_first == NEW_AD)
