@@ -111,6 +111,7 @@ from typing import Any
 import numpy as np
 
 from ctrloop.errors import ConfigError
+from ctrloop.joining import expire
 
 POLICY_NAMES = ("variance", "fixed:SECONDS", "naive", "fnw", "oracle")
 
@@ -372,15 +373,8 @@ class DelayPolicy:
         return out
 
     def _expire(self, watermark: float) -> None:
-        ttl = self.config.orphan_ttl
-        if self._orphans:
-            gone = [k for k, ts in self._orphans.items() if ts + ttl <= watermark]
-            for k in gone:
-                del self._orphans[k]
-            self.stats.unmatched_conversions += len(gone)
-        forget = self._forget
-        while forget and forget[0][0] <= watermark:
-            self._done.pop(forget.popleft()[1], None)
+        self.stats.unmatched_conversions += expire(self._orphans, self.config.orphan_ttl,
+                                                   self._forget, self._done, watermark)
 
     # --- state ---------------------------------------------------------------------------
     def state(self) -> dict[str, Any]:

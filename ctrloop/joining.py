@@ -195,16 +195,8 @@ class Joiner:
         return []
 
     def _expire(self, watermark: float) -> None:
-        ttl = self.config.orphan_ttl
-        if self._orphans:
-            gone = [k for k, ts in self._orphans.items() if ts + ttl <= watermark]
-            for k in gone:
-                del self._orphans[k]
-            self.stats.unmatched_clicks += len(gone)
-        # Released ids are roughly in deadline order; stop at the first one still remembered.
-        forget = self._forget
-        while forget and forget[0][0] <= watermark:
-            self._done.pop(forget.popleft()[1], None)
+        self.stats.unmatched_clicks += expire(self._orphans, self.config.orphan_ttl,
+                                              self._forget, self._done, watermark)
 
     def _remember(self, impression_id: str, forget_at: float, label: int) -> None:
         self._done[impression_id] = label
@@ -246,6 +238,23 @@ class Joiner:
             j._remember(k, float(f), int(label))
         j.stats = JoinStats(**state["stats"])
         return j
+
+
+def expire(orphans: dict[str, float], ttl: float, forget: deque[tuple[float, str]],
+           done: dict[str, Any], watermark: float) -> int:
+    """Drop orphans (events whose partner never came) older than `ttl` and forget released
+    ids whose time is up; returns how many orphans were dropped. Shared by the click joiner and
+    the conversion-delay policies, which keep the same two structures."""
+    gone = 0
+    if orphans:
+        stale = [k for k, ts in orphans.items() if ts + ttl <= watermark]
+        for k in stale:
+            del orphans[k]
+        gone = len(stale)
+    # Released ids are roughly in deadline order; stop at the first one still remembered.
+    while forget and forget[0][0] <= watermark:
+        done.pop(forget.popleft()[1], None)
+    return gone
 
 
 @dataclass

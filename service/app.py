@@ -445,14 +445,16 @@ def _score(state: ServiceState, req: ScoreRequest, topic: str,
         for item, j in zip(out, order_l, strict=True):
             item["pcvr"] = pcvr_l[j]
     if pred.row_var is not None and pred.logit is not None:
-        var = pred.row_var.sum(axis=1, dtype=np.float64)
-        mean_l = expected_pctr(pred.logit, var).tolist()
+        # Only for the candidates returned (top_k of them when given), in rank order.
+        var = pred.row_var[order].sum(axis=1, dtype=np.float64)
+        mean_l = expected_pctr(pred.logit[order], var).tolist()
         std_l = np.sqrt(var).tolist()
-        sample_l = None if tr is None else (1.0 / (1.0 + np.exp(-tr.logits))).tolist()
-        for item, j in zip(out, order_l, strict=True):
-            item["pctr_mean"], item["logit_std"] = mean_l[j], std_l[j]
+        sample_l = (None if tr is None
+                    else (1.0 / (1.0 + np.exp(-tr.logits[order]))).tolist())
+        for i, item in enumerate(out):
+            item["pctr_mean"], item["logit_std"] = mean_l[i], std_l[i]
             if sample_l is not None:
-                item["pctr_sample"] = sample_l[j]
+                item["pctr_sample"] = sample_l[i]
     records = []
     if log_on:
         ts = req.get("ts") or time.time()
