@@ -36,11 +36,14 @@ def _learning_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--seed", type=int, help="model initialisation seed (default 0)")
     g.add_argument("--delay-policy", help="pCVR conversion-delay policy: variance (default), "
                    "fixed:SECONDS, naive, fnw, oracle (replay with --truth only)")
+    g.add_argument("--conversion-types", help="comma-separated conversion types learned as "
+                   "tasks of one pCVR model, e.g. signup,purchase (default: one task, every "
+                   "conversion counts)")
 
 
 _LEARNING_KEYS = ("feature_spec", "click_window", "allowed_lateness", "publish_interval",
                   "model", "dim", "batch_size", "sparse_lr", "dense_lr", "warmup", "seed",
-                  "delay_policy")
+                  "delay_policy", "conversion_types")
 
 
 def _overrides(args: argparse.Namespace, keys: Sequence[str]) -> dict[str, Any]:
@@ -54,7 +57,7 @@ def _print_json(obj: Any) -> None:
 def cmd_simulate(args: argparse.Namespace) -> int:
     from ctrloop.sim import WorldConfig, write_files
 
-    cfg: dict[str, Any] = {"seed": args.seed}
+    cfg: dict[str, Any] = {"seed": args.seed, "conversion_mix": args.conversion_mix}
     if args.rate is not None:
         cfg["impressions_per_second"] = args.rate
     summary = write_files(WorldConfig(**cfg), args.impressions, args.events_out, args.truth_out)
@@ -171,7 +174,8 @@ def cmd_drive(args: argparse.Namespace) -> int:
 
     logging.getLogger("httpx").setLevel(logging.WARNING)  # a line per request otherwise
     driver = LiveDriver(args.url, DriverConfig(rate=args.rate, seed=args.seed,
-                                               explore=args.explore))
+                                               explore=args.explore,
+                                               conversion_mix=args.conversion_mix))
 
     async def report(snap: dict[str, Any], rates: dict[str, float]) -> None:
         print(_drive_line(snap, rates, args.json), flush=True)
@@ -208,7 +212,7 @@ def cmd_stack(args: argparse.Namespace) -> int:
     config = StackConfig(workdir=args.workdir, port=args.port, workers=args.workers,
                          rate=args.rate, duration=args.duration, seed=args.seed,
                          simulator=args.simulator, click_window=args.click_window,
-                         explore=args.explore)
+                         explore=args.explore, conversion_mix=args.conversion_mix)
     run_stack(config)
     return 0
 
@@ -247,6 +251,16 @@ def cmd_delay_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def _conversion_mix_flag(p: argparse.ArgumentParser) -> None:
+    # numpy only (no torch), so --help stays quick; the choices follow the preset table.
+    from ctrloop.sim.world import CONVERSION_MIXES
+
+    p.add_argument("--conversion-mix", choices=list(CONVERSION_MIXES), default="single",
+                   help="the simulated world's conversion types: single (one 'default' type, "
+                        "the default) or funnel ('signup': ~10%% of clicks, minutes, streamed; "
+                        "'purchase': ~2%%, hours to days, reported as the advertiser reports)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="ctrloop",
@@ -261,6 +275,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rate", type=float, help="impressions per event-time second (default 300)")
     p.add_argument("--events-out", type=Path, default=Path("events.jsonl"))
     p.add_argument("--truth-out", type=Path, default=Path("truth.jsonl"))
+    _conversion_mix_flag(p)
     p.set_defaults(func=cmd_simulate)
 
     p = sub.add_parser("demo", help="simulate, replay and stream through local Kafka + Redis")
@@ -335,6 +350,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="stats as JSON lines")
     p.add_argument("--no-explore", dest="explore", action="store_false",
                    help="rank by the posterior mean (default: ask for Thompson sampling)")
+    _conversion_mix_flag(p)
     p.set_defaults(func=cmd_drive)
 
     p = sub.add_parser("stack", help="Kafka + Redis + trainer + service + simulated users, "
@@ -354,6 +370,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-explore", dest="explore", action="store_false",
                    help="simulated requests rank by the posterior mean (default: Thompson "
                         "sampling)")
+    _conversion_mix_flag(p)
     p.set_defaults(func=cmd_stack)
 
     p = sub.add_parser("delay-report",

@@ -128,6 +128,7 @@ class CvrSample:
     release_ts: float  # the watermark (event time) at which the policy released it
     kind: str  # "click": the click's first sample; "late": positive after release; "retract"
     key: Hashable = None
+    task: int = 0  # the conversion type's index, set by the pipeline (one policy per type)
 
 
 @dataclass(frozen=True)

@@ -66,12 +66,15 @@ class OnlineLearner:
         self.positives_seen = 0
 
     def learn(self, idx: np.ndarray, labels: np.ndarray,
-              weights: np.ndarray | None = None) -> np.ndarray:
+              weights: np.ndarray | None = None,
+              tasks: np.ndarray | None = None) -> np.ndarray:
         """One pass over the samples in minibatches; returns the pre-update predictions.
 
         `weights` (optional) scale each sample's loss: importance weights, or -1 to retract a
         sample learned before (pCVR delay corrections, ctrloop/delays.py). Labels may be soft
         (in [0, 1]). Metrics count only samples of positive weight, as hard labels (>= 0.5).
+        With a multi-task model (`model.tasks`), `tasks` gives each sample's task index (all 0
+        when omitted): a sample's loss and returned prediction are its task's output only.
         """
         n = len(labels)
         if n == 0:
@@ -80,12 +83,15 @@ class OnlineLearner:
         y_all = torch.from_numpy(np.ascontiguousarray(labels, dtype=np.float32))
         w_all = (None if weights is None
                  else torch.from_numpy(np.ascontiguousarray(weights, dtype=np.float32)))
+        t_all = self._task_index(tasks, n)
         preds = np.empty(n, dtype=np.float32)
         bs = self.config.batch_size
         self.model.train()
         for start in range(0, n, bs):
             x, y = x_all[start:start + bs], y_all[start:start + bs]
             logits = self.model(x)
+            if t_all is not None:
+                logits = logits.gather(1, t_all[start:start + bs, None]).squeeze(1)
             # Mean over the full batch size, not this batch: a short tail batch then takes a
             # proportionally smaller step instead of an outsized one.
             if w_all is None:
@@ -116,10 +122,25 @@ class OnlineLearner:
             self.positives_seen += int(hard.sum())
         return preds
 
+    def _task_index(self, tasks: np.ndarray | None, n: int) -> torch.Tensor | None:
+        k = len(self.model.tasks)
+        if not k:
+            if tasks is not None and np.any(np.asarray(tasks) != 0):
+                raise ValueError("task indices given to a single-task model")
+            return None
+        if tasks is None:
+            return torch.zeros(n, dtype=torch.int64)
+        t = torch.from_numpy(np.ascontiguousarray(tasks, dtype=np.int64))
+        if t.shape != (n,) or (n and (int(t.min()) < 0 or int(t.max()) >= k)):
+            raise ValueError(f"need one task index in [0, {k}) per sample")
+        return t
+
     @torch.inference_mode()
     def predict(self, idx: np.ndarray) -> np.ndarray:
+        """P(label) per sample: [B], or [B, T] for a multi-task model."""
         if len(idx) == 0:
-            return np.zeros(0, dtype=np.float32)
+            k = len(self.model.tasks)
+            return np.zeros((0, k) if k else 0, dtype=np.float32)
         self.model.eval()
         x = torch.from_numpy(np.ascontiguousarray(idx, dtype=np.int64))
         return torch.sigmoid(self.model(x)).numpy().astype(np.float32, copy=False)

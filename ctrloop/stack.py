@@ -12,6 +12,9 @@ behind. A child that dies on its own stops the stack with the tail of its log.
 The broker keeps everything in memory, so each run starts from nothing: the trainer's old
 checkpoint under the workdir is removed at start (its offsets would point into the previous
 broker's topics).
+
+`--conversion-mix funnel` gives the simulated world two conversion types (a fast, streamed
+"signup" and a slow "purchase"); the driver runs in this process, so only it needs the flag.
 """
 
 from __future__ import annotations
@@ -54,6 +57,7 @@ from ctrloop.sim.live import (
     run_with_reports,
     stop_on_signals,
 )
+from ctrloop.sim.world import CONVERSION_MIXES
 
 DEFAULT_PORT = 8000
 READY_TIMEOUT_S = 90.0
@@ -82,6 +86,9 @@ class StackConfig:
     click_window: float = 30.0
     allowed_lateness: float = 5.0
     view_interval_s: float = 5.0
+    # The simulated world's conversion types (a key of CONVERSION_MIXES). The driver runs in
+    # this process, so no child needs it; the trainer learns whatever types arrive.
+    conversion_mix: str = "single"
 
     def __post_init__(self) -> None:
         if self.port is not None and not 0 <= self.port <= 65535:
@@ -90,6 +97,8 @@ class StackConfig:
             raise ConfigError("--duration must be > 0 seconds")
         if not 1 <= self.workers <= 64:
             raise ConfigError("--workers must be in 1..64")
+        if self.conversion_mix not in CONVERSION_MIXES:
+            raise ConfigError(f"--conversion-mix must be one of {', '.join(CONVERSION_MIXES)}")
 
 
 # ---------------------------------------------------------------------------- children
@@ -274,6 +283,10 @@ class Stack:
         })
         # Publish as often as the trainer allows: the point of the stack is to watch it learn.
         env.setdefault("CTRLOOP_MIN_PUBLISH_INTERVAL_S", "1")
+        if cfg.conversion_mix != "single":
+            # The simulated world's conversion types, each a task of the pCVR model.
+            env.setdefault("CTRLOOP_CONVERSION_TYPES", ",".join(
+                t.name for t in CONVERSION_MIXES[cfg.conversion_mix]))
         return env
 
     def _spawn(self, name: str, args: list[str], env: dict[str, str]) -> None:
@@ -494,7 +507,8 @@ def run_stack(config: StackConfig, out: IO[str] = sys.stdout) -> dict[str, Any]:
                 stack.say(line)
             if config.simulator:
                 run.driver = LiveDriver(urls.service, DriverConfig(
-                    rate=config.rate, seed=config.seed, explore=config.explore))
+                    rate=config.rate, seed=config.seed, explore=config.explore,
+                    conversion_mix=config.conversion_mix))
                 stack.say(f"simulated traffic: {config.rate:g} requests/s. Every "
                           f"{config.view_interval_s:g} s: the expected CTR of the ads served "
                           "in the last full 10 s (vs the best and a random choice), and the "

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import math
 import zlib
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -59,6 +59,10 @@ class PipelineConfig:
     delay_policy: str = "variance"
     policy: PolicyConfig = field(default_factory=PolicyConfig)
     cvr_learner: LearnerConfig | None = None
+    # Conversion types learned as tasks of one pCVR model (STEM, ctrloop/models/stem.py), each
+    # with its own delay policy and statistics. Empty: one task fed by every conversion,
+    # whatever its type, with the pCVR learner's own architecture.
+    conversion_types: tuple[str, ...] = ()
     # The GP posterior over the pCTR logit (ctrloop/posterior.py; None: no posterior). The
     # pCVR head has none: exploration ranks by pCTR.
     posterior: PosteriorConfig | None = field(default_factory=PosteriorConfig)
@@ -72,6 +76,9 @@ class PipelineConfig:
             raise ConfigError("allowed_lateness must be >= 0 seconds")
         # Fail at configuration time on a bad name (oracle is checked when its truth is given).
         build_policy(self.delay_policy, self.policy, converted=())
+        types = self.conversion_types
+        if len(set(types)) != len(types) or not all(isinstance(t, str) and t for t in types):
+            raise ConfigError(f"conversion types must be distinct non-empty names, got {types!r}")
 
 
 class Publisher(Protocol):
@@ -113,16 +120,19 @@ class PipelineStats:
     cvr_learned: int = 0
     cvr_label_sum: float = 0.0
     cvr_digest: int = 0
+    # Conversions of a type the pipeline does not learn (with `conversion_types` set).
+    cvr_other_types: int = 0
 
 
 class Pipeline:
     def __init__(self, spec: FeatureSpec, config: PipelineConfig | None = None,
                  publisher: Publisher | None = None, served: ServedSink | None = None,
                  seed: int = 0, served_cvr: ServedSink | None = None,
-                 converted: Collection[str] | None = None,
+                 converted: Collection[str] | Mapping[str, Collection[str]] | None = None,
                  served_var: ServedSink | None = None) -> None:
         """`served_cvr` receives the pCVR of every impression (same ids and version as
-        `served`, called just before it); `converted` is the truth the oracle policy reads;
+        `served`, called just before it; [B], or [B, T] with conversion types); `converted` is
+        the truth the oracle policy reads (with conversion types: a mapping type -> ids);
         `served_var` receives the posterior's per-field variances of every impression's logit
         (float32 [B, F], `LogitPosterior.row_variance`; sum a row for Sigma(x)), also just
         before `served` (not called without a posterior)."""
@@ -135,21 +145,28 @@ class Pipeline:
         posterior = (LogitPosterior(spec, self.config.posterior)
                      if self.config.posterior is not None else None)
         self.learner = OnlineLearner(build_model(lc.model, spec, **lc.hparams), lc, posterior)
+        if self.learner.model.tasks:
+            raise ConfigError(f"model {lc.model!r} is multi-task (pCVR per conversion type: "
+                              "set conversion types); pCTR needs a one-output model, e.g. fwfm")
         self.served_var = served_var
         # Built after the pCTR model, so the pCTR initialisation is what it was without pCVR.
-        cc = self.config.cvr_learner or lc
-        cvr_hparams = dict(cc.hparams)
-        if cc.model == "fwfm":
-            cvr_hparams.setdefault("prior_ctr", 0.05)  # conversions per click, not clicks
-        self.cvr_learner = OnlineLearner(build_model(cc.model, spec, **cvr_hparams), cc)
-        self.cvr_policy: DelayPolicy = build_policy(self.config.delay_policy, self.config.policy,
-                                                    converted)
+        self.cvr_learner = self._build_cvr_learner(spec)
+        types = self.config.conversion_types
+        # Task names: what the snapshot and reports call each pCVR output.
+        self.cvr_tasks: tuple[str, ...] = types or ("default",)
+        self._type_index = {t: i for i, t in enumerate(types)} if types else None
+        self.cvr_policies: list[DelayPolicy] = [
+            build_policy(self.config.delay_policy, self.config.policy,
+                         self._truth_of(converted, t)) for t in self.cvr_tasks]
         self.served_cvr = served_cvr
         names = spec.names
         self._adv_slot = names.index(ADVERTISER_FIELD) if ADVERTISER_FIELD in names else None
         self.advertiser_names: dict[int, str] = {}  # policy key -> advertiser id(s), for reports
         self._cvr_ready: list[CvrSample] = []
-        self.cvr_monitor = CvrMonitor(self.config.monitor)
+        self.cvr_monitors = [CvrMonitor(self.config.monitor) for _ in self.cvr_tasks]
+        # Progressive metrics per task (the learner's own mix every task's samples).
+        window = (self.config.cvr_learner or lc).metrics_window
+        self.cvr_task_metrics = [ProgressiveMetrics(window) for _ in self.cvr_tasks]
         # Clicks waiting for their served pCVR: scored in one batch at the next tick, with the
         # weights of the last published snapshot (they only change at ticks).
         self._unscored_clicks: list[tuple[str, int, float, list[int]]] = []
@@ -167,6 +184,51 @@ class Pipeline:
         self._learned_since_publish = False
         self._warmup_until: float | None = None  # set from the first event's ts
         self._warm = False
+
+    def _build_cvr_learner(self, spec: FeatureSpec) -> OnlineLearner:
+        cc = self.config.cvr_learner or self.config.learner
+        hp = dict(cc.hparams)
+        types = self.config.conversion_types
+        if types:
+            # Several types: the multi-task model, sized like the configured one.
+            if cc.model != "stem":
+                hp = {k: v for k, v in hp.items() if k in ("dim", "init_std")}
+            hp["tasks"] = list(types)
+            name = "stem"
+        else:
+            name = cc.model
+        if name in ("fwfm", "stem"):
+            hp.setdefault("prior_ctr", 0.05)  # conversions per click, not clicks
+        return OnlineLearner(build_model(name, spec, **hp), cc)
+
+    def _truth_of(self, converted: Collection[str] | Mapping[str, Collection[str]] | None,
+                  task: str) -> Collection[str] | None:
+        if converted is None or not self.config.conversion_types:
+            return converted  # type: ignore[return-value]
+        if not isinstance(converted, Mapping) or task not in converted:
+            raise ConfigError(f"delay policy 'oracle' with conversion types needs the truth per "
+                              f"type (a truth file of a multi-type simulation); no {task!r}")
+        return converted[task]
+
+    @property
+    def cvr_policy(self) -> DelayPolicy:
+        """The first conversion type's policy (the only one without conversion types)."""
+        return self.cvr_policies[0]
+
+    @property
+    def cvr_monitor(self) -> CvrMonitor:
+        return self.cvr_monitors[0]
+
+    def _task_of(self, conversion_type: str) -> int | None:
+        if self._type_index is None:
+            return 0  # one task: every conversion counts, whatever its type
+        return self._type_index.get(conversion_type)
+
+    def _extend_cvr(self, samples: list[CvrSample], task: int) -> None:
+        if task:
+            for s in samples:
+                s.task = task
+        self._cvr_ready.extend(samples)
 
     def process(self, event: Event, source: Any = "0") -> None:
         # The default source is a str so that state()/restore() with their default str
@@ -196,9 +258,13 @@ class Pipeline:
             released = self.joiner.add_click(event.impression_id, event.ts)
         elif type(event) is Conversion:
             self.stats.conversions += 1
-            self._cvr_ready.extend(self.cvr_policy.add_conversion(event.impression_id,
-                                                                   event.ts))
-            self.cvr_monitor.add_conversion(event.impression_id, event.ts)
+            task = self._task_of(event.conversion_type)
+            if task is None:
+                self.stats.cvr_other_types += 1
+                return
+            self._extend_cvr(self.cvr_policies[task].add_conversion(event.impression_id,
+                                                                     event.ts), task)
+            self.cvr_monitors[task].add_conversion(event.impression_id, event.ts)
             return
         else:
             raise TypeError(f"not an event: {event!r}")
@@ -209,14 +275,16 @@ class Pipeline:
     def _clicks_to_policy(self, released: list[Sample]) -> None:
         """Every attributed click (a pCTR positive) is a pCVR candidate; warm-up does not
         apply to pCVR: its policy releases labelled samples, never positives alone."""
-        policy = self.cvr_policy
         slot = self._adv_slot
         for s in released:
             if s.label:
                 key = s.payload[slot] if slot is not None else 0
-                self._cvr_ready.extend(policy.add_click(s.impression_id, key, s.label_ts,
-                                                        s.payload))
-                self.cvr_monitor.add_click(s.impression_id, key, s.label_ts)
+                # A pending sample per type: each type has its own wait (the policy key is
+                # (advertiser, type)) and its own label.
+                for task, policy in enumerate(self.cvr_policies):
+                    self._extend_cvr(policy.add_click(s.impression_id, key, s.label_ts,
+                                                      s.payload), task)
+                    self.cvr_monitors[task].add_click(s.impression_id, key, s.label_ts)
                 self._unscored_clicks.append((s.impression_id, key, s.label_ts, s.payload))
 
     def _score_clicks(self) -> None:
@@ -226,14 +294,17 @@ class Pipeline:
             return
         self._unscored_clicks = []
         preds = self.cvr_learner.predict(np.asarray([c[3] for c in clicks], dtype=np.int64))
-        monitor = self.cvr_monitor
-        for (_, key, ts, _), p in zip(clicks, preds.tolist(), strict=True):
-            monitor.add_pcvr(key, ts, p)
+        if preds.ndim == 1:
+            preds = preds[:, None]
+        for task, monitor in enumerate(self.cvr_monitors):
+            for (_, key, ts, _), p in zip(clicks, preds[:, task].tolist(), strict=True):
+                monitor.add_pcvr(key, ts, p)
 
-    def delay_report(self, top_n: int = DEFAULT_TOP_N) -> dict[str, Any]:
+    def delay_report(self, top_n: int = DEFAULT_TOP_N, task: int = 0) -> dict[str, Any]:
         """Per advertiser (top `top_n` by recent clicks, the rest pooled): the policy's wait
-        and statistic, observed vs history CVR and the pCVR calibration over matured clicks."""
-        return delay_report(self.cvr_policy, self.cvr_monitor,
+        and statistic, observed vs history CVR and the pCVR calibration over matured clicks,
+        for conversion type `task` (an index into `cvr_tasks`)."""
+        return delay_report(self.cvr_policies[task], self.cvr_monitors[task],
                             lambda k: self.advertiser_names.get(k, str(k)),  # type: ignore
                             top_n)
 
@@ -254,9 +325,11 @@ class Pipeline:
         self._score_unscored()
         watermark = clock - self.config.allowed_lateness
         self._ready.extend(self.joiner.advance(watermark))
-        self._cvr_ready.extend(self.cvr_policy.advance(watermark))
+        for task, policy in enumerate(self.cvr_policies):
+            self._extend_cvr(policy.advance(watermark), task)
         self._score_clicks()
-        self.cvr_monitor.advance(watermark)
+        for monitor in self.cvr_monitors:
+            monitor.advance(watermark)
         self._learn_ready()
         self._learn_cvr_ready()
         self._publish(clock)
@@ -267,7 +340,8 @@ class Pipeline:
         """End of a finite stream: score what is left, close every window, learn, publish."""
         self._score_unscored()
         self._ready.extend(self.joiner.flush())
-        self._cvr_ready.extend(self.cvr_policy.flush())
+        for task, policy in enumerate(self.cvr_policies):
+            self._extend_cvr(policy.flush(), task)
         self._score_clicks()
         self._learn_ready()
         self._learn_cvr_ready()
@@ -328,15 +402,30 @@ class Pipeline:
             self.on_cvr_samples(ready)
         rows = np.asarray([s.payload for s in ready], dtype=np.int64)
         labels = np.fromiter((s.label for s in ready), dtype=np.float32, count=len(ready))
-        policy = self.cvr_policy
-        preds = self.cvr_learner.predict(rows) if policy.needs_predictions else None
-        self.cvr_learner.learn(rows, labels, policy.weights(ready, preds))
+        multi = bool(self.config.conversion_types)
+        tasks = (np.fromiter((s.task for s in ready), dtype=np.int64, count=len(ready))
+                 if multi else None)
+        policy = self.cvr_policy  # every type's policy is of the same kind: same weights
+        preds = None
+        if policy.needs_predictions:
+            preds = self.cvr_learner.predict(rows)
+            if tasks is not None:
+                preds = preds[np.arange(len(ready)), tasks]
+        weights = policy.weights(ready, preds)
+        learned = self.cvr_learner.learn(rows, labels, weights, tasks)
+        if tasks is not None:
+            keep = weights > 0
+            for task, metrics in enumerate(self.cvr_task_metrics):
+                mine = keep & (tasks == task)
+                metrics.add((labels[mine] >= 0.5).astype(np.float32), learned[mine])
         st = self.stats
         st.cvr_learned += len(ready)
         st.cvr_label_sum += float(sum(s.label * s.weight for s in ready))
         digest = st.cvr_digest
         for s in ready:
-            digest += zlib.crc32(f"{s.impression_id}/{s.kind}".encode())
+            # The task joins the key only past the first, so one-task digests stay as they were.
+            digest += zlib.crc32((f"{s.impression_id}/{s.kind}/{s.task}" if s.task
+                                  else f"{s.impression_id}/{s.kind}").encode())
         st.cvr_digest = digest & 0xFFFFFFFFFFFFFFFF
         self._learned_since_publish = True
 
@@ -354,8 +443,15 @@ class Pipeline:
         cvr = self.cvr_learner
         head_meta = {**meta, "head": "pcvr", "delay_policy": self.cvr_policy.name,
                      "samples_seen": cvr.samples_seen, "positives_seen": cvr.positives_seen,
-                     "metrics": cvr.metrics.report().as_dict()}
+                     "metrics": cvr.metrics.report().as_dict(), **self._task_meta()}
         return {"pcvr": encode_snapshot(cvr.model, version, head_meta)}
+
+    def _task_meta(self) -> dict[str, Any]:
+        if not self.config.conversion_types:
+            return {}
+        return {"tasks": list(self.cvr_tasks),
+                "metrics_by_type": {t: m.report().as_dict() for t, m in
+                                    zip(self.cvr_tasks, self.cvr_task_metrics, strict=True)}}
 
     def head_record_meta(self, name: str, top_n: int = DEFAULT_TOP_N) -> dict[str, Any]:
         """The registry record's meta of head `name`: small and readable without the blob
@@ -363,8 +459,14 @@ class Pipeline:
         delay-report` prints it), bounded by `top_n` advertisers."""
         if name != "pcvr":
             return {"head": name}
-        return {"head": name, "delay_policy": self.cvr_policy.name,
+        meta = {"head": name, "delay_policy": self.cvr_policy.name,
                 "delays": self.delay_report(top_n)}
+        if self.config.conversion_types:
+            # "delays" stays the first type's report (what older readers expect).
+            meta.update(self._task_meta())
+            meta["delays_by_type"] = {t: self.delay_report(top_n, i)
+                                      for i, t in enumerate(self.cvr_tasks)}
+        return meta
 
     def _publish(self, clock: float) -> None:
         if not self._learned_since_publish:
@@ -385,7 +487,13 @@ class Pipeline:
             "pending": self.joiner.pending,
             "cvr": {"delay_policy": self.cvr_policy.report(),
                     "metrics": self.cvr_learner.metrics.report().as_dict(),
-                    "delays": self.delay_report()},
+                    "delays": self.delay_report(),
+                    **({"by_type": {
+                        t: {"delay_policy": self.cvr_policies[i].report(),
+                            "metrics": self.cvr_task_metrics[i].report().as_dict(),
+                            "other_type_conversions": self.stats.cvr_other_types}
+                        for i, t in enumerate(self.cvr_tasks)}}
+                       if self.config.conversion_types else {})},
         }
 
     # --- checkpointing -------------------------------------------------------------------
@@ -420,18 +528,32 @@ class Pipeline:
             **self._cvr_state(),
         }
 
+    def _policy_state(self, task: int) -> tuple[dict[str, Any], torch.Tensor]:
+        policy = self.cvr_policies[task].state()
+        payloads = policy.pop("payloads")
+        rows = torch.tensor(payloads, dtype=torch.int64).reshape(-1, self.spec.num_fields)
+        return policy, rows
+
     def _cvr_state(self) -> dict[str, Any]:
         nf = self.spec.num_fields
-        policy = self.cvr_policy.state()
-        payloads = policy.pop("payloads")
+        policy, policy_rows = self._policy_state(0)
         ready = self._cvr_ready
+        types: dict[str, Any] = {}
+        if self.config.conversion_types:
+            # Per type: [policy, its rows, monitor, progressive metrics]. The first type is
+            # also under the one-task keys, which `ctrloop delay-report` reads.
+            types["cvr_types"] = list(self.cvr_tasks)
+            types["cvr_task_state"] = [
+                [*self._policy_state(i), self.cvr_monitors[i].state(),
+                 self.cvr_task_metrics[i].state()] for i in range(len(self.cvr_tasks))]
         return {
+            **types,
             "cvr_learner": self.cvr_learner.state_dict(),
             "cvr_metrics": self.cvr_learner.metrics.state(),
             "cvr_policy": policy,
-            "cvr_policy_rows": torch.tensor(payloads, dtype=torch.int64).reshape(-1, nf),
+            "cvr_policy_rows": policy_rows,
             "cvr_ready": [[s.impression_id, s.click_ts, s.label, s.weight, s.release_ts, s.kind,
-                           s.key] for s in ready],
+                           s.key, s.task] for s in ready],
             "cvr_ready_rows": torch.tensor([s.payload for s in ready],
                                            dtype=torch.int64).reshape(-1, nf),
             "advertiser_names": [[k, v] for k, v in self.advertiser_names.items()],
@@ -444,19 +566,32 @@ class Pipeline:
     def _restore_cvr(self, state: dict[str, Any]) -> None:
         if "cvr_policy" not in state:  # a checkpoint from before pCVR: start it fresh
             return
+        saved = tuple(state.get("cvr_types", ()))
+        if saved != self.config.conversion_types:
+            raise ConfigError(
+                f"the checkpoint's pCVR learns conversion types {list(saved) or 'any (one task)'}"
+                f", this trainer {list(self.config.conversion_types) or 'any (one task)'}: set "
+                f"the same CTRLOOP_CONVERSION_TYPES, or start from a new checkpoint directory")
         self.cvr_learner.load_state_dict(state["cvr_learner"])
         window = (self.config.cvr_learner or self.config.learner).metrics_window
         self.cvr_learner.metrics = ProgressiveMetrics.from_state(state["cvr_metrics"], window)
-        policy = dict(state["cvr_policy"])
-        policy["payloads"] = state["cvr_policy_rows"].tolist()
-        self.cvr_policy.restore(policy)
+        if saved:
+            for i, (policy, rows, monitor, metrics) in enumerate(state["cvr_task_state"]):
+                self.cvr_policies[i].restore({**policy, "payloads": rows.tolist()})
+                self.cvr_monitors[i].restore(monitor)
+                self.cvr_task_metrics[i] = ProgressiveMetrics.from_state(metrics, window)
+        else:
+            self.cvr_policy.restore({**state["cvr_policy"],
+                                     "payloads": state["cvr_policy_rows"].tolist()})
+            if "cvr_monitor" in state:  # older checkpoints: the monitor starts fresh
+                self.cvr_monitor.restore(state["cvr_monitor"])
         self._cvr_ready = [
-            CvrSample(iid, float(cts), float(label), float(w), row, float(rts), str(kind), key)
-            for (iid, cts, label, w, rts, kind, key), row in
+            CvrSample(iid, float(cts), float(label), float(w), row, float(rts), str(kind), key,
+                      int(rest[0]) if rest else 0)
+            for (iid, cts, label, w, rts, kind, key, *rest), row in
             zip(state["cvr_ready"], state["cvr_ready_rows"].tolist(), strict=True)]
         self.advertiser_names = {int(k): str(v) for k, v in state["advertiser_names"]}
-        if "cvr_monitor" in state:  # older checkpoints: the monitor starts fresh
-            self.cvr_monitor.restore(state["cvr_monitor"])
+        if "cvr_monitor" in state:
             self._unscored_clicks = [
                 (str(iid), key, float(ts), row) for (iid, key, ts), row in
                 zip(state["cvr_unscored_clicks"], state["cvr_unscored_rows"].tolist(),

@@ -81,14 +81,23 @@ class PredictionWriter:
     """One line per impression: the pCTR and (given by `pcvr` / `pctr_var` just before) the
     pCVR and the std of the pCTR logit of the last published snapshot."""
 
-    def __init__(self, f: IO[bytes]) -> None:
+    def __init__(self, f: IO[bytes], conversion_types: tuple[str, ...] = ()) -> None:
+        """With `conversion_types`, the pCVR has one column per type: "pcvr" is the first
+        type's, "pcvr_by_type" names them all."""
         self.f = f
         self.count = 0
-        self._pcvr: list[float] | None = None
+        self.types = conversion_types
+        self._pcvr: list[bytes] | None = None
         self._std: list[float] | None = None
 
     def pcvr(self, ids: list[str], preds: np.ndarray, version: str) -> None:
-        self._pcvr = preds.tolist()
+        dumps = orjson.dumps
+        if preds.ndim == 1:
+            self._pcvr = [b',"pcvr":' + dumps(c) for c in preds.tolist()]
+            return
+        self._pcvr = [b',"pcvr":' + dumps(row[0]) + b',"pcvr_by_type":'
+                      + dumps(dict(zip(self.types, row, strict=True)))
+                      for row in preds.tolist()]
 
     def pctr_var(self, ids: list[str], row_var: np.ndarray, version: str) -> None:
         # float64 sum: the std written is the one a reader recomputes from the row variances.
@@ -106,7 +115,7 @@ class PredictionWriter:
             lines = (b'{"impression_id":' + dumps(i) + p + tail
                      for i, p in zip(ids, pctr, strict=True))
         else:
-            lines = (b'{"impression_id":' + dumps(i) + p + b',"pcvr":' + dumps(c) + tail
+            lines = (b'{"impression_id":' + dumps(i) + p + c + tail
                      for i, p, c in zip(ids, pctr, pcvr, strict=True))
         self.f.write(b"".join(lines))
         self.count += len(ids)
@@ -122,6 +131,22 @@ def load_converted(truth: Path) -> set[str]:
     return out
 
 
+def load_converted_by_type(truth: Path) -> dict[str, set[str]]:
+    """Per conversion type, the impression ids that eventually convert (a truth file of a
+    simulation with several types: its "conversions" map)."""
+    out: dict[str, set[str]] = {}
+    with open(truth, "rb") as f:
+        for line in f:
+            if b'"conversions"' not in line:
+                continue
+            rec = orjson.loads(line)
+            for t, c in rec["conversions"].items():
+                ids = out.setdefault(t, set())
+                if c.get("converted"):
+                    ids.add(rec["impression_id"])
+    return out
+
+
 def replay(events: Path, outputs: ReplayOutputs, spec: FeatureSpec | None = None,
            config: PipelineConfig | None = None, seed: int = 0,
            progress: Callable[[dict[str, Any]], None] | None = None,
@@ -129,11 +154,12 @@ def replay(events: Path, outputs: ReplayOutputs, spec: FeatureSpec | None = None
     """`truth` (a simulator truth file) is read only by the `oracle` delay policy."""
     if not events.exists():
         raise ConfigError(f"events file {events} does not exist")
-    converted = None
+    converted: set[str] | dict[str, set[str]] | None = None
     if config is not None and config.delay_policy == "oracle":
         if truth is None:
             raise ConfigError("delay policy 'oracle' reads the truth: pass --truth")
-        converted = load_converted(truth)
+        converted = (load_converted_by_type(truth) if config.conversion_types
+                     else load_converted(truth))
     torch.set_num_threads(1)  # small minibatches: threads cost more than they give; determinism
     inferred = spec is None
     if spec is None:
@@ -142,7 +168,7 @@ def replay(events: Path, outputs: ReplayOutputs, spec: FeatureSpec | None = None
     counts: dict[str, int] = {}
     start = time.perf_counter()
     with open(outputs.predictions, "wb") as pf, open(outputs.rejects, "wb") as rf:
-        writer = PredictionWriter(pf)
+        writer = PredictionWriter(pf, config.conversion_types if config is not None else ())
         pipe = Pipeline(spec, config, served=writer, seed=seed, served_cvr=writer.pcvr,
                         converted=converted, served_var=writer.pctr_var)
         for i, event in enumerate(read_events(events, rf, counts), start=1):

@@ -47,6 +47,11 @@ class LearningSettings(BaseSettings):
     # simulator's truth and exists for replay measurements only.
     delay_policy: str = Field("variance", description="variance, fixed:SECONDS, naive, fnw, "
                               "oracle (replay with --truth only)")
+    # Several conversion types as tasks of one pCVR model (STEM), each with its own delay
+    # statistics and window. Empty: one task, and every conversion counts whatever its type.
+    conversion_types: str = Field("", description="comma-separated conversion types learned as "
+                                  "tasks of one pCVR model, e.g. signup,purchase (empty: one "
+                                  "task, any type)")
 
     # The GP posterior over the pCTR logit (ctrloop/posterior.py, docs/exploration.md). The
     # per-field prior variances of the simulator's id fields are built in (measured); the
@@ -67,9 +72,20 @@ class LearningSettings(BaseSettings):
         except ConfigError as e:
             raise ValueError(str(e)) from None
 
+    @field_validator("conversion_types")
+    @classmethod
+    def _types(cls, v: str) -> str:
+        names = [t.strip() for t in v.split(",") if t.strip()]
+        if len(set(names)) != len(names):
+            raise ValueError(f"conversion types must be distinct, got {v!r}")
+        if any(len(t) > 64 for t in names):
+            raise ValueError("a conversion type is at most 64 characters")
+        return ",".join(names)
+
     def pipeline_config(self) -> PipelineConfig:
         hparams = {"dim": self.dim} if self.model == "fwfm" else {}
         return PipelineConfig(
+            conversion_types=tuple(t for t in self.conversion_types.split(",") if t),
             publish_interval=self.publish_interval,
             allowed_lateness=self.allowed_lateness,
             warmup=self.warmup,

@@ -9,8 +9,9 @@ from ctrloop.features import FeatureSpec
 from ctrloop.models.base import CTRModel
 from ctrloop.models.fwfm import FwFM
 from ctrloop.models.lr import LogisticRegression
+from ctrloop.models.stem import StemFwFM
 
-MODELS: dict[str, type[CTRModel]] = {m.name: m for m in (FwFM, LogisticRegression)}
+MODELS: dict[str, type[CTRModel]] = {m.name: m for m in (FwFM, LogisticRegression, StemFwFM)}
 
 
 def build_model(name: str, spec: FeatureSpec, **hparams: Any) -> CTRModel:
@@ -23,4 +24,4 @@ def build_model(name: str, spec: FeatureSpec, **hparams: Any) -> CTRModel:
         raise ConfigError(f"bad hyper-parameters for model {name!r}: {e}") from None
 
 
-__all__ = ["MODELS", "CTRModel", "FwFM", "LogisticRegression", "build_model"]
+__all__ = ["MODELS", "CTRModel", "FwFM", "LogisticRegression", "StemFwFM", "build_model"]

@@ -81,6 +81,9 @@ class HashEmbedding(nn.Module):
 
 class CTRModel(nn.Module):
     name: ClassVar[str]
+    # Multi-task models (one logit per conversion type, [B, T]) name their outputs here; a
+    # single-output model ([B]) leaves it empty.
+    tasks: tuple[str, ...] = ()
 
     def __init__(self, spec: FeatureSpec, **hparams: Any) -> None:
         super().__init__()

@@ -2,10 +2,12 @@
 
 from ctrloop.sim.stream import generate, uniform_policy, write_files
 from ctrloop.sim.world import (
+    CONVERSION_MIXES,
     Ad,
     Advertiser,
     Context,
     Conversion,
+    ConversionType,
     Request,
     RequestBatch,
     World,
@@ -14,10 +16,12 @@ from ctrloop.sim.world import (
 )
 
 __all__ = [
+    "CONVERSION_MIXES",
     "Ad",
     "Advertiser",
     "Context",
     "Conversion",
+    "ConversionType",
     "Request",
     "RequestBatch",
     "World",

@@ -5,7 +5,9 @@ eligible ads go to the service, the service ranks them and logs the top `n_slots
 impressions, and the driver decides — with the world's true CTR of each shown ad at its
 position — whether and when the user clicks. Clicks (and whatever conversions the world draws
 for them) are posted to `/v1/events` when their time comes, so the trainer sees the same
-stream a production service would, delays included.
+stream a production service would, delays included. A click may lead to several conversions,
+one per conversion type of the world's `conversion_mix` (`DriverConfig.conversion_mix`); each
+is posted with its `conversion_type`.
 
 Because the truth behind every impression is known, the driver can say how good the served
 ranking is, not just how many clicks it got: per time bucket it tracks the *expected* CTR of
@@ -36,7 +38,15 @@ import numpy as np
 import orjson
 
 from ctrloop.metrics import auc
-from ctrloop.sim.world import Ad, Request, RequestBatch, World, WorldConfig, seed_sequence
+from ctrloop.sim.world import (
+    CONVERSION_MIXES,
+    Ad,
+    Request,
+    RequestBatch,
+    World,
+    WorldConfig,
+    seed_sequence,
+)
 
 log = logging.getLogger(__name__)
 
@@ -164,6 +174,7 @@ class DriverStats:
     clicks_sent: int = 0
     conversions_drawn: int = 0
     conversions_sent: int = 0
+    conversions_drawn_by_type: Counter[str] = field(default_factory=Counter)
     event_posts: int = 0
     event_retries: int = 0
     events_rejected: int = 0
@@ -266,6 +277,7 @@ class DriverStats:
             "clicks_drawn": self.clicks_drawn, "clicks_sent": self.clicks_sent,
             "conversions_drawn": self.conversions_drawn,
             "conversions_sent": self.conversions_sent,
+            "conversions_drawn_by_type": dict(self.conversions_drawn_by_type),
             "events_sent": self.clicks_sent + self.conversions_sent,
             "pending_events": pending_events,
             "requests_per_s": self.requests / elapsed,
@@ -351,12 +363,17 @@ class DriverConfig:
     # Ask for Thompson-sampled rankings (the service decides: global switch, caps, a model
     # with a posterior); the logged impressions then carry the propensities `ctrloop ope` needs.
     explore: bool = True
+    # The world's conversion types (a key of CONVERSION_MIXES), when the driver builds the
+    # world itself (no `world_config` given).
+    conversion_mix: str = "single"
 
     def __post_init__(self) -> None:
         if not 0 < self.rate <= 10_000:
             raise ValueError("rate must be in (0, 10000] requests per second")
         if self.max_in_flight < 1 or self.bucket_s <= 0 or self.batch_interval_s <= 0:
             raise ValueError("max_in_flight >= 1, bucket_s > 0 and batch_interval_s > 0")
+        if self.conversion_mix not in CONVERSION_MIXES:
+            raise ValueError(f"conversion_mix must be one of {sorted(CONVERSION_MIXES)}")
 
 
 class LiveDriver:
@@ -375,7 +392,8 @@ class LiveDriver:
         self.config = cfg = config or DriverConfig()
         self._clock = clock
         start = clock()
-        self.world = World(world_config or WorldConfig(seed=cfg.seed, start_ts=start))
+        self.world = World(world_config or WorldConfig(seed=cfg.seed, start_ts=start,
+                                                       conversion_mix=cfg.conversion_mix))
         self.stats = DriverStats(started_at=start, bucket_s=cfg.bucket_s,
                                  keep_last=cfg.keep_last)
         self._rng = np.random.default_rng(seed_sequence(cfg.seed, SEED_LIVE_CLICKS))
@@ -519,6 +537,7 @@ class LiveDriver:
                    request.ts)
         for conv in self.world.sample_conversions(self._conv_rng, request.user_index, ad, click_ts):
             self.stats.conversions_drawn += 1
+            self.stats.conversions_drawn_by_type[conv.conversion_type] += 1
             self._push({"type": "conversion", "impression_id": impression_id, "ts": conv.ts,
                         "conversion_type": conv.conversion_type}, request.ts)
 

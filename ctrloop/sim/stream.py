@@ -9,6 +9,12 @@ when its impression is shown, with its delay) and each conversion (drawn when it
 with its conversion delay and its advertiser's reporting delay; the event's ts is when it is
 *reported*) from a heap of pending events once event time passes it. Work is vectorised per
 batch of requests; only building the dicts is per event.
+
+Conversion events carry their `conversion_type`. With several types (`WorldConfig.
+conversion_mix`, e.g. "funnel"), a click may lead to one conversion of each type, and the truth
+of an impression gains a "conversions" key: type name -> {"cvr", "converted", "conversion_ts",
+"conversion_reported_ts"}; the top-level fields of those names describe the first type. In a
+"single" world the truth has no "conversions" key, so its files are as before types existed.
 """
 
 from __future__ import annotations
@@ -74,6 +80,8 @@ def _stream(world: World, n_impressions: int) -> Iterator[tuple[Kind, Event, Tru
     conversions = np.random.default_rng(seed_sequence(seed, SEED_CONVERSIONS))
     mean_gap = 1.0 / world.request_rate
     reporting = [p.reporting for p in world.conversion_profiles]
+    types = world.conversion_types
+    multi = len(types) > 1  # only then the truth has "conversions" (single stays as it was)
     ads = world.ads
     # (ts, seq, kind, event): seq breaks ts ties in push order, so output is deterministic.
     pending: list[tuple[float, int, Kind, Event]] = []
@@ -88,15 +96,20 @@ def _stream(world: World, n_impressions: int) -> Iterator[tuple[Kind, Event, Tru
         imp_ts = batch.ts[rows]
         ctr = world.true_ctr_batch(batch, rows, ad_idx, pos)
         click_ts = world.sample_clicks(clicks, ctr, imp_ts)
-        cvr = np.round(world.true_cvr_batch(batch.user[rows], ad_idx), 8).tolist()
+        if multi:
+            by_type = {name: np.round(v, 8).tolist() for name, v in
+                       world.true_cvr_by_type_batch(batch.user[rows], ad_idx).items()}
+            cvr = by_type[types[0]]
+        else:
+            cvr = np.round(world.true_cvr_batch(batch.user[rows], ad_idx), 8).tolist()
         req_feats = world.request_features(batch)
         req_ids = batch.request_ids.tolist()
         users = batch.user.tolist()
         propensity = (1.0 / batch.n_candidates[rows]).tolist()
-        for r, p, a, ts, prop, c, cts, cv in zip(
+        for j, (r, p, a, ts, prop, c, cts, cv) in enumerate(zip(
             rows.tolist(), pos.tolist(), ad_idx.tolist(), imp_ts.tolist(), propensity,
             np.round(ctr, 8).tolist(), click_ts.tolist(), cvr, strict=True,
-        ):
+        )):
             while pending and pending[0][0] <= ts:
                 _, _, kind, ev = heapq.heappop(pending)
                 yield kind, ev, None
@@ -129,6 +142,12 @@ def _stream(world: World, n_impressions: int) -> Iterator[tuple[Kind, Event, Tru
                 "conversion_reported_ts": None,
                 "reporting": reporting[ad.advertiser_index],
             }
+            if multi:
+                truth["conversions"] = {
+                    name: {"cvr": by_type[name][j], "converted": False, "conversion_ts": None,
+                           "conversion_reported_ts": None}
+                    for name in types
+                }
             if clicked:
                 heapq.heappush(pending, (cts, seq, "click", {"impression_id": iid, "ts": cts}))
                 seq += 1
@@ -137,9 +156,14 @@ def _stream(world: World, n_impressions: int) -> Iterator[tuple[Kind, Event, Tru
                           "conversion_type": conv.conversion_type}
                     heapq.heappush(pending, (conv.ts, seq, "conversion", ev))
                     seq += 1
-                    truth["converted"] = True
-                    truth["conversion_ts"] = conv.occurred_ts
-                    truth["conversion_reported_ts"] = conv.ts
+                    if conv.conversion_type == types[0]:
+                        truth["converted"] = True
+                        truth["conversion_ts"] = conv.occurred_ts
+                        truth["conversion_reported_ts"] = conv.ts
+                    if multi:
+                        truth["conversions"][conv.conversion_type].update(
+                            converted=True, conversion_ts=conv.occurred_ts,
+                            conversion_reported_ts=conv.ts)
             yield "impression", event, truth
             emitted += 1
             if emitted == n_impressions:
@@ -175,8 +199,20 @@ def write_files(
     events_path: str | os.PathLike[str],
     truth_path: str | os.PathLike[str],
 ) -> dict[str, Any]:
-    """Write the events (JSONL with "type", ordered by ts) and the truth; return a summary."""
+    """Write the events (JSONL with "type", ordered by ts) and the truth; return a summary.
+
+    The summary's "conversions" counts conversion events of every type, and
+    "conversion_rate_of_clicks" is that count per click; "mean_true_cvr_of_clicks" is the first
+    type's (the truth's "cvr"). With several conversion types it also has "conversion_types":
+    type name -> {"conversions", "conversion_rate_of_clicks", "mean_true_cvr_of_clicks",
+    "median_delay_s" (click to conversion), "median_report_delay_s" (click to report)}.
+    """
     world = World(config)
+    types = world.conversion_types
+    multi = len(types) > 1
+    # Per type: ([true-rate sum over clicks, conversions], delays, report delays).
+    by_type: dict[str, tuple[list[float], list[float], list[float]]] = {
+        name: ([0.0, 0.0], [], []) for name in types}
     dumps = orjson.dumps
     nl = orjson.OPT_APPEND_NEWLINE
     counts = {"impression": 0, "click": 0, "conversion": 0}
@@ -210,6 +246,15 @@ def write_files(
                 if truth["clicked"]:
                     clicked += 1
                     cvr_sum += truth["cvr"]
+                    if multi:
+                        for name, tc in truth["conversions"].items():
+                            sums, delays, report_delays = by_type[name]
+                            sums[0] += tc["cvr"]
+                            if tc["converted"]:
+                                sums[1] += 1
+                                delays.append(tc["conversion_ts"] - truth["click_ts"])
+                                report_delays.append(
+                                    tc["conversion_reported_ts"] - truth["click_ts"])
                     if truth["click_ts"] - truth["ts"] <= CLICK_WINDOW_S:
                         clicked_in_window += 1
                 if len(tr_buf) >= WRITE_CHUNK:
@@ -221,7 +266,7 @@ def write_files(
         ev_f.write(b"".join(ev_buf))
         tr_f.write(b"".join(tr_buf))
     n = counts["impression"]
-    return {
+    summary: dict[str, Any] = {
         "seed": config.seed,
         "impressions": n,
         "clicks": counts["click"],
@@ -243,3 +288,16 @@ def write_files(
         "new_ads": sum(config.start_ts < a.created_ts <= last_imp_ts for a in world.ads),
         "impressions_on_new_ads": new_ad_impressions,
     }
+    if multi:
+        summary["conversion_types"] = {
+            name: {
+                "conversions": int(sums[1]),
+                "conversion_rate_of_clicks": sums[1] / clicked if clicked else math.nan,
+                "mean_true_cvr_of_clicks": sums[0] / clicked if clicked else math.nan,
+                "median_delay_s": float(np.median(delays)) if delays else math.nan,
+                "median_report_delay_s": (float(np.median(report_delays)) if report_delays
+                                          else math.nan),
+            }
+            for name, (sums, delays, report_delays) in by_type.items()
+        }
+    return summary

@@ -14,14 +14,27 @@ and ad ids) and the position it was shown in, so a good model can approach the o
             + a small per-user effect (learnable only through `user.id`)
     ctr   = sigmoid(logit) · position_bias[position - 1]
 
-Conversions (per click, at most one) have a true CVR built the same way, from features a model
-sees (category, landing, creative, interest match, age × category, engagement) plus advertiser
-and ad effects learnable through the ids. Each advertiser has its own conversion-delay
-distribution (lognormal, median log-uniform in minutes to half a day, capped at the attribution
-horizon) and reporting behaviour: `streaming` advertisers report each conversion seconds after
-it happens; `bursty` ones upload everything since the last upload at irregular times (gaps
-uniform in 6–48 h), so their reported conversions arrive in spikes (`bursty_share` sets the mix).
+Conversions (per click) have a true CVR built the same way, from features a model sees
+(category, landing, creative, interest match, age × category, engagement) plus advertiser and ad
+effects learnable through the ids. Each advertiser has its own conversion-delay distribution
+(lognormal, median log-uniform in minutes to half a day, capped at the attribution horizon) and
+reporting behaviour: `streaming` advertisers report each conversion seconds after it happens;
+`bursty` ones upload everything since the last upload at irregular times (gaps uniform in
+6–48 h), so their reported conversions arrive in spikes (`bursty_share` sets the mix).
 All conversion draws come from seed streams of their own, so a seed's clicks do not change.
+
+Conversion types (`WorldConfig.conversion_mix`, presets in `CONVERSION_MIXES`): "single" is one
+type, "default", at most once per click — the world as it was before types existed, draw for
+draw. "funnel" has a frequent, fast "signup" (always reported streaming) and a rare, slow
+"purchase" (reported as its advertiser reports). Each type t has its own true logit
+
+    logit_t = bias_t + a_t · z_shared + z_t
+
+where z_shared is the CVR logit above (without its bias) and z_t a type-specific per-ad and
+per-advertiser effect, so the types' rates are correlated but not equal: what a shared
+(multi-task) model learns about one type helps with the other. bias_t is calibrated so the mean
+rate over (user, active ad) pairs is the type's base rate. Given the click, each type converts
+independently (a purchase does not need a signup: a simplification), at most once per type.
 
 Ads retire and new ads arrive continuously; a new ad's quality is drawn afresh, so nothing
 but its own impressions tells a model how good it is — the reason exploration is needed.
@@ -85,9 +98,74 @@ SEED_ADVERTISERS = 5
 SEED_CVR_STRUCTURE = 6  # conversion effects: drawn apart so the CTR world stays byte-identical
 SEED_CVR_ADS = 7  # per-ad conversion quality, drawn in ad-index order
 SEED_CVR_CALIBRATION = 8
+# Conversion types' own effects, child t per type: new streams, so adding types leaves every
+# draw above (and the "single" mix's conversions) where it was.
+SEED_CVR_TYPE_ADS = 9  # per-ad type-specific effects, drawn in ad-index order
 # Child streams of an advertiser's own seed (SEED_ADVERTISERS, i, k).
 ADV_SEED_PROFILE = 0
 ADV_SEED_UPLOADS = 1
+ADV_SEED_TYPES = 2  # (SEED_ADVERTISERS, i, ADV_SEED_TYPES, t): type t's effect and delay median
+
+
+TypeReporting = Literal["streaming", "advertiser"]
+
+
+@dataclass(frozen=True, slots=True)
+class ConversionType:
+    """One kind of conversion a click can lead to: one task of a multi-task pCVR model.
+
+    `base_cvr` and the delay-median range left None take the WorldConfig's values (`base_cvr`,
+    `conversion_delay_median_min_s` / `_max_s`), and the delay median is then the advertiser's
+    own profile's: that is how the "single" mix reproduces the world from before types.
+    reporting "streaming": reported seconds after it happens whatever the advertiser does (an
+    in-app event, say); "advertiser": as the advertiser reports (bursty ones upload in bursts).
+    The type's logit is `bias + shared_weight · z_shared + z_type`, z_type a per-ad plus a
+    per-advertiser effect, each normal with sd `specific_sd`.
+    """
+
+    name: str
+    base_cvr: float | None = None  # mean rate over (user, active ad) pairs, per click
+    delay_median_min_s: float | None = None  # per-advertiser median delay: log-uniform in
+    delay_median_max_s: float | None = None  # [min, max], capped at the attribution horizon
+    reporting: TypeReporting = "advertiser"
+    shared_weight: float = 1.0
+    specific_sd: float = 0.0
+
+    def __post_init__(self) -> None:
+        if not self.name:
+            raise ValueError("a conversion type needs a name")
+        if self.base_cvr is not None and not 0 < self.base_cvr < 1:
+            raise ValueError(f"conversion type {self.name!r}: base_cvr must be in (0, 1)")
+        if (self.delay_median_min_s is None) != (self.delay_median_max_s is None):
+            raise ValueError(f"conversion type {self.name!r}: give both delay bounds or none")
+        if self.delay_median_min_s is not None and self.delay_median_max_s is not None and not (
+                0 < self.delay_median_min_s <= self.delay_median_max_s):
+            raise ValueError(f"conversion type {self.name!r}: need 0 < delay min <= max")
+        if self.reporting not in ("streaming", "advertiser"):
+            raise ValueError(f"conversion type {self.name!r}: reporting must be 'streaming' "
+                             "or 'advertiser'")
+        if self.specific_sd < 0:
+            raise ValueError(f"conversion type {self.name!r}: specific_sd must be >= 0")
+
+    @property
+    def own_delays(self) -> bool:
+        """Whether the type draws its own delay medians (else the advertiser profile's)."""
+        return self.delay_median_min_s is not None
+
+
+# The first type of a mix is the one `true_cvr_batch` and the truth's top-level fields describe.
+# A new mix is one entry here (and a `--conversion-mix` choice, which reads these keys).
+CONVERSION_MIXES: dict[str, tuple[ConversionType, ...]] = {
+    "single": (ConversionType("default"),),
+    "funnel": (
+        ConversionType("signup", base_cvr=0.10, delay_median_min_s=120.0,
+                       delay_median_max_s=3600.0, reporting="streaming", shared_weight=0.7,
+                       specific_sd=0.3),
+        ConversionType("purchase", base_cvr=0.02, delay_median_min_s=3600.0,
+                       delay_median_max_s=2 * 86_400.0, reporting="advertiser",
+                       shared_weight=1.0, specific_sd=0.3),
+    ),
+}
 
 
 def seed_sequence(seed: int, *key: int) -> np.random.SeedSequence:
@@ -122,8 +200,12 @@ class WorldConfig:
     click_delay_sigma: float = 1.7  # ~1.3% of clicks come later than 15 minutes
     click_delay_min_s: float = 0.5
     click_delay_max_s: float = 86_400.0  # bounds how long a click stays pending
-    # Conversions (per click). base_cvr 0 turns them off.
+    # Conversions (per click). base_cvr 0 turns them off, every type of every mix.
     base_cvr: float = 0.08  # mean true CVR over clicks, hit by calibrating the CVR bias
+    # Which conversion types a click can lead to: a key of CONVERSION_MIXES. "single" is one
+    # type ("default", at base_cvr); "funnel" is "signup" (~10%, fast, streamed) and
+    # "purchase" (~2%, hours to days, reported as the advertiser reports).
+    conversion_mix: str = "single"
     advertiser_cvr_sd: float = 0.5  # per-advertiser CVR effect, shared by its ads
     ad_cvr_sd: float = 0.4  # per-ad CVR effect, learnable only through ad.id
     # The conversion mix: the share of advertisers that upload conversions in bursts at
@@ -162,6 +244,9 @@ class WorldConfig:
             raise ValueError("need 0 < click_delay_min_s <= median <= max")
         if not 0 <= self.base_cvr < 1 or not 0 <= self.bursty_share <= 1:
             raise ValueError("base_cvr must be in [0, 1) and bursty_share in [0, 1]")
+        if self.conversion_mix not in CONVERSION_MIXES:
+            raise ValueError(f"conversion_mix must be one of {sorted(CONVERSION_MIXES)}, "
+                             f"not {self.conversion_mix!r}")
         if not (0 < self.conversion_delay_median_min_s <= self.conversion_delay_median_max_s
                 <= self.conversion_horizon_s):
             raise ValueError("need 0 < conversion delay median min <= max <= horizon")
@@ -169,6 +254,10 @@ class WorldConfig:
             raise ValueError("need 0 < burst_gap_min_s <= burst_gap_max_s")
         if self.report_lag_median_s < 0 or self.conversion_delay_sigma < 0:
             raise ValueError("report_lag_median_s and conversion_delay_sigma must be >= 0")
+
+    @property
+    def conversion_type_specs(self) -> tuple[ConversionType, ...]:
+        return CONVERSION_MIXES[self.conversion_mix]
 
     @property
     def max_slots(self) -> int:
@@ -265,7 +354,12 @@ Reporting = Literal["streaming", "bursty"]
 
 @dataclass(frozen=True, slots=True)
 class ConversionProfile:
-    """How one advertiser's conversions happen and get reported."""
+    """How one advertiser's conversions happen and get reported.
+
+    In `World.conversion_profiles` it is the advertiser's own (cvr_effect: its shared CVR
+    effect); in `World.type_profiles[t]` the advertiser's for conversion type t (cvr_effect:
+    the type-specific effect z_t; reporting: resolved, "streaming" for streamed types).
+    """
 
     cvr_effect: float
     delay_median_s: float
@@ -573,10 +667,58 @@ class World:
         self._cvr_ads_rng = np.random.default_rng(seed_sequence(cfg.seed, SEED_CVR_ADS))
         self._ad_cvr_main = np.zeros(0, np.float64)
         self._ad_adv = np.zeros(0, np.int64)
-        self.cvr_bias = 0.0
+        self._build_conversion_types()
+        self.cvr_biases = tuple(0.0 for _ in self._type_specs)
         if cfg.base_cvr > 0:
-            self.cvr_bias = self._calibrate_cvr_bias(
+            self.cvr_biases = self._calibrate_cvr_biases(
                 np.random.default_rng(seed_sequence(cfg.seed, SEED_CVR_CALIBRATION)))
+        self.cvr_bias = self.cvr_biases[0]  # the first type's, as `true_cvr_batch` is
+
+    def _build_conversion_types(self) -> None:
+        """Per type: base rate, per-advertiser profiles and type-specific effects.
+
+        Only new streams are drawn from (the advertisers' ADV_SEED_TYPES children and
+        SEED_CVR_TYPE_ADS), so a mix never moves a click or the shared CVR effects.
+        """
+        cfg = self.config
+        self._type_specs = cfg.conversion_type_specs
+        self.conversion_types: tuple[str, ...] = tuple(t.name for t in self._type_specs)
+        self._type_base_cvr = tuple(cfg.base_cvr if t.base_cvr is None else t.base_cvr
+                                    for t in self._type_specs)
+        self.type_profiles: tuple[tuple[ConversionProfile, ...], ...] = tuple(
+            tuple(self._type_profile(t, spec, i) for i in range(len(self.conversion_profiles)))
+            for t, spec in enumerate(self._type_specs)
+        )
+        self._adv_type_effect = [np.asarray([p.cvr_effect for p in profs], np.float64)
+                                 for profs in self.type_profiles]
+        # A type with no specific effects (the "single" mix's) needs no per-ad stream.
+        self._type_ads_rngs = [
+            np.random.default_rng(seed_sequence(cfg.seed, SEED_CVR_TYPE_ADS, t))
+            if spec.specific_sd > 0 else None
+            for t, spec in enumerate(self._type_specs)
+        ]
+        self._ad_type_effect = [np.zeros(0, np.float64) for _ in self._type_specs]
+
+    def _type_profile(self, t: int, spec: ConversionType, index: int) -> ConversionProfile:
+        """Advertiser `index`'s profile for conversion type `t` (`spec`)."""
+        cfg = self.config
+        prof = self.conversion_profiles[index]
+        reporting: Reporting = "streaming" if spec.reporting == "streaming" else prof.reporting
+        if spec.specific_sd == 0 and not spec.own_delays:
+            # Nothing of its own to draw: exactly the advertiser's profile (the "single" mix).
+            return ConversionProfile(0.0, prof.delay_median_s, prof.delay_sigma, reporting)
+        rng = np.random.default_rng(
+            seed_sequence(cfg.seed, SEED_ADVERTISERS, index, ADV_SEED_TYPES, t))
+        # Both drawn always, in this order, so one knob of a type never shifts the other draw.
+        effect = spec.specific_sd * float(rng.standard_normal())
+        u = float(rng.random())
+        median = prof.delay_median_s
+        if spec.delay_median_min_s is not None and spec.delay_median_max_s is not None:
+            horizon = cfg.conversion_horizon_s
+            lo = math.log(min(spec.delay_median_min_s, horizon))
+            hi = math.log(min(spec.delay_median_max_s, horizon))
+            median = math.exp(lo + u * (hi - lo))
+        return ConversionProfile(effect, median, cfg.conversion_delay_sigma, reporting)
 
     def _conversion_profile(self, index: int) -> ConversionProfile:
         cfg = self.config
@@ -607,6 +749,11 @@ class World:
         adv = np.asarray([self._ads[i].advertiser_index for i in idx.tolist()], np.int64)
         self._ad_cvr_main = np.concatenate([self._ad_cvr_main, main])
         self._ad_adv = np.concatenate([self._ad_adv, adv])
+        for t, spec in enumerate(self._type_specs):
+            rng = self._type_ads_rngs[t]
+            own = (np.zeros(idx.shape[0]) if rng is None
+                   else spec.specific_sd * rng.standard_normal(idx.shape[0]))
+            self._ad_type_effect[t] = np.concatenate([self._ad_type_effect[t], own])
 
     def _cvr_logit(self, user: IntArray, ads: IntArray) -> FloatArray:
         self._ensure_ad_cvr(int(ads.max()) + 1 if ads.size else 0)
@@ -615,36 +762,79 @@ class World:
                 + self._cvr_interest_match * (self._u_interest[user] == cat)
                 + self._cvr_age_cat[self._u_age[user], cat] + self._cvr_user[user])
 
-    def _calibrate_cvr_bias(self, rng: np.random.Generator) -> float:
-        """The CVR bias that makes the mean true CVR of (user, active ad) pairs `base_cvr`."""
+    def _type_logit(self, t: int, ads: IntArray, z: FloatArray) -> FloatArray:
+        """Type t's logit without its bias: a_t · z_shared + its own ad and advertiser effects.
+
+        `ads` must be covered by `_ensure_ad_cvr` (`_cvr_logit` of them does it).
+        """
+        spec = self._type_specs[t]
+        if spec.shared_weight == 1.0 and spec.specific_sd == 0:
+            return z  # the "single" mix: exactly the shared logit, bit for bit
+        return (spec.shared_weight * z + self._ad_type_effect[t][ads]
+                + self._adv_type_effect[t][self._ad_adv[ads]])
+
+    def _calibrate_cvr_biases(self, rng: np.random.Generator) -> tuple[float, ...]:
+        """Per type, the bias that makes the mean true rate of (user, active ad) pairs the
+        type's base rate. One sample serves every type (the first type's as before types)."""
         n = 20_000
         user = _draw(rng, self._user_cdf, n)
         ads = self._pool[rng.integers(0, self._pool.shape[0], n)]
         z = self._cvr_logit(user, ads)
-        lo, hi = -20.0, 20.0
-        for _ in range(80):
-            mid = 0.5 * (lo + hi)
-            if float(np.mean(_sigmoid(mid + z))) < self.config.base_cvr:
-                lo = mid
-            else:
-                hi = mid
-        return 0.5 * (lo + hi)
+        biases: list[float] = []
+        for t, target in enumerate(self._type_base_cvr):
+            zt = self._type_logit(t, ads, z)
+            lo, hi = -20.0, 20.0
+            for _ in range(80):
+                mid = 0.5 * (lo + hi)
+                if float(np.mean(_sigmoid(mid + zt))) < target:
+                    lo = mid
+                else:
+                    hi = mid
+            biases.append(0.5 * (lo + hi))
+        return tuple(biases)
+
+    def true_cvr_by_type_batch(self, user: IntArray, ads: IntArray) -> dict[str, FloatArray]:
+        """P(conversion of each type | click) of ad index `ads[j]` clicked by user `user[j]`,
+        by type name in `conversion_types` order."""
+        if self.config.base_cvr <= 0:
+            return {name: np.zeros(np.shape(ads), np.float64) for name in self.conversion_types}
+        user = np.asarray(user, np.int64)
+        ads = np.asarray(ads, np.int64)
+        z = self._cvr_logit(user, ads)
+        return {name: _sigmoid(self.cvr_biases[t] + self._type_logit(t, ads, z))
+                for t, name in enumerate(self.conversion_types)}
 
     def true_cvr_batch(self, user: IntArray, ads: IntArray) -> FloatArray:
-        """P(conversion | click) of ad index `ads[j]` clicked by user `user[j]`."""
+        """P(conversion | click) of ad index `ads[j]` clicked by user `user[j]`, for the first
+        conversion type (the only one in the "single" mix)."""
         if self.config.base_cvr <= 0:
             return np.zeros(np.shape(ads), np.float64)
         user = np.asarray(user, np.int64)
         ads = np.asarray(ads, np.int64)
-        return _sigmoid(self.cvr_bias + self._cvr_logit(user, ads))
+        return _sigmoid(self.cvr_bias + self._type_logit(0, ads, self._cvr_logit(user, ads)))
 
     def true_cvr(self, user_index: int, ad: Ad) -> float:
+        """`true_cvr_batch` of one click: the first conversion type's rate."""
         return float(self.true_cvr_batch(np.asarray([user_index]), np.asarray([ad.index]))[0])
 
+    def true_cvr_by_type(self, user_index: int, ad: Ad) -> dict[str, float]:
+        """`true_cvr_by_type_batch` of one click."""
+        rates = self.true_cvr_by_type_batch(np.asarray([user_index]), np.asarray([ad.index]))
+        return {name: float(v[0]) for name, v in rates.items()}
+
     def report_ts(self, advertiser_index: int, occurred_ts: float,
-                  rng: np.random.Generator) -> float:
-        """When a conversion that happened at `occurred_ts` is reported to the ad system."""
-        if self.conversion_profiles[advertiser_index].reporting == "bursty":
+                  rng: np.random.Generator, conversion_type: str | None = None) -> float:
+        """When a conversion that happened at `occurred_ts` is reported to the ad system.
+
+        By the advertiser's reporting behaviour, or by `conversion_type`'s when given (a
+        streamed type is reported seconds later even by a bursty advertiser).
+        """
+        if conversion_type is None:
+            reporting = self.conversion_profiles[advertiser_index].reporting
+        else:
+            t = self.conversion_types.index(conversion_type)
+            reporting = self.type_profiles[t][advertiser_index].reporting
+        if reporting == "bursty":
             return round(self._uploads[advertiser_index].next_upload(occurred_ts), 3)
         lag = float(rng.exponential(self.config.report_lag_median_s / math.log(2)))
         return round(occurred_ts + lag, 3)
@@ -877,17 +1067,29 @@ class World:
 
     def sample_conversions(self, rng: np.random.Generator, user_index: int, ad: Ad,
                            click_ts: float) -> tuple[Conversion, ...]:
-        """The conversion (at most one, of type "default") that follows a click.
+        """The conversions that follow a click: at most one per type, in `conversion_types`
+        order (so none, one or several; "single" mix: at most one, of type "default").
 
-        Whether it converts is drawn with the true CVR; when it happens, from the advertiser's
-        delay distribution (capped at the attribution horizon); when it is reported, from the
-        advertiser's reporting behaviour (`report_ts`). Draws come only from `rng`, the caller's
-        conversion stream, and the advertiser's own upload schedule.
+        Per type, whether it converts is drawn with the type's true rate, independently of the
+        other types given the click; when it happens, from the advertiser's delay distribution
+        for the type (capped at the attribution horizon); when it is reported, from the type's
+        reporting (`report_ts`). Draws come only from `rng`, the caller's conversion stream,
+        and the advertiser's own upload schedule.
         """
-        if self.config.base_cvr <= 0 or rng.random() >= self.true_cvr(user_index, ad):
+        if self.config.base_cvr <= 0:
             return ()
-        prof = self.conversion_profiles[ad.advertiser_index]
-        delay = prof.delay_median_s * math.exp(prof.delay_sigma * float(rng.standard_normal()))
-        occurred = round(click_ts + min(delay, self.config.conversion_horizon_s), 3)
-        reported = self.report_ts(ad.advertiser_index, occurred, rng)
-        return (Conversion(ts=reported, occurred_ts=occurred),)
+        if len(self.conversion_types) == 1:
+            rates = [self.true_cvr(user_index, ad)]
+        else:
+            rates = list(self.true_cvr_by_type(user_index, ad).values())
+        out: list[Conversion] = []
+        for t, (name, p) in enumerate(zip(self.conversion_types, rates, strict=True)):
+            if rng.random() >= p:
+                continue
+            prof = self.type_profiles[t][ad.advertiser_index]
+            delay = prof.delay_median_s * math.exp(
+                prof.delay_sigma * float(rng.standard_normal()))
+            occurred = round(click_ts + min(delay, self.config.conversion_horizon_s), 3)
+            reported = self.report_ts(ad.advertiser_index, occurred, rng, name)
+            out.append(Conversion(ts=reported, conversion_type=name, occurred_ts=occurred))
+        return tuple(out)

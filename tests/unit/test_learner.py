@@ -29,6 +29,11 @@ def learner(name: str, seed: int = 0, **config: object) -> OnlineLearner:
     return OnlineLearner(build_model(name, SPEC, **hparams), cfg)
 
 
+def first_task(p: np.ndarray) -> np.ndarray:
+    """A multi-task model predicts [B, T]; these contract tests train its first task."""
+    return p[:, 0] if p.ndim == 2 else p
+
+
 def synthetic(n: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """CTR 40% for segment "hot" x ad kind "a", 2% otherwise; ctx.noise carries nothing."""
     rng = np.random.default_rng(seed)
@@ -65,7 +70,7 @@ def test_learns_a_simple_signal(name: str) -> None:
     cells = [("hot", "a"), ("hot", "b"), ("s1", "a"), ("s2", "b")]
     rows = np.asarray([enc.encode_features({"user.segment": s, "ctx.noise": "n1", "ad.kind": k})
                        for s, k in cells], dtype=np.int64)
-    p = lr.predict(rows)
+    p = first_task(lr.predict(rows))
     assert p[0] > 2 * max(p[1:]), p
     assert lr.samples_seen == len(y) and lr.positives_seen == int(y.sum())
     assert lr.metrics.report().samples == len(y)
@@ -79,19 +84,19 @@ def test_learn_returns_predictions_made_before_each_update(name: str) -> None:
     b = learner(name, batch_size=4)  # same seed: the same initial weights
     expected = []
     for start in range(0, 12, 4):
-        expected.append(b.predict(x[start:start + 4]))
+        expected.append(first_task(b.predict(x[start:start + 4])))
         b.learn(x[start:start + 4], y[start:start + 4])
     got = a.learn(x, y)
     np.testing.assert_allclose(got, np.concatenate(expected), rtol=1e-5)
     # ... and the weights did move: predicting again now gives something else.
-    assert not np.allclose(a.predict(x[:4]), expected[0], rtol=1e-3)
+    assert not np.allclose(first_task(a.predict(x[:4])), expected[0], rtol=1e-3)
 
 
 @pytest.mark.parametrize("name", NAMES)
 def test_single_batch_learn_equals_predict_before(name: str) -> None:
     x, y = synthetic(64, seed=2)
     lr = learner(name, batch_size=64)
-    before = lr.predict(x)
+    before = first_task(lr.predict(x))
     np.testing.assert_allclose(lr.learn(x, y), before, rtol=1e-5)
 
 
@@ -117,7 +122,7 @@ def test_empty_inputs(name: str) -> None:
     lr = learner(name)
     empty = np.zeros((0, SPEC.num_fields), dtype=np.int64)
     assert lr.learn(empty, np.zeros(0)).shape == (0,)
-    assert lr.predict(empty).shape == (0,)
+    assert lr.predict(empty).shape == ((0, 1) if name == "stem" else (0,))
     assert lr.samples_seen == 0
 
 
@@ -167,3 +172,42 @@ def test_one_checkpoint_restored_twice_gives_independent_learners(name: str) -> 
 def test_unknown_model_fails_when_configured() -> None:
     with pytest.raises(ConfigError, match="unknown model 'dnn'; choose one of"):
         LearnerConfig(model="dnn")
+
+
+def test_multi_task_learns_each_task_from_its_own_samples() -> None:
+    """Two tasks with opposite signals: each output follows its own task's labels."""
+    torch.manual_seed(0)
+    hp = {"tasks": ["signup", "purchase"], "dim": 4, "task_dim": 2}
+    lr = OnlineLearner(build_model("stem", SPEC, **hp),
+                       LearnerConfig(model="stem", hparams=hp, batch_size=128, sparse_lr=0.1,
+                                     dense_lr=0.01))
+    x, y = synthetic(8000, seed=4)
+    tasks = np.arange(len(y)) % 2
+    y = np.where(tasks == 1, 1.0 - y, y).astype(np.float32)  # purchase: the opposite signal
+    preds = lr.learn(x, y, tasks=tasks)
+    assert preds.shape == (len(y),)
+    enc = FeatureEncoder(SPEC)
+    hot = np.asarray([enc.encode_features({"user.segment": "hot", "ctx.noise": "n1",
+                                           "ad.kind": "a"}),
+                      enc.encode_features({"user.segment": "s1", "ctx.noise": "n1",
+                                           "ad.kind": "b"})], dtype=np.int64)
+    p = lr.predict(hot)
+    assert p.shape == (2, 2)
+    assert p[0, 0] > 2 * p[1, 0]  # signup: the hot cell converts (40% vs 2%)
+    assert p[0, 1] < p[1, 1] - 0.02  # purchase: it converts less (60% vs 98%)
+    # Pre-update predictions are those of the sample's own task.
+    x2, y2 = synthetic(8, seed=5)
+    t2 = np.array([0, 1] * 4)
+    before = lr.predict(x2)[np.arange(8), t2]
+    np.testing.assert_allclose(lr.learn(x2, y2, tasks=t2), before, rtol=1e-5)
+
+
+def test_task_indices_are_checked() -> None:
+    x, y = synthetic(4)
+    with pytest.raises(ValueError, match="single-task"):
+        learner("fwfm").learn(x, y, tasks=np.array([0, 1, 0, 0]))
+    torch.manual_seed(0)
+    hp = {"tasks": ["a", "b"], "dim": 4}
+    mt = OnlineLearner(build_model("stem", SPEC, **hp), LearnerConfig(model="stem", hparams=hp))
+    with pytest.raises(ValueError, match="task index"):
+        mt.learn(x, y, tasks=np.array([0, 2, 0, 0]))

@@ -44,7 +44,8 @@ def test_output_shape_and_finite(name: str, n: int) -> None:
     model = build(name).eval()
     with torch.no_grad():
         out = model(batch(n))
-    assert out.shape == (n,)
+    # Multi-task models give one logit per task.
+    assert out.shape == ((n, len(model.tasks)) if model.tasks else (n,))
     assert out.dtype == torch.float32
     assert torch.isfinite(out).all()
 
@@ -157,3 +158,64 @@ def test_hash_embedding_eval_records_nothing() -> None:
     table(torch.tensor([[1, 2]]))
     table.step(lr=1.0)
     assert torch.equal(table.weight, before)
+
+
+def _stem(tasks: tuple[str, ...] = ("signup", "purchase"), **hp: object) -> CTRModel:
+    torch.manual_seed(0)
+    model = build_model("stem", SPEC, tasks=list(tasks), **hp)
+    with torch.no_grad():  # non-zero linear weights, so every gradient path is exercised
+        for table in model.hash_embeddings():
+            table.weight.add_(torch.randn_like(table.weight) * 0.1)
+    return model
+
+
+def test_stem_task_specific_backward() -> None:
+    """A task's loss moves the shared rows and its own specific rows, never another task's
+    (STEM's "all forward, task-specific backward")."""
+    model = _stem(task_dim=3).train()
+    x = batch(16)
+    out = model(x)
+    assert out.shape == (16, 2)
+    out[:, 1].sum().backward()  # only the second task ("purchase") has a loss
+    (shared_rows,) = [r for _, r in model.table._touched]
+    (spec_rows,) = [r for _, r in model.task_table._touched]
+    assert shared_rows.grad is not None and shared_rows.grad.abs().sum() > 0
+    g = spec_rows.grad.reshape(spec_rows.shape[0], -1)
+    t, d = 2, 3
+    # columns: w_signup, w_purchase, e_signup (3), e_purchase (3)
+    assert g[:, 0].abs().sum() == 0 and g[:, t:t + d].abs().sum() == 0
+    assert g[:, 1].abs().sum() > 0 and g[:, t + d:].abs().sum() > 0
+    assert model.field_pair.grad[0].abs().sum() == 0 and model.field_pair.grad[1].abs().sum() > 0
+    assert model.bias.grad[0] == 0 and model.bias.grad[1] != 0
+    for table in model.hash_embeddings():
+        table.discard()
+
+
+def test_stem_every_task_sees_every_task_forward() -> None:
+    """Changing signup's specific embedding changes purchase's logit (all forward)."""
+    model = _stem(task_dim=2).eval()
+    x = batch(8)
+    with torch.no_grad():
+        before = model(x).clone()
+        model.task_table.weight[:, 2:4] += 0.5  # e_signup only
+        after = model(x)
+    assert not torch.allclose(before[:, 1], after[:, 1])
+
+
+def test_stem_task_dim_zero_is_shared_only_and_priors_per_task() -> None:
+    model = _stem(task_dim=0)
+    assert model.task_table.weight.shape[1] == 2  # a linear weight per task, nothing else
+    torch.manual_seed(0)
+    fresh = build_model("stem", SPEC, tasks=["a", "b"], prior_ctr=[0.1, 0.01]).eval()
+    with torch.no_grad():
+        p = torch.sigmoid(fresh(batch(256))).mean(0)
+    assert p[0].item() == pytest.approx(0.1, rel=0.05)
+    assert p[1].item() == pytest.approx(0.01, rel=0.05)
+    assert fresh.tasks == ("a", "b") and fresh.hparams["tasks"] == ["a", "b"]
+
+
+@pytest.mark.parametrize("hp", [{"tasks": []}, {"tasks": ["a", "a"]}, {"task_dim": -1},
+                                {"tasks": ["a", "b"], "prior_ctr": [0.1]}])
+def test_stem_bad_hyper_parameters(hp: dict[str, object]) -> None:
+    with pytest.raises(ConfigError, match="stem"):
+        build_model("stem", SPEC, **hp)
