@@ -230,7 +230,7 @@ def cmd_delay_report(args: argparse.Namespace) -> int:
         state = load_checkpoint(args.checkpoint_dir)
         if state is None:
             raise CtrloopError(f"no checkpoint in {args.checkpoint_dir}")
-        report = report_from_pipeline_state(state["pipeline"], args.top)
+        report = report_from_pipeline_state(state["pipeline"], args.top, args.conversion_type)
     else:
         from ctrloop.registry import RedisRegistry
 
@@ -238,6 +238,13 @@ def cmd_delay_report(args: argparse.Namespace) -> int:
         if record is None:
             raise CtrloopError(f"no pCVR model published under {args.namespace!r} yet")
         report = record.meta.get("delays")
+        if args.conversion_type is not None:
+            by_type = record.meta.get("delays_by_type") or {}
+            if args.conversion_type not in by_type:
+                raise CtrloopError(f"pCVR version {record.version} has no report of conversion "
+                                   f"type {args.conversion_type!r}; it has "
+                                   f"{', '.join(by_type) or 'one task for every type'}")
+            report = by_type[args.conversion_type]
         if report is None:
             raise CtrloopError(f"pCVR version {record.version} carries no delay report "
                                "(published by a trainer from before the report existed)")
@@ -381,6 +388,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--namespace", default="ctrloop", help="registry namespace (default ctrloop)")
     p.add_argument("--top", type=int, default=20,
                    help="advertisers by recent clicks shown; the rest pooled (default 20)")
+    p.add_argument("--conversion-type", help="with a pCVR learned per conversion type: this "
+                   "type's report (default the first type's)")
     p.add_argument("--json", action="store_true", help="the report as JSON")
     p.set_defaults(func=cmd_delay_report)
     return parser

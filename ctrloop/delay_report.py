@@ -331,12 +331,20 @@ def _fmt(v: Any, f: str) -> str:
     return f.format(v)
 
 
-def report_from_pipeline_state(state: dict[str, Any],
-                               top_n: int = DEFAULT_TOP_N) -> dict[str, Any]:
+def report_from_pipeline_state(state: dict[str, Any], top_n: int = DEFAULT_TOP_N,
+                               conversion_type: str | None = None) -> dict[str, Any]:
     """The report of a trainer checkpoint's pipeline state (`Pipeline.state()`), without
-    building the models: the policy and the monitor are rebuilt from their plain data."""
+    building the models: the policy and the monitor are rebuilt from their plain data. With
+    several conversion types, `conversion_type`'s (default the first type's)."""
     if "cvr_policy" not in state:
         raise ConfigError("this checkpoint has no pCVR state (written before pCVR existed)")
+    types = list(state.get("cvr_types", ()))
+    if conversion_type is not None and conversion_type != (types[0] if types else None):
+        if conversion_type not in types:
+            raise ConfigError(f"this checkpoint has no conversion type {conversion_type!r}; it "
+                              f"has {', '.join(types) or 'one task for every type'}")
+        policy_state, _, monitor_state, _ = state["cvr_task_state"][types.index(conversion_type)]
+        state = {**state, "cvr_policy": policy_state, "cvr_monitor": monitor_state}
     pstate = dict(state["cvr_policy"])
     config = PolicyConfig(**pstate["config"]) if "config" in pstate else None
     policy = build_policy(pstate["name"], config,

@@ -84,19 +84,16 @@ statistic. `ctrloop/delay_report.py` joins them with the model's calibration ove
 clicks into a bounded per-advertiser report (published with every pCVR snapshot, exported on
 the service's /metrics, printed by `ctrloop delay-report`).
 
-**Conversion types (designed, not built).** Today every conversion counts for its click
-whatever its `conversion_type`, and the first one decides the label (the simulator emits one
-type, "default"). The design for several types as tasks of one model, after the paper's STEM
-notes: the policy key becomes (advertiser, type), so each type has its own statistic and wait
-(a purchase uploaded in bursts waits; a registration reported live does not); a click is a
-pending sample *per configured type* and is released per type with that type's label, the
-retraction pair being per type too; samples carry a task index; the pCVR model shares the
-FwFM embeddings (plus a small task-specific embedding per type, STEM's "all forward,
-task-specific backward") and has one output per type, the loss of a sample touching only its
-task's output; the snapshot names its tasks, `/v1/score` returns `pcvr` as {type: value} and
-ranks by the type the request names. Missing for that: the task-indexed sample and learner, the
-multi-output model and its snapshot meta, the per-type response schema, and a simulator with
-several types of different delays and rates to measure it on.
+**Conversion types.** Without `conversion_types` (PipelineConfig; CTRLOOP_CONVERSION_TYPES),
+every conversion counts for its click whatever its type and the first one decides the label.
+With them, the pipeline holds one policy per type, so the policy key is in effect (advertiser,
+type): each type has its own statistic and wait (a purchase uploaded in bursts waits, a signup
+reported live does not). A click is a pending sample per type, released per type with that
+type's label, and the retraction pairs are per type too; samples carry the type's index
+(`CvrSample.task`), and the pCVR model is the multi-task STEM FwFM (ctrloop/models/stem.py,
+one output per type, a sample's loss touching only its type's output). Conversions of a type
+not listed are counted (`cvr_other_types`) and not learned. Memory: the pending and remembered
+clicks are held once per type (`max_clicks` is per type).
 """
 
 from __future__ import annotations

@@ -59,16 +59,19 @@ def evaluate(predictions: Path, truth: Path, click_window: float = 120.0,
     return out
 
 
-def load_cvr_truth(path: Path) -> dict[str, tuple[float, int, float, float, bool]]:
+def load_cvr_truth(path: Path, conversion_type: str | None = None
+                   ) -> dict[str, tuple[float, int, float, float, bool]]:
     """impression_id -> (true cvr, eventually converted, impression ts, ad created ts, bursty)
-    for the clicked impressions: pCVR is P(conversion | click), judged on clicks."""
+    for the clicked impressions: pCVR is P(conversion | click), judged on clicks. With
+    `conversion_type`, that type's rate and label (a truth file of several types)."""
     out: dict[str, tuple[float, int, float, float, bool]] = {}
     with open(path, "rb") as f:
         for line in f:
             if b'"clicked":true' not in line:
                 continue
             t = orjson.loads(line)
-            out[t["impression_id"]] = (float(t["cvr"]), int(bool(t["converted"])),
+            c = t if conversion_type is None else t["conversions"][conversion_type]
+            out[t["impression_id"]] = (float(c["cvr"]), int(bool(c["converted"])),
                                        float(t["ts"]), float(t["ad_created_ts"]),
                                        t.get("reporting") == "bursty")
     return out
@@ -95,20 +98,25 @@ def _cvr_metrics(pr: np.ndarray, tr: np.ndarray, y: np.ndarray) -> dict[str, Any
 
 
 def evaluate_cvr(predictions: Path, truth: Path, skip_s: float = 3 * 86_400.0,
-                 new_ad_s: float = 3 * 86_400.0, period_s: float = 86_400.0) -> dict[str, Any]:
+                 new_ad_s: float = 3 * 86_400.0, period_s: float = 86_400.0,
+                 conversion_type: str | None = None) -> dict[str, Any]:
     """Served pCVR on every clicked impression against its eventual conversion.
 
     Reported for all clicks after the first `skip_s` of event time (the cold start; "all" too),
     for new ads (younger than `new_ad_s` at the impression), for bursty and streaming
-    advertisers, and per `period_s` (bias over time)."""
-    truth_map = load_cvr_truth(truth)
+    advertisers, and per `period_s` (bias over time). With `conversion_type`, the pCVR of
+    that type (`pcvr_by_type`, or `pcvr` in a file of one type) against that type's truth."""
+    truth_map = load_cvr_truth(truth, conversion_type)
     rows = []
     with open(predictions, "rb") as f:
         for line in f:
             p = orjson.loads(line)
             t = truth_map.get(p["impression_id"])
-            if t is not None and "pcvr" in p:
-                rows.append((p["pcvr"], *t))
+            if t is None or "pcvr" not in p:
+                continue
+            by_type = p.get("pcvr_by_type")
+            rows.append((by_type[conversion_type] if conversion_type and by_type
+                         else p["pcvr"], *t))
     if not rows:
         return {"clicks": 0}
     a = np.asarray([r[:5] for r in rows], dtype=np.float64)

@@ -205,3 +205,20 @@ def test_bad_type_lists_are_refused() -> None:
         PipelineConfig(conversion_types=("a", "a"))
     with pytest.raises(ConfigError, match="pCTR"):
         Pipeline(FeatureSpec.infer([]), PipelineConfig(learner=LearnerConfig(model="stem")))
+
+
+def test_delay_report_per_type_from_a_checkpoint(events: list[Event], spec: FeatureSpec) -> None:
+    from ctrloop.delay_report import report_from_pipeline_state
+
+    pipe = Pipeline(spec, config("variance"))
+    for e in events:
+        pipe.process(e)
+    state = through_torch(pipe.state())
+    first = report_from_pipeline_state(state)
+    purchase = report_from_pipeline_state(state, conversion_type="purchase")
+    assert first == report_from_pipeline_state(state, conversion_type="signup")
+    assert first == pipe.delay_report()
+    assert purchase == pipe.delay_report(task=1)
+    assert purchase != first  # its own statistic (reports of purchases only)
+    with pytest.raises(ConfigError, match="no conversion type 'lead'"):
+        report_from_pipeline_state(state, conversion_type="lead")
