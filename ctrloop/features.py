@@ -23,6 +23,7 @@ from collections import Counter
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from functools import cached_property
+from operator import itemgetter
 from pathlib import Path
 from typing import Any, Literal
 
@@ -217,6 +218,7 @@ class FeatureEncoder:
         self._missing_row = list(spec.offsets)
         self._id_slots = [(self._slot[name], attr) for name, (attr, _, _) in ID_FIELDS.items()
                           if name in self._slot]
+        self._id_columns = frozenset(i for i, _ in self._id_slots)
         self.unknown_features = 0
         self.unknown_names: Counter[str] = Counter()
         self.type_mismatches = 0
@@ -279,12 +281,73 @@ class FeatureEncoder:
         `{**shared, **candidate features}` plus the three ids — so training sees exactly the
         indices that were served (tests/unit/test_features.py checks this).
         """
+        cands = candidates if isinstance(candidates, list) else list(candidates)
+        if not cands:
+            return np.zeros((0, self.spec.num_fields), dtype=np.int64)
         base = self.encode_features(shared)
+        rows = self._encode_columns(base, user_id, cands)
+        return rows if rows is not None else self._encode_rows(base, user_id, cands)
+
+    def _encode_columns(self, base: list[int], user_id: str,
+                        cands: list[tuple[str, str, Mapping[str, FeatureValue]]]
+                        ) -> np.ndarray | None:
+        """`encode_request` column by column, for the usual request: every candidate has the
+        same feature names, all in the spec and none an id field, and the shared features
+        carry no ad id. Then each column the candidates set is one C-level pass of cache
+        lookups, and only those columns are converted to int64: converting every row's ints
+        was ~40% of `_encode_rows` (100 candidates, 18 fields). None when it does not apply."""
+        slot, offsets = self._slot, self._offsets
+        names = cands[0][2].keys()
+        columns: list[int] = []
+        for name in names:
+            i = slot.get(name)
+            if i is None or i in self._id_columns:
+                return None  # unknown names are counted, ids filled: the general path
+            columns.append(i)
+        feats = [c[2] for c in cands]
+        # The same number of names as the first candidate, and each of its names (KeyError
+        # otherwise): the same names.
+        if sum(map(len, feats)) != len(columns) * len(cands):
+            return None
+        try:
+            values = [list(map(itemgetter(name), feats)) for name in names]
+        except KeyError:
+            return None
+        if any(attr != "user_id" and base[i] != offsets[i] for i, attr in self._id_slots):
+            return None  # the shared features set an ad's id: the general path
+        # Checked first, looked up after: a fallback must not count a type mismatch twice.
+        row = base.copy()
+        for i, attr in self._id_slots:
+            if attr == "user_id":
+                if row[i] == offsets[i]:
+                    row[i] = self._column(i, [user_id])[0]
+            else:
+                columns.append(i)
+                values.append([c[0] if attr == "ad_id" else c[1] for c in cands])
+        out = np.empty((len(cands), len(row)), dtype=np.int64)
+        out[:] = np.asarray(row, dtype=np.int64)
+        for i, vals in zip(columns, values, strict=True):
+            out[:, i] = self._column(i, vals)
+        return out
+
+    def _column(self, i: int, values: list[Any]) -> list[int]:
+        """Field i's index of each value; a null is the missing bucket (it overrides a shared
+        value)."""
+        idx: list[Any] = list(map(self._caches[i].get, values))  # None: not cached yet
+        if None in idx:
+            for j, value in enumerate(values):
+                if idx[j] is None:
+                    idx[j] = self._offsets[i] if value is None else self._index(i, value)
+        return idx
+
+    def _encode_rows(self, base: list[int], user_id: str,
+                     cands: list[tuple[str, str, Mapping[str, FeatureValue]]]) -> np.ndarray:
+        """`encode_request` candidate by candidate: any names, nulls, unknowns, ids."""
         slot, caches, offsets = self._slot, self._caches, self._offsets
         id_slots = self._id_slots
         ids = {"user_id": user_id}
         rows = []
-        for ad_id, advertiser_id, features in candidates:
+        for ad_id, advertiser_id, features in cands:
             row = base.copy()
             for name, value in features.items():
                 i = slot.get(name)
@@ -302,8 +365,6 @@ class FeatureEncoder:
                     idx = caches[i].get(value)
                     row[i] = idx if idx is not None else self._index(i, value)
             rows.append(row)
-        if not rows:
-            return np.zeros((0, self.spec.num_fields), dtype=np.int64)
         return np.asarray(rows, dtype=np.int64)
 
     def encode_many(self, imps: Iterable[Impression]) -> np.ndarray:

@@ -190,25 +190,31 @@ class DelayGauges(Collector):
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._report: dict[str, Any] | None = None
+        self._reports: dict[str, dict[str, Any]] = {}
 
-    def update(self, report: dict[str, Any] | None) -> None:
+    def update(self, report: dict[str, Any] | None,
+               by_type: dict[str, dict[str, Any]] | None = None) -> None:
+        """`by_type`: a pCVR head learned per conversion type has a report per type (labelled
+        `conversion_type`); a one-task head's single report is labelled "default"."""
         with self._lock:
-            self._report = report
+            self._reports = dict(by_type) if by_type else {"default": report} if report else {}
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
         with self._lock:
-            report = self._report
-        if not report:
+            reports = self._reports
+        if not reports:
             return
-        rows = [*report.get("advertisers", [])]
-        rows += [report[k] for k in ("other", "total") if report.get(k)]
+        rows = []
+        for ctype, report in reports.items():
+            for r in [*report.get("advertisers", []),
+                      *(report[k] for k in ("other", "total") if report.get(k))]:
+                rows.append((ctype, r))
         for name, help_, field_ in _DELAY_GAUGES:
-            g = GaugeMetricFamily(name, help_, labels=["advertiser"])
-            for r in rows:
+            g = GaugeMetricFamily(name, help_, labels=["advertiser", "conversion_type"])
+            for ctype, r in rows:
                 v = r.get(field_)
                 if v is not None:
-                    g.add_metric([str(r["advertiser"])], float(v))
+                    g.add_metric([str(r["advertiser"]), ctype], float(v))
             yield g
 
 

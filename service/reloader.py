@@ -190,6 +190,9 @@ class Reloader:
             new = load_verified(data, record, self.holder.expected_spec,
                                 "pinned" if pinned else "trained", self.holder.prior_ctr,
                                 served.encoder, self.holder.recent_rows())
+            if new.model is not None and new.model.tasks:
+                raise SnapshotError(f"version {version}: a multi-task model "
+                                    f"({new.model.name}) cannot serve pCTR")
         except SnapshotError as e:
             self._refused.add(version)
             self.stats.refused = sorted(self._refused)[-20:]

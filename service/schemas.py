@@ -102,6 +102,9 @@ class ScoreOptions(TypedDict, total=False):
     rank_by: Literal["bid_pctr", "pctr", "bid_pctr_pcvr"]
     """score = bid x pCTR (bid 1 when absent; the default), pCTR alone, or bid x pCTR x pCVR
     (expected value per impression of a conversion bid; needs a served pCVR model)"""
+    conversion_type: Annotated[str, StringConstraints(min_length=1, max_length=64)]
+    """the conversion type that `pcvr` (and ranking by bid_pctr_pcvr) is for, one of the
+    served pCVR model's types; default its first (needs a pCVR model learned per type)"""
 
 
 @with_config(ConfigDict(extra="forbid", allow_inf_nan=False, use_attribute_docstrings=True,
@@ -125,8 +128,11 @@ _checked_names: set[str] = set()
 
 def check_feature_names(req: ScoreRequest) -> str | None:
     """The contract's rule on names (1-128 characters); an error message or None."""
+    known = _checked_names.issuperset
     for feats in (req.get("features") or {}, *(c.get("features") or {}
                                                  for c in req["candidates"])):
+        if known(feats):
+            continue  # every name checked before: one C-level pass, not one per name
         for name in feats:
             if name not in _checked_names:
                 if not 0 < len(name) <= MAX_FEATURE_NAME_LEN:
@@ -148,7 +154,11 @@ class ScoredCandidate(BaseModel):
         None, description="P(this ad at this rank) under the serving policy: 1 for the "
                           "mean ranking; a Monte Carlo estimate over posterior draws for an "
                           "explored one (given for the top_k ranks; null without top_k)")
-    pcvr: float | None = Field(None, description="P(conversion | click), with a pCVR model")
+    pcvr: float | None = Field(None, description="P(conversion | click), with a pCVR model "
+                                                 "(of options.conversion_type, when per type)")
+    pcvr_by_type: dict[str, float] | None = Field(
+        None, description="P(conversion of each type | click), with a pCVR model learned per "
+                          "conversion type (CTRLOOP_CONVERSION_TYPES on the trainer)")
     pctr_mean: float | None = Field(
         None, description="posterior mean of the click probability, E[sigmoid(f)] (probit "
                           "approximation); with a posterior")

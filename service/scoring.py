@@ -36,10 +36,11 @@ class RowPosterior(Protocol):
 @dataclass(frozen=True)
 class Prediction:
     pctr: np.ndarray  # [C] sigmoid of the logit (the posterior mean's)
-    pcvr: np.ndarray | None = None
+    pcvr: np.ndarray | None = None  # [C] of the asked conversion type (or the one task)
     logit: np.ndarray | None = None  # [C] posterior mean of the logit; None for the prior
     rows: np.ndarray | None = None  # [C, F] the encoded rows that were scored
     row_var: np.ndarray | None = None  # [C, F] their posterior variances, when asked and known
+    pcvr_by_type: np.ndarray | None = None  # [C, T] with a per-type pCVR (`cvr_types`)
 
 
 @dataclass(frozen=True)
@@ -65,6 +66,12 @@ class ServedModel:
         return 0 if self.record is None else self.record.version
 
     @property
+    def cvr_types(self) -> tuple[str, ...]:
+        """The conversion types of the pCVR head, one output each; () for a one-task head
+        (every conversion counted) or none."""
+        return () if self.cvr is None else self.cvr.tasks
+
+    @property
     def posterior(self) -> RowPosterior | None:
         """The GP posterior of the logit published with this model; None for the prior and
         for snapshots from before exploration (ranked by the mean only)."""
@@ -83,10 +90,12 @@ class ServedModel:
 
     def predict_full(self, shared: dict[str, Any], user_id: str,
                      candidates: list[tuple[str, str, dict[str, Any]]], *,
-                     with_cvr: bool = True, with_variance: bool = False) -> Prediction:
+                     with_cvr: bool = True, with_variance: bool = False,
+                     conversion_type: str | None = None) -> Prediction:
         """Everything one request needs from the model: pCTR (and its logit), pCVR when a
-        head is loaded, and with `with_variance` and a posterior, each row's posterior
-        variance (all from the same encoded rows)."""
+        head is loaded (of `conversion_type`, one of `cvr_types`, default the first), and
+        with `with_variance` and a posterior, each row's posterior variance (all from the
+        same encoded rows)."""
         if self.model is None or self.encoder is None:
             return Prediction(np.full(len(candidates), self.prior_ctr))
         rows_np = self.encoder.encode_request(shared, user_id, candidates)
@@ -95,10 +104,15 @@ class ServedModel:
         with torch.inference_mode():
             logit = self.model(rows)
             pctr = torch.sigmoid(logit).double().numpy()
-            pcvr = (torch.sigmoid(self.cvr(rows)).double().numpy()
-                    if with_cvr and self.cvr is not None else None)
+            pcvr = by_type = None
+            if with_cvr and self.cvr is not None:
+                pcvr = torch.sigmoid(self.cvr(rows)).double().numpy()
+                if pcvr.ndim == 2:
+                    by_type = pcvr
+                    types = self.cvr.tasks
+                    pcvr = by_type[:, types.index(conversion_type) if conversion_type else 0]
             row_var = None if posterior is None else posterior.row_variance(rows).numpy()
-        return Prediction(pctr, pcvr, logit.double().numpy(), rows_np, row_var)
+        return Prediction(pctr, pcvr, logit.double().numpy(), rows_np, row_var, by_type)
 
     def describe(self) -> dict[str, Any]:
         d: dict[str, Any] = {"version": self.version, "status": self.status,
@@ -118,6 +132,10 @@ class ServedModel:
                 d[key] = meta[key]
         if self.cvr is not None and self.cvr_record is not None:
             d["pcvr"] = {"model": self.cvr.name, "checksum": self.cvr_record.checksum}
+            if self.cvr.tasks:
+                d["pcvr"]["conversion_types"] = list(self.cvr.tasks)
+                if "metrics_by_type" in self.cvr_record.meta:
+                    d["pcvr"]["metrics_by_type"] = self.cvr_record.meta["metrics_by_type"]
         return d
 
 
@@ -164,7 +182,9 @@ def load_verified(data: bytes, record: ModelRecord, expected_spec: FeatureSpec |
         rows = torch.cat([rows, extra_rows])
     with torch.inference_mode():
         out = model(rows)
-    if out.shape != (rows.shape[0],) or not bool(torch.isfinite(out).all()):
+    n = rows.shape[0]
+    if out.shape != ((n, len(model.tasks)) if model.tasks else (n,)) or \
+            not bool(torch.isfinite(out).all()):
         raise SnapshotError(f"version {record.version}: non-finite or misshapen outputs on "
                             "warm-up inputs")
     posterior = getattr(model, "posterior", None)

@@ -91,3 +91,50 @@ def test_the_trainer_publishes_the_pcvr_head_before_the_model() -> None:
     record = head.record(int(version))
     assert record is not None and record.meta["head"] == "pcvr"
     assert record.published_at <= registry.current().published_at  # type: ignore[union-attr]
+
+
+def _stem_head(registry: InMemoryRegistry, v: int, biases: list[float]) -> None:
+    m = build_model("stem", SPEC, tasks=["signup", "purchase"], dim=4, task_dim=2)
+    with torch.no_grad():
+        m.bias.copy_(torch.tensor(biases))
+    registry.head("pcvr").publish(v, encode_snapshot(m, v, {}),
+                                  {"metrics_by_type": {"signup": {}, "purchase": {}}})
+
+
+def test_pcvr_per_conversion_type() -> None:
+    """A multi-task pCVR head: `pcvr` is the asked type's (default the first), `pcvr_by_type`
+    gives every type, ranking by bid x pCTR x pCVR uses the asked type; unknown types are a
+    422 that names the known ones."""
+    registry = InMemoryRegistry()
+    app = create_app(ServiceSettings(), registry=registry, sink=RecordingSink())  # type: ignore[arg-type]
+    with TestClient(app) as c:
+        v = registry.next_version()
+        _stem_head(registry, v, [-1.0, -4.0])
+        registry.publish(v, encode_snapshot(_model(-3.0), v, {}), {})
+        app.state.service.reloader.check()
+        p = c.post("/v1/score", json=BODY).json()["candidates"]
+        # The trained-from-scratch head: bias + small random pair terms, so compare loosely.
+        for x in p:
+            assert set(x["pcvr_by_type"]) == {"signup", "purchase"}
+            assert x["pcvr"] == x["pcvr_by_type"]["signup"]
+            assert x["pcvr_by_type"]["signup"] > 3 * x["pcvr_by_type"]["purchase"]
+        r = c.post("/v1/score", json={**BODY, "options": {
+            "rank_by": "bid_pctr_pcvr", "conversion_type": "purchase"}}).json()["candidates"]
+        for x in r:
+            assert x["pcvr"] == x["pcvr_by_type"]["purchase"]
+            bid = {"a1": 1.0, "a2": 2.0}[x["ad_id"]]
+            assert abs(x["score"] - bid * x["pctr"] * x["pcvr"]) < 1e-12
+        bad = c.post("/v1/score", json={**BODY, "options": {"conversion_type": "lead"}})
+        assert bad.status_code == 422
+        assert "unknown conversion type 'lead'" in bad.json()["detail"]
+        assert "signup, purchase" in bad.json()["detail"]
+        served = c.get("/v1/models").json()["serving"]["pcvr"]
+        assert served["model"] == "stem"
+        assert served["conversion_types"] == ["signup", "purchase"]
+
+        _publish(registry, ctr_bias=-3.0, cvr_bias=-1.0)  # back to a one-task head
+        app.state.service.reloader.check()
+        one = c.post("/v1/score", json={**BODY, "options": {"conversion_type": "signup"}})
+        assert one.status_code == 422 and "one task" in one.json()["detail"]
+        assert all("pcvr_by_type" not in x
+                   for x in c.post("/v1/score", json=BODY).json()["candidates"])
