@@ -363,6 +363,15 @@ class StreamingTrainer:
                  "calib %.3f  model v%s  DLQ %d", self.counters.consumed,
                  self.counters.consumed / max(elapsed, 1e-9), p.stats.learned, p.joiner.pending,
                  m.logloss, m.auc, m.calibration, p.model_version, self.counters.dead_lettered)
+        behind = {f"{tp.topic}[{tp.partition}]": [self.offsets.get(tp, 0), hw]
+                  for tp in self.consumer.assignment()
+                  if (hw := self.consumer.highwater(tp)) is None or self.offsets.get(tp, 0) < hw}
+        if behind or self.consumer.paused():
+            # What holds event time back: partitions not read to their end ([offset, end])
+            # and the ones paused for being ahead of the others.
+            log.info("behind %s  paused %s  clock %s", behind,
+                     sorted(f"{tp.topic}[{tp.partition}]" for tp in self.consumer.paused()),
+                     p.tracker.clock)
 
 
 def run_trainer(settings: TrainerSettings, summary_out: Path | None = None) -> dict[str, Any]:
