@@ -464,7 +464,8 @@ class Pipeline:
         if self.config.conversion_types:
             # "delays" stays the first type's report (what older readers expect).
             meta.update(self._task_meta())
-            meta["delays_by_type"] = {t: self.delay_report(top_n, i)
+            meta["delays_by_type"] = {t: meta["delays"] if i == 0 else
+                                      self.delay_report(top_n, i)
                                       for i, t in enumerate(self.cvr_tasks)}
         return meta
 

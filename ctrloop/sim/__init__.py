@@ -1,6 +1,6 @@
 """Simulated ad world with a known true CTR, and the logged event streams it produces."""
 
-from ctrloop.sim.stream import generate, uniform_policy, write_files
+from ctrloop.sim.stream import generate, parsed_events, uniform_policy, write_files
 from ctrloop.sim.world import (
     CONVERSION_MIXES,
     Ad,
@@ -28,6 +28,7 @@ __all__ = [
     "WorldConfig",
     "feature_table",
     "generate",
+    "parsed_events",
     "uniform_policy",
     "write_files",
 ]

@@ -28,6 +28,8 @@ from typing import Any, Literal
 import numpy as np
 import orjson
 
+from ctrloop.events import Event as ParsedEvent
+from ctrloop.events import parse_event
 from ctrloop.sim.world import (
     IntArray,
     RequestBatch,
@@ -184,6 +186,13 @@ def generate(config: WorldConfig, n_impressions: int) -> Iterator[tuple[Event, T
     """
     for _, event, truth in _stream(World(config), n_impressions):
         yield event, truth
+
+
+def parsed_events(config: WorldConfig, n_impressions: int) -> Iterator[ParsedEvent]:
+    """The same stream as `generate`, as the trainer's typed events (each parsed by the kind
+    the simulator knows, not guessed from its keys)."""
+    for kind, event, _ in _stream(World(config), n_impressions):
+        yield parse_event(event, kind)
 
 
 _PREFIX: dict[Kind, bytes] = {

@@ -11,11 +11,11 @@ import pytest
 import torch
 
 from ctrloop.errors import ConfigError
-from ctrloop.events import Conversion, Event, Impression, parse_event
+from ctrloop.events import Conversion, Event, Impression
 from ctrloop.features import FeatureSpec
 from ctrloop.joining import JoinerConfig
 from ctrloop.learner import LearnerConfig
-from ctrloop.sim import CONVERSION_MIXES, ConversionType, WorldConfig, generate
+from ctrloop.sim import CONVERSION_MIXES, ConversionType, WorldConfig, parsed_events
 from ctrloop.snapshot import build_from_snapshot, decode_snapshot
 from trainer.pipeline import Pipeline, PipelineConfig
 
@@ -33,12 +33,7 @@ def events() -> list[Event]:
         world = WorldConfig(seed=5, impressions_per_second=20.0, base_ctr=0.2, base_cvr=0.3,
                             burst_gap_min_s=300.0, burst_gap_max_s=900.0, bursty_share=0.4,
                             conversion_mix="fast_funnel")
-        out: list[Event] = []
-        for d, truth in generate(world, 3000):
-            kind = ("impression" if truth is not None
-                    else "conversion" if "conversion_type" in d else "click")
-            out.append(parse_event(d, kind))
-    return out
+        return list(parsed_events(world, 3000))
 
 
 @pytest.fixture(scope="module")

@@ -10,11 +10,11 @@ import numpy as np
 import pytest
 import torch
 
-from ctrloop.events import Event, Impression, parse_event
+from ctrloop.events import Event, Impression
 from ctrloop.features import FeatureSpec
 from ctrloop.joining import JoinerConfig
 from ctrloop.learner import LearnerConfig
-from ctrloop.sim import WorldConfig, generate
+from ctrloop.sim import WorldConfig, parsed_events
 from trainer.pipeline import Pipeline, PipelineConfig
 
 FAST = WorldConfig(seed=4, impressions_per_second=20.0, base_ctr=0.2, base_cvr=0.3,
@@ -30,12 +30,7 @@ def config(policy: str) -> PipelineConfig:
 
 @pytest.fixture(scope="module")
 def events() -> list[Event]:
-    out: list[Event] = []
-    for d, truth in generate(FAST, 2500):
-        kind = ("impression" if truth is not None
-                else "conversion" if "conversion_type" in d else "click")
-        out.append(parse_event(d, kind))
-    return out
+    return list(parsed_events(FAST, 2500))
 
 
 @pytest.fixture(scope="module")

@@ -27,11 +27,11 @@ from ctrloop.delay_report import (
 )
 from ctrloop.delays import PolicyConfig, VariancePolicy, build_policy
 from ctrloop.errors import ConfigError
-from ctrloop.events import Event, Impression, parse_event
+from ctrloop.events import Event, Impression
 from ctrloop.features import FeatureSpec, Field
 from ctrloop.models import build_model
 from ctrloop.registry import InMemoryRegistry
-from ctrloop.sim import generate
+from ctrloop.sim import parsed_events
 from ctrloop.snapshot import encode_snapshot
 from service.app import create_app
 from service.settings import ServiceSettings
@@ -202,12 +202,7 @@ def test_variance_view_has_no_side_effects_and_shows_the_statistic() -> None:
 def _events() -> list[Event]:
     from test_conversions_pipeline import FAST
 
-    out: list[Event] = []
-    for d, truth in generate(FAST, 3000):
-        kind = ("impression" if truth is not None
-                else "conversion" if "conversion_type" in d else "click")
-        out.append(parse_event(d, kind))
-    return out
+    return list(parsed_events(FAST, 3000))
 
 
 @pytest.fixture(scope="module")

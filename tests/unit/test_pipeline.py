@@ -14,11 +14,11 @@ import pytest
 import torch
 
 from ctrloop.errors import ConfigError
-from ctrloop.events import Click, Conversion, Event, Impression, parse_event
+from ctrloop.events import Click, Conversion, Event, Impression
 from ctrloop.features import FeatureSpec
 from ctrloop.joining import JoinerConfig
 from ctrloop.learner import LearnerConfig
-from ctrloop.sim import WorldConfig, generate
+from ctrloop.sim import WorldConfig, parsed_events
 from trainer.pipeline import PRIOR_VERSION, CountingPublisher, Pipeline, PipelineConfig
 
 WINDOW = 10.0
@@ -31,12 +31,8 @@ CONFIG = PipelineConfig(
 
 
 def sim_events(n: int, seed: int = 3) -> list[Event]:
-    out: list[Event] = []
-    for d, truth in generate(WorldConfig(impressions_per_second=30, seed=seed, base_ctr=0.1), n):
-        kind = ("impression" if truth is not None
-                else "conversion" if "conversion_type" in d else "click")
-        out.append(parse_event(d, kind))
-    return out
+    return list(parsed_events(WorldConfig(impressions_per_second=30, seed=seed, base_ctr=0.1),
+                              n))
 
 
 @pytest.fixture(scope="module")

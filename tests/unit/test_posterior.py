@@ -25,7 +25,7 @@ from ctrloop.learner import LearnerConfig, OnlineLearner
 from ctrloop.models import build_model
 from ctrloop.posterior import LogitPosterior, PosteriorConfig
 from ctrloop.registry import InMemoryRegistry
-from ctrloop.sim import WorldConfig, generate, write_files
+from ctrloop.sim import WorldConfig, generate, parsed_events, write_files
 from ctrloop.snapshot import build_from_snapshot, decode_snapshot, encode_snapshot
 from trainer.pipeline import Pipeline, PipelineConfig
 from trainer.replay import outputs_for, replay
@@ -247,12 +247,8 @@ def test_the_learner_adds_the_curvature_of_its_pre_update_predictions() -> None:
 
 @pytest.fixture(scope="module")
 def events() -> list[Event]:
-    out: list[Event] = []
-    for d, truth in generate(WorldConfig(impressions_per_second=30, seed=4, base_ctr=0.1), 1500):
-        kind = ("impression" if truth is not None
-                else "conversion" if "conversion_type" in d else "click")
-        out.append(parse_event(d, kind))
-    return out
+    return list(parsed_events(WorldConfig(impressions_per_second=30, seed=4, base_ctr=0.1),
+                              1500))
 
 
 @pytest.fixture(scope="module")
