@@ -36,6 +36,11 @@ tests/integration/test_localservers.py):
   `offsets_for_times()` ignores record timestamps (it answers offset 0 with the append time,
   and offset 0 even for a time past the end) — do event-time alignment on the records' own
   timestamps, not with it. `beginning_offsets()` answers 0, which is right for a fresh broker.
+- kafka-python 3.0.7-3.0.12 bug (not Tansu's): records fetched for a partition that is then
+  paused are parked, and on resume they are put back only if the fetcher's "next records" slot
+  is `None`; a fully drained slot is falsy but not `None`, so the parked records stay parked
+  and the partition is never fetched again (it silently stops; seeks do not help). Call
+  `release_parked_records()` before each poll.
 """
 
 from __future__ import annotations
@@ -180,6 +185,23 @@ def make_consumer(
     if topic_list:
         consumer.subscribe(topic_list)
     return consumer
+
+
+def release_parked_records(consumer: KafkaConsumer) -> None:
+    """Let kafka-python put back records it parked for a partition that was paused.
+
+    Call before every `poll()` of a consumer that pauses and resumes partitions. The trainer
+    pauses partitions that run ahead in event time; with kafka-python 3.0.12 a resumed
+    partition stopped returning records mid-topic in about half the backlog runs
+    (tests/integration/test_kafka_pause.py reproduces it every time without this). Emptying
+    the drained "next records" slot lets the fetcher's own restore path run. It touches
+    private attributes: if a kafka-python release renames them this does nothing, and that
+    test tells.
+    """
+    fetcher = getattr(consumer, "_fetcher", None)
+    slot = getattr(fetcher, "_next_partition_records", None)
+    if slot is not None and not slot and getattr(fetcher, "_paused_partition_records", None):
+        fetcher._next_partition_records = None  # type: ignore[union-attr]
 
 
 def raw_consume_rate(

@@ -43,7 +43,12 @@ from kafka.structs import OffsetAndMetadata
 from ctrloop.errors import InvalidEvent
 from ctrloop.events import Impression, decode_event
 from ctrloop.features import FeatureSpec
-from ctrloop.kafkaio import create_topics, make_consumer, make_producer
+from ctrloop.kafkaio import (
+    create_topics,
+    make_consumer,
+    make_producer,
+    release_parked_records,
+)
 from ctrloop.registry import ModelRegistry, RedisRegistry
 from ctrloop.snapshot import encode_snapshot
 from trainer.checkpoint import load_checkpoint, save_checkpoint
@@ -196,6 +201,7 @@ class StreamingTrainer:
         idle_since: float | None = None
         try:
             while not self._stop:
+                release_parked_records(self.consumer)
                 polled = self.consumer.poll(timeout_ms=200, max_records=5000)
                 now = time.monotonic()
                 got = 0

@@ -39,11 +39,6 @@ def _events() -> list[tuple[str, dict]]:
     return out
 
 
-@pytest.mark.xfail(strict=False, reason=(
-    "OPEN BUG: catching up on a backlog, the trainer pauses partitions that run ahead in event "
-    "time, and in about half the runs the one left unpaused (impressions) stops returning "
-    "records mid-topic (kafka-python 3.0.12 against Tansu; a seek or disabling incremental "
-    "fetch sessions did not help), so event time stops and the trainer never idles out"))
 def test_streaming_trainer_learns_each_conversion_type(
     kafka_broker: KafkaBroker, redis_server: RedisServer, topic_prefix: str, tmp_path: Path
 ) -> None:
