@@ -6,8 +6,10 @@ messages that say what to do.
 from __future__ import annotations
 
 import argparse
+import faulthandler
 import json
 import logging
+import signal
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -209,6 +211,8 @@ def cmd_stack(args: argparse.Namespace) -> int:
     from ctrloop.stack import StackConfig, run_stack
 
     logging.getLogger("httpx").setLevel(logging.WARNING)  # a line per request otherwise
+    # `kill -USR1 <pid>` prints where every thread is: for a stack that does not stop.
+    faulthandler.register(signal.SIGUSR1, all_threads=True)
     config = StackConfig(workdir=args.workdir, port=args.port, workers=args.workers,
                          rate=args.rate, duration=args.duration, seed=args.seed,
                          simulator=args.simulator, click_window=args.click_window,

@@ -130,21 +130,29 @@ class ChildProcess:
     def exit_code(self) -> int | None:
         return None if self.proc is None else self.proc.poll()
 
-    def stop(self, timeout: float = STOP_TIMEOUT_S) -> int | None:
-        """SIGTERM to the group, wait, then SIGKILL whatever of the group is left."""
+    def terminate(self) -> None:
+        """SIGTERM to the group: the child stops gracefully (drain, checkpoint)."""
+        if self.proc is not None and self.proc.poll() is None:
+            _signal_group(self.proc.pid, signal.SIGTERM)
+
+    def wait_stopped(self, deadline: float) -> int | None:
+        """Wait until the monotonic `deadline`, then SIGKILL whatever of the group is left."""
         proc = self.proc
         if proc is None:
             return None
-        if proc.poll() is None:
-            _signal_group(proc.pid, signal.SIGTERM)
-            try:
-                proc.wait(timeout=timeout)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(timeout=5)
+        try:
+            proc.wait(timeout=max(deadline - time.monotonic(), 0.0))
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=5)
         # The leader's exit does not end its group: a uvicorn worker could outlive its master.
         _signal_group(proc.pid, signal.SIGKILL)
         return proc.returncode
+
+    def stop(self, timeout: float = STOP_TIMEOUT_S) -> int | None:
+        """SIGTERM to the group, wait, then SIGKILL whatever of the group is left."""
+        self.terminate()
+        return self.wait_stopped(time.monotonic() + timeout)
 
     def log_tail(self, n_bytes: int = 3000) -> str:
         if not self.log_path.exists():
@@ -214,12 +222,40 @@ class _Urls:
         return out
 
 
+class StopRequest:
+    """SIGINT/SIGTERM as a flag that startup checks between its steps.
+
+    Raising KeyboardInterrupt from the handler, wherever the main thread happened to be,
+    could land inside `subprocess.Popen` after the fork: the child ran on, untracked, and
+    nothing stopped it. A second signal still raises, for someone who will not wait.
+    """
+
+    def __init__(self) -> None:
+        self.signals = 0
+
+    def __call__(self, signum: int, frame: FrameType | None) -> None:
+        self.signals += 1
+        if self.signals > 1:
+            raise KeyboardInterrupt
+
+    @property
+    def requested(self) -> bool:
+        return self.signals > 0
+
+    def check(self) -> None:
+        """Unwind like Ctrl-C, at a point where every started process is tracked."""
+        if self.signals:
+            raise KeyboardInterrupt
+
+
 class Stack:
     """Servers and children of one `ctrloop stack` run; `close()` stops all of them."""
 
-    def __init__(self, config: StackConfig, out: IO[str]) -> None:
+    def __init__(self, config: StackConfig, out: IO[str],
+                 stop: StopRequest | None = None) -> None:
         self.config = config
         self.out = out
+        self.stop = stop or StopRequest()
         self.logs = config.workdir / "logs"
         self.kafka: KafkaBroker | None = None
         self.redis: RedisServer | None = None
@@ -238,11 +274,17 @@ class Stack:
             self.say(f"note: {note}")
         self._fresh_checkpoint_dir()
         self.say("starting Kafka (Tansu) and redis-server ...")
-        self.kafka = KafkaBroker(self.logs).start()
-        self.redis = RedisServer(self.logs).start()
+        self.kafka = KafkaBroker(self.logs)
+        self.kafka.start()
+        self.stop.check()
+        self.redis = RedisServer(self.logs)
+        self.redis.start()
+        self.stop.check()
         self._create_topics()
+        self.stop.check()
         env = self._child_env(port)
         self._spawn("trainer", ["train"], env)
+        self.stop.check()
         self._spawn("service", ["serve", "--port", str(port), "--workers", str(cfg.workers)],
                     env)
         url = f"http://{HOST}:{port}"
@@ -299,6 +341,7 @@ class Stack:
         deadline = time.monotonic() + READY_TIMEOUT_S
         with httpx.Client(timeout=2.0) as client:
             while time.monotonic() < deadline:
+                self.stop.check()
                 self.check_children()
                 with contextlib.suppress(httpx.HTTPError):
                     if client.get(f"{url}/readyz").status_code == 200:
@@ -316,13 +359,16 @@ class Stack:
                                  f"{child.log_path}:\n{child.log_tail()}")
 
     def close(self) -> None:
-        """Stop everything that was started, service first (it writes to Kafka), then the
-        trainer (it checkpoints), then the servers. Never raises on a child's behalf."""
-        for name in ("service", "trainer"):
-            child = self.children.get(name)
-            if child is not None:
-                with contextlib.suppress(Exception):
-                    self.exit_codes[name] = child.stop()
+        """Stop everything that was started: service and trainer together (one drains its
+        Kafka writes, the other checkpoints; both need the broker), then the servers. Never
+        raises on a child's behalf."""
+        deadline = time.monotonic() + STOP_TIMEOUT_S
+        for child in self.children.values():
+            with contextlib.suppress(Exception):
+                child.terminate()
+        for name, child in self.children.items():
+            with contextlib.suppress(Exception):
+                self.exit_codes[name] = child.wait_stopped(deadline)
         for server in (self.kafka, self.redis):
             if server is not None:
                 with contextlib.suppress(Exception):
@@ -433,6 +479,8 @@ async def _live(run: _Run, client: httpx.AsyncClient) -> None:
         request_stop()
 
     with stop_on_signals(interrupted):
+        if stack.stop.requested:  # a signal came between startup and this handler
+            interrupted()
         if driver is not None:
             await run_with_reports(driver, cfg.duration, cfg.view_interval_s, report)
         else:
@@ -467,17 +515,15 @@ async def _run_live(run: _Run) -> None:
 # ---------------------------------------------------------------------------- entry point
 
 @contextlib.contextmanager
-def _sigterm_as_interrupt() -> Iterator[None]:
-    """While starting and stopping, SIGTERM unwinds like Ctrl-C, so `finally` cleans up."""
-
-    def handler(signum: int, frame: FrameType | None) -> None:
-        raise KeyboardInterrupt
-
-    old = signal.signal(signal.SIGTERM, handler)
+def _signals_to(stop: StopRequest) -> Iterator[None]:
+    """While starting, SIGINT and SIGTERM set `stop` (the live view installs its own)."""
+    sigs = (signal.SIGINT, signal.SIGTERM)
+    old = {s: signal.signal(s, stop) for s in sigs}
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, old)
+        for s, h in old.items():
+            signal.signal(s, h)
 
 
 @contextlib.contextmanager
@@ -499,7 +545,7 @@ def run_stack(config: StackConfig, out: IO[str] = sys.stdout) -> dict[str, Any]:
     interrupted = False
     t0 = time.time()
     try:
-        with _sigterm_as_interrupt():
+        with _signals_to(stack.stop):
             urls = stack.start()
             stack.say(f"ctrloop stack is up after {time.time() - t0:.1f} s "
                       "(Ctrl-C stops everything):")
@@ -515,6 +561,7 @@ def run_stack(config: StackConfig, out: IO[str] = sys.stdout) -> dict[str, Any]:
                           f"served pCTR's AUC against the true CTR over the last "
                           f"{LAST_WINDOW_S:g} s")
             asyncio.run(_run_live(run))
+            interrupted = stack.stop.requested
     except KeyboardInterrupt:
         interrupted = True
     except (ServerError, OSError) as e:
