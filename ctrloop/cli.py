@@ -6,6 +6,7 @@ messages that say what to do.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import faulthandler
 import json
 import logging
@@ -212,7 +213,9 @@ def cmd_stack(args: argparse.Namespace) -> int:
 
     logging.getLogger("httpx").setLevel(logging.WARNING)  # a line per request otherwise
     # `kill -USR1 <pid>` prints where every thread is: for a stack that does not stop.
-    faulthandler.register(signal.SIGUSR1, all_threads=True)
+    # Only where stderr is a real file (not under pytest's capture, for one).
+    with contextlib.suppress(ValueError, OSError, AttributeError):
+        faulthandler.register(signal.SIGUSR1, file=sys.stderr.fileno(), all_threads=True)
     config = StackConfig(workdir=args.workdir, port=args.port, workers=args.workers,
                          rate=args.rate, duration=args.duration, seed=args.seed,
                          simulator=args.simulator, click_window=args.click_window,
