@@ -485,17 +485,16 @@ def _score(state: ServiceState, req: ScoreRequest, topic: str,
         state.budget.record(cost)
         state.metrics.explore_cost.observe(cost)
         info.update(draws=tr.draws, seed=seed, cost=cost)
-        score_l = tr.scores.tolist()
+        scores = tr.scores
     else:
         order = np.argsort(-value, kind="stable")
-        score_l = value.tolist()
-    state.metrics.explore_decisions.labels(explore).inc()
+        scores = value
+    state.metrics.explore_decision(explore).inc()
     if explore in _ELIGIBLE:
         state.metrics.explore_cost_avg.set(state.budget.avg_cost)
     if top_k is not None:
         order = order[:top_k]
     request_id = req.get("request_id") or _new_id()
-    pctr_l = pctr.tolist()
     order_l = order.tolist()
     if tr is None:
         # Deterministic ranking: the ad at each rank was chosen with probability 1.
@@ -504,9 +503,31 @@ def _score(state: ServiceState, req: ScoreRequest, topic: str,
         props = [None] * len(order_l)  # no top_k: no shown ranks to estimate
     else:
         props = tr.propensities.tolist()
-    out = [{"ad_id": cands[j][0], "rank": rank, "pctr": pctr_l[j], "score": score_l[j],
-            "propensity": p} for rank, (j, p) in enumerate(zip(order_l, props, strict=True),
-                                                         start=1)]
+    # Columns in rank order first, then one dict per candidate from a zip: indexing lists per
+    # item and adding keys afterwards cost ~60 us of a 100-candidate request.
+    ad_ids = [cands[j][0] for j in order_l]
+    ranks = range(1, len(order_l) + 1)
+    pctr_o = pctr[order].tolist()
+    score_o = scores[order].tolist()
+    if pred.logit_var is not None and pred.logit is not None:
+        # Only for the candidates returned (top_k of them when given), in rank order.
+        var = pred.logit_var[order]
+        mean_o = expected_pctr(pred.logit[order], var).tolist()
+        std_o = np.sqrt(var).tolist()
+        if tr is None:
+            out = [{"ad_id": a, "rank": r, "pctr": p, "score": sc, "propensity": q,
+                    "pctr_mean": m, "logit_std": sd}
+                   for a, r, p, sc, q, m, sd in zip(ad_ids, ranks, pctr_o, score_o, props,
+                                                    mean_o, std_o, strict=True)]
+        else:
+            sample_o = (1.0 / (1.0 + np.exp(-tr.logits[order]))).tolist()
+            out = [{"ad_id": a, "rank": r, "pctr": p, "score": sc, "propensity": q,
+                    "pctr_mean": m, "logit_std": sd, "pctr_sample": ps}
+                   for a, r, p, sc, q, m, sd, ps in zip(ad_ids, ranks, pctr_o, score_o, props,
+                                                        mean_o, std_o, sample_o, strict=True)]
+    else:
+        out = [{"ad_id": a, "rank": r, "pctr": p, "score": sc, "propensity": q}
+               for a, r, p, sc, q in zip(ad_ids, ranks, pctr_o, score_o, props, strict=True)]
     if pcvr is not None:
         pcvr_l = pcvr.tolist()
         for item, j in zip(out, order_l, strict=True):
@@ -515,17 +536,6 @@ def _score(state: ServiceState, req: ScoreRequest, topic: str,
             types = served.cvr_types
             for item, row in zip(out, pred.pcvr_by_type[order_l].tolist(), strict=True):
                 item["pcvr_by_type"] = dict(zip(types, row, strict=True))
-    if pred.row_var is not None and pred.logit is not None:
-        # Only for the candidates returned (top_k of them when given), in rank order.
-        var = pred.row_var[order].sum(axis=1, dtype=np.float64)
-        mean_l = expected_pctr(pred.logit[order], var).tolist()
-        std_l = np.sqrt(var).tolist()
-        sample_l = (None if tr is None
-                    else (1.0 / (1.0 + np.exp(-tr.logits[order]))).tolist())
-        for i, item in enumerate(out):
-            item["pctr_mean"], item["logit_std"] = mean_l[i], std_l[i]
-            if sample_l is not None:
-                item["pctr_sample"] = sample_l[i]
     records = []
     if log_on:
         ts = req.get("ts") or time.time()

@@ -41,6 +41,7 @@ class Prediction:
     rows: np.ndarray | None = None  # [C, F] the encoded rows that were scored
     row_var: np.ndarray | None = None  # [C, F] their posterior variances, when asked and known
     pcvr_by_type: np.ndarray | None = None  # [C, T] with a per-type pCVR (`cvr_types`)
+    logit_var: np.ndarray | None = None  # [C] float64 Sigma(x): row_var summed per candidate
 
 
 @dataclass(frozen=True)
@@ -55,6 +56,9 @@ class ServedModel:
     load_seconds: float = 0.0
     cvr: CTRModel | None = None  # the pCVR head published with this version, if any
     cvr_record: ModelRecord | None = None
+    # The posterior's variance of every embedding row, computed once at load: a served
+    # posterior never changes, and one gather is far cheaper than three torch ops a request.
+    row_var_table: np.ndarray | None = None
 
     @property
     def spec(self) -> FeatureSpec | None:
@@ -111,8 +115,13 @@ class ServedModel:
                     by_type = pcvr
                     types = self.cvr.tasks
                     pcvr = by_type[:, types.index(conversion_type) if conversion_type else 0]
-            row_var = None if posterior is None else posterior.row_variance(rows).numpy()
-        return Prediction(pctr, pcvr, logit.double().numpy(), rows_np, row_var, by_type)
+            row_var = logit_var = None
+            if posterior is not None:
+                row_var = (self.row_var_table[rows_np] if self.row_var_table is not None
+                           else posterior.row_variance(rows).numpy())
+                logit_var = row_var.sum(axis=1, dtype=np.float64)
+        return Prediction(pctr, pcvr, logit.double().numpy(), rows_np, row_var, by_type,
+                          logit_var)
 
     def describe(self) -> dict[str, Any]:
         d: dict[str, Any] = {"version": self.version, "status": self.status,
@@ -197,5 +206,7 @@ def load_verified(data: bytes, record: ModelRecord, expected_spec: FeatureSpec |
                                 "negative or misshapen variances on warm-up inputs")
     if encoder is None or encoder.spec.hash != snap.spec.hash:
         encoder = FeatureEncoder(snap.spec)  # same spec: keep the warm per-field hash caches
+    make_table = getattr(posterior, "variance_table", None)
+    table = None if make_table is None else make_table().numpy()
     return ServedModel(str(record.version), status, model, encoder, prior_ctr, record,
-                       load_seconds=time.perf_counter() - t0)
+                       load_seconds=time.perf_counter() - t0, row_var_table=table)

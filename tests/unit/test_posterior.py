@@ -53,6 +53,24 @@ def test_untouched_rows_keep_the_prior_times_the_scale() -> None:
     assert torch.equal(post.variance(x), post.row_variance(x).sum(1))
 
 
+def test_variance_table_gives_row_variance_exactly_for_every_row() -> None:
+    # The service gathers from this table instead of calling row_variance per request.
+    post = LogitPosterior(SPEC, CFG)
+    g = torch.Generator().manual_seed(3)
+    x = rows(*((int(a), int(b)) for a, b in zip(torch.randint(0, 8, (200,), generator=g),
+                                                  torch.randint(0, 16, (200,), generator=g),
+                                                  strict=True)))
+    post.advance(0.0)
+    post.update(x, torch.rand(200, generator=g))
+    post.advance(37.0)  # a faded posterior (decay != 1) too
+    for _ in range(2):
+        every = torch.stack([torch.arange(SPEC.offsets[0], SPEC.offsets[1]),
+                             torch.arange(SPEC.offsets[1], SPEC.offsets[1] + 8)], 1)
+        assert torch.equal(post.variance_table()[every], post.row_variance(every))
+        assert torch.equal(post.variance_table()[x], post.row_variance(x))
+        post.advance(1e9)  # renormalized
+
+
 def test_variance_falls_as_samples_touch_a_row_and_only_that_row() -> None:
     post = LogitPosterior(SPEC, CFG)
     seen, new = rows((1, 3)), rows((2, 4))
