@@ -16,11 +16,11 @@ from pathlib import Path
 import orjson
 import pytest
 
+from ctrloop.events import Click, Conversion, Impression, to_dict
 from ctrloop.kafkaio import create_topics, make_consumer, make_producer
 from ctrloop.localservers import KafkaBroker, RedisServer
 from ctrloop.registry import RedisRegistry
-from ctrloop.sim import WorldConfig
-from ctrloop.sim.stream import generate
+from ctrloop.sim import WorldConfig, parsed_events
 
 pytestmark = pytest.mark.integration
 
@@ -32,11 +32,8 @@ MALFORMED = [b"{not json", b'{"ts": 1767225600.0}', b'{"impression_id": "x", "ts
 
 def _events() -> list[dict]:
     cfg = WorldConfig(seed=7, impressions_per_second=200.0)
-    out = []
-    for event, truth in generate(cfg, N_IMPRESSIONS):
-        kind = "impression" if truth is not None else "click"
-        out.append({"kind": kind, **event})
-    return out
+    kinds = {Impression: "impression", Click: "click", Conversion: "conversion"}
+    return [{"kind": kinds[type(ev)], **to_dict(ev)} for ev in parsed_events(cfg, N_IMPRESSIONS)]
 
 
 def _expected(events: list[dict]) -> tuple[int, int]:
