@@ -8,8 +8,13 @@ FastAPI's default json.loads + validate, ../shared/docs/measured-here.md).
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal, NotRequired
+from collections.abc import Iterable, Sequence
+from itertools import repeat
+from operator import itemgetter
+from typing import Annotated, Any, Literal, NotRequired, cast, get_args
 
+import numpy as np
+import orjson
 from pydantic import (
     AfterValidator,
     BaseModel,
@@ -55,6 +60,7 @@ Bid = Annotated[float, Field(gt=0, le=1e9, allow_inf_nan=False,
                              description="what the advertiser pays per click; ranking uses 1 "
                                          "when absent")]
 HARD_MAX_CANDIDATES = 10_000  # the schema's bound; the configured limit is checked per request
+RankBy = Literal["bid_pctr", "pctr", "bid_pctr_pcvr"]
 
 _STRICT = ConfigDict(extra="forbid", allow_inf_nan=False, use_attribute_docstrings=True,
                      strict=True)  # "log": "yes" or "top_k": "3" are mistakes, not requests
@@ -99,7 +105,7 @@ class ScoreOptions(TypedDict, total=False):
     """return (and log) only the k best; default all candidates"""
     log: bool
     """write an impression event for each of the top_k to Kafka; needs top_k; default false"""
-    rank_by: Literal["bid_pctr", "pctr", "bid_pctr_pcvr"]
+    rank_by: RankBy
     """score = bid x pCTR (bid 1 when absent; the default), pCTR alone, or bid x pCTR x pCVR
     (expected value per impression of a conversion bid; needs a served pCVR model)"""
     conversion_type: Annotated[str, StringConstraints(min_length=1, max_length=64)]
@@ -141,6 +147,280 @@ def check_feature_names(req: ScoreRequest) -> str | None:
                 if len(_checked_names) < 100_000:
                     _checked_names.add(name)
     return None
+
+
+# --- Fast path for /v1/score --------------------------------------------------------------
+# `SCORE_REQUEST.validate_json` costs ~170 us for a 100-candidate body, most of it pydantic's
+# own JSON parsing (validating against `Any` costs as much). `fast_score_request` parses with
+# orjson and checks the common shapes with C-level passes over columns of values; whatever it
+# is not sure about goes back to pydantic, which also words the 4xx. Pydantic's strict-mode
+# semantics it mirrors (each verified against pydantic 2.13, see
+# tests/unit/test_fast_score_request.py):
+# - strict float (ts, bid) takes a JSON integer and returns it as a float; rejects true/false;
+# - strict int (top_k, seed) rejects 3.0 and true; bool (explore, log) only takes true/false;
+# - FeatureValue (left to right): true/false -> "true"/"false", 1 -> int, 1.0 -> float;
+#   ints and floats share the +-1e12 bound, so an out-of-range int also fails the float member;
+# - NaN/Infinity literals and overflowing floats (1e400) are rejected by both parsers;
+# - integers beyond 64 bits come out of orjson as floats of magnitude >= 2**63: outside every
+#   numeric bound here and not an int, so they can only fail, as they do in pydantic;
+# - lengths count code points (Python's len);
+# - duplicate keys: orjson and pydantic's TypedDicts keep the last value, but pydantic's dicts
+#   (features) validate every pair, so {"x": [], "x": 1} is rejected. Duplicates are ruled out
+#   by counting colons (see _request_ok).
+# Key order may differ from pydantic's (TypedDicts come back in declaration order); values,
+# types and equality do not.
+
+_REQUEST_KEYS = frozenset({"request_id", "user_id", "ts", "features", "candidates", "options"})
+_CANDIDATE_ROW = itemgetter("ad_id", "advertiser_id", "features", "bid")
+_AD_ID = itemgetter("ad_id")
+_ADVERTISER_ID = itemgetter("advertiser_id")
+_OPTION_KEYS = frozenset({"explore", "seed", "top_k", "log", "rank_by", "conversion_type"})
+_RANK_BY = frozenset(get_args(RankBy))
+_MAX_SEED = 2**63 - 1
+_MAX_OPTION_CONVERSION_TYPE_LEN = 64  # ScoreOptions.conversion_type's bound
+_NUMBERS = frozenset({int, float})
+_FEATURE_VALUE_TYPES = frozenset({str, bool, int, float, type(None)})
+_BID_TYPES = frozenset({int, float, type(None)})
+_COLON = ord(":")
+_DICT_ONLY = frozenset({dict})
+_STR_OR_NONE = frozenset({str, type(None)})
+
+
+class _SlowPath(Exception):
+    """Not certain the request is valid (or certain it is not): let pydantic decide."""
+
+
+def fast_score_request(body: bytes) -> ScoreRequest | None:
+    """`SCORE_REQUEST.validate_json(body)` for the common valid requests, with feature names
+    already checked as `check_feature_names` does; None means "use the pydantic path" (the body
+    may still be valid, or is invalid and pydantic words the error)."""
+    try:
+        req = orjson.loads(body)
+        if type(req) is dict and _request_ok(req, body):
+            return cast(ScoreRequest, req)
+    except Exception:  # any surprise (bad JSON, an odd shape) is pydantic's to judge
+        pass
+    return None
+
+
+def _request_ok(req: dict[str, Any], body: bytes) -> bool:
+    """Checks (and, as pydantic would, converts) `req` in place; raises _SlowPath, or returns
+    whether `req` has no keys left unchecked and `body` had no duplicate keys."""
+    if not _REQUEST_KEYS.issuperset(req):
+        raise _SlowPath
+    _check_id(req["user_id"])
+    if (rid := req.get("request_id")) is not None:
+        _check_id(rid)
+    if (ts := req.get("ts")) is not None:
+        if (type(ts) is not float and type(ts) is not int) or not MIN_TS <= ts <= MAX_TS:
+            raise _SlowPath
+        req["ts"] = float(ts)  # strict float takes a JSON integer but returns a float
+    checked = len(req)  # keys checked so far, counted as the body's colons are
+    if "features" in req:
+        user_feats = req["features"]
+        if type(user_feats) is not dict:
+            raise _SlowPath
+        _check_feature_dict(user_feats)
+        checked += len(user_feats)
+    if "options" in req:
+        checked += _check_options(req["options"])
+    cands = req["candidates"]
+    if type(cands) is not list or not 0 < len(cands) <= HARD_MAX_CANDIDATES:
+        raise _SlowPath
+    checked += _check_candidates(cands)
+    # The body has a colon per key it holds (duplicates included) plus those inside strings,
+    # and `req` holds at least the keys checked: as many colons as checked keys means no key
+    # went unchecked, none was a dropped duplicate and no string holds a colon.
+    colons = _count_colons(body)
+    if colons == checked:
+        return True
+    # Colons inside strings (or an unknown key, or a duplicate): re-encoding `req` gives a colon
+    # per key it holds plus those in its strings; the body has more unless nothing was dropped
+    # (an escaped colon, \u003a, would break the count: the `\u` test rules it out).
+    return (_count_keys(req) == checked and b"\\u" not in body
+            and _count_colons(orjson.dumps(req)) == colons)
+
+
+def _count_colons(data: bytes) -> int:
+    return int(np.count_nonzero(np.frombuffer(data, np.uint8) == _COLON))  # 2x bytes.count
+
+
+def _count_keys(req: dict[str, Any]) -> int:
+    """Every key in a request already checked to have the schema's nesting."""
+    cands = req["candidates"]
+    return (len(req) + len(req.get("features", ())) + len(req.get("options", ()))
+            + sum(map(len, cands))
+            + sum(map(len, map(dict.get, cands, repeat("features"), repeat(())))))
+
+
+def _check_id(value: Any) -> None:
+    if type(value) is not str or not 0 < len(value) <= MAX_ID_LEN:
+        raise _SlowPath
+
+
+def _check_ids(ids: Sequence[Any]) -> None:
+    """A column of ids: all strings (join type-checks in C), none empty, none too long."""
+    "".join(ids)
+    lengths = set(map(len, ids))  # one pass for both bounds; ids come in a few lengths
+    if min(lengths) < 1 or max(lengths) > MAX_ID_LEN:
+        raise _SlowPath
+
+
+def _check_options(opts: Any) -> int:
+    """The options' key count; ScoreOptions has no nested values, so a few branches do."""
+    if type(opts) is not dict or not _OPTION_KEYS.issuperset(opts):
+        raise _SlowPath
+    for key, value in opts.items():
+        kind = type(value)
+        if key == "explore" or key == "log":
+            ok = kind is bool
+        elif key == "top_k":
+            ok = value is None or (kind is int and 1 <= value <= HARD_MAX_CANDIDATES)
+        elif key == "seed":
+            ok = value is None or (kind is int and 0 <= value <= _MAX_SEED)
+        elif key == "rank_by":
+            ok = kind is str and value in _RANK_BY
+        else:  # conversion_type
+            ok = kind is str and 0 < len(value) <= _MAX_OPTION_CONVERSION_TYPE_LEN
+        if not ok:
+            raise _SlowPath
+    return len(opts)
+
+
+def _check_candidates(cands: list[Any]) -> int:
+    """The number of keys checked in the candidates and their features."""
+    # No dict check for the candidates themselves: each goes through a str-key lookup, which
+    # raises TypeError on any other JSON value (list, string, number, null).
+    try:
+        # The common shape, all four keys in every candidate: columns in one pass. An unknown
+        # fifth key is left to the colon count in _request_ok.
+        ad_ids, advertiser_ids, feats, bids = zip(*map(_CANDIDATE_ROW, cands), strict=False)
+        checked = 4 * len(cands)
+    except KeyError:
+        ad_ids = tuple(map(_AD_ID, cands))
+        advertiser_ids = tuple(map(_ADVERTISER_ID, cands))
+        feats = tuple([c["features"] for c in cands if "features" in c])
+        bids = tuple([c["bid"] for c in cands if "bid" in c])
+        checked = 2 * len(cands) + len(feats) + len(bids)
+    _check_ids(ad_ids + advertiser_ids)
+    if bids:
+        _check_bids(cands, bids)
+    if not feats:
+        return checked
+    if set(map(type, feats)) != _DICT_ONLY:
+        raise _SlowPath
+    pairs = sum(map(len, feats))
+    names = tuple(feats[0])
+    try:
+        uniform = len(names) * len(feats) == pairs and _check_uniform_features(feats, names)
+    except KeyError:  # same sizes, different names
+        uniform = False
+    if not uniform:
+        _check_mixed_features(feats)
+    return checked + pairs
+
+
+def _check_bids(cands: list[dict[str, Any]], bids: Sequence[Any]) -> None:
+    kinds = set(map(type, bids))
+    if kinds != {float}:
+        if not kinds <= _BID_TYPES:
+            raise _SlowPath
+        bids = [b for b in bids if b is not None]
+        if not bids:
+            return
+    if not (min(bids) > 0 and max(bids) <= 1e9):
+        raise _SlowPath
+    if int in kinds:  # strict float takes a JSON integer but returns a float
+        for c in cands:
+            if type(c.get("bid")) is int:
+                c["bid"] = float(c["bid"])
+
+
+def _check_uniform_features(feats: Sequence[dict[str, Any]], names: tuple[str, ...]) -> bool:
+    """Every dict in `feats` has exactly `names` (the sizes add up, and a missing name raises
+    KeyError): check the names once and the values a column per name."""
+    k = len(names)
+    if not k:
+        return True
+    if k > MAX_FEATURES:
+        raise _SlowPath
+    _check_names(names)
+    get = itemgetter(*names)
+    # Rows all have k values, so zip's strict check would only cost time.
+    columns = zip(*map(get, feats), strict=False) if k > 1 else [tuple(map(get, feats))]
+    if any([_check_values(col) for col in columns]):  # a list: every column is checked
+        _strings_for_bools(feats)
+    return True
+
+
+def _check_mixed_features(feats: Sequence[Any]) -> None:
+    """Feature dicts (known to be dicts) of differing names, as when some ads lack a feature:
+    a column per name, None where a dict lacks it (a valid value, so it changes no outcome)."""
+    if max(map(len, feats)) > MAX_FEATURES:
+        raise _SlowPath
+    names = set().union(*feats)  # dicts' stored hashes: 2x set(chain(...))
+    _check_names(names)
+    if any([_check_values(tuple(map(dict.get, feats, repeat(name)))) for name in names]):
+        _strings_for_bools(feats)
+
+
+def _check_feature_dict(feats: dict[str, Any]) -> None:
+    """The request's own features: one dict, usually a few mixed values."""
+    if len(feats) > MAX_FEATURES:
+        raise _SlowPath
+    _check_names(feats)
+    if _check_values(list(feats.values())):
+        _strings_for_bools([feats])
+
+
+def _check_names(names: Iterable[str]) -> None:
+    """`check_feature_names`' rule, sharing its cache of names already seen."""
+    if _checked_names.issuperset(names):
+        return
+    for name in names:
+        if name not in _checked_names:
+            if not 0 < len(name) <= MAX_FEATURE_NAME_LEN:
+                raise _SlowPath
+            if len(_checked_names) < 100_000:
+                _checked_names.add(name)
+
+
+def _check_values(values: Sequence[Any]) -> bool:
+    """Feature values (a column, usually of one type); returns whether any is a bool."""
+    if values and type(values[0]) is str:
+        try:
+            joined = "".join(values)  # all strings, the common column: type-checked in C
+        except TypeError:
+            pass
+        else:
+            if (len(joined) > MAX_STRING_VALUE_LEN
+                    and max(map(len, values)) > MAX_STRING_VALUE_LEN):
+                raise _SlowPath
+            return False
+    kinds = set(map(type, values))
+    if not kinds <= _NUMBERS:
+        if not kinds <= _FEATURE_VALUE_TYPES:
+            raise _SlowPath
+        if kinds <= _STR_OR_NONE:  # a string column some dicts lack (None): filter in C
+            strings: Sequence[str] = tuple(filter(None, values))
+            values = ()
+        else:
+            strings = [v for v in values if type(v) is str]
+            values = [v for v in values if type(v) is int or type(v) is float]
+        if strings and max(map(len, strings)) > MAX_STRING_VALUE_LEN:
+            raise _SlowPath
+    # orjson yields no NaN (it rejects NaN, Infinity and 1e400), so min/max see every value.
+    if values and not (min(values) >= -MAX_ABS_NUMBER and max(values) <= MAX_ABS_NUMBER):
+        raise _SlowPath
+    return bool in kinds
+
+
+def _strings_for_bools(feats: Sequence[dict[str, Any]]) -> None:
+    """As FeatureValue's AfterValidator: booleans become "true"/"false"."""
+    for f in feats:
+        for name, value in list(f.items()):
+            if type(value) is bool:
+                f[name] = "true" if value else "false"
 
 
 class ScoredCandidate(BaseModel):
