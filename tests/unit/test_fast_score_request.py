@@ -259,6 +259,15 @@ TABLE: list[tuple[str, str, bool, bool]] = [
      False, True),
     ("duplicate candidates", '{"user_id":"u","candidates":5,"candidates":[{"ad_id":"a",'
      '"advertiser_id":"b"}]}', False, True),
+    ("duplicate feature, colon in the dropped value", _feats('"x":"a:b","x":"c"'), False, True),
+    ("duplicate id, colons in both", _req('{"ad_id":"a:1","advertiser_id":"b","ad_id":"c:2"}'),
+     False, True),
+    ("colons everywhere", '{"request_id":"r:1","user_id":"u:1","features":{"u:f":"v:1",'
+     '"n":1},"candidates":[{"ad_id":"a:1","advertiser_id":"b:1","features":{"a:f":"w:1"}},'
+     '{"ad_id":"a:2","advertiser_id":"b:2","features":{"a:f":"w:2","x":true}}],'
+     '"options":{"conversion_type":"c:1"}}', True, True),
+    ("colon names, mixed", _two('{"a:b":1,"x":1}', '{"x":2}'), True, True),
+    ("colon names, uniform", _two('{"a:b":1,"x":1}', '{"x":2,"a:b":"::"}'), True, True),
     ("colon in ids and values", _req('{"ad_id":"a:1","advertiser_id":"b::","features":'
                                      '{"x:y":"1:2"}}'), True, True),
     # an escaped colon is not a colon in the body: the count stays exact
@@ -628,6 +637,21 @@ EXHAUSTIVE_BASES: dict[str, dict[str, Any]] = {
             {"ad_id": "a2", "advertiser_id": "v2", "bid": None, "features": {"ad.c": "y"}},
             {"ad_id": "a3", "advertiser_id": "v3", "bid": 3},
             {"ad_id": "a4", "advertiser_id": "v4", "features": {}},
+        ],
+    },
+    "colons, uniform": {
+        "request_id": "r:1", "user_id": "u:1", "features": {"u:a": "v:1", "u:n": 2},
+        "candidates": [
+            {"ad_id": "a:1", "advertiser_id": "b:1", "features": {"a:x": "w:1", "n": 1}},
+            {"ad_id": "a:2", "advertiser_id": "b:2", "features": {"a:x": "w::2", "n": 2}},
+        ],
+        "options": {"conversion_type": "c:1"},
+    },
+    "colons, mixed": {
+        "user_id": "u:1",
+        "candidates": [
+            {"ad_id": "a:1", "advertiser_id": "b:1", "features": {"a:x": "w:1", "n": 1}},
+            {"ad_id": "a:2", "advertiser_id": "b:2", "features": {"a:y": "w::2"}},
         ],
     },
     "empty features": {
