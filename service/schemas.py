@@ -153,9 +153,11 @@ def check_feature_names(req: ScoreRequest) -> str | None:
 # `SCORE_REQUEST.validate_json` plus `check_feature_names` costs ~3x `orjson.loads` on a
 # 100-candidate body, mostly pydantic's own JSON parsing (validating against `Any` costs about
 # as much). `fast_score_request` parses with orjson and checks the common shapes with C-level
-# passes over columns of values: ~2.1x orjson.loads, ~0.7x the pydantic path (thread time,
-# interleaved; the checks touch ~1000 objects and cost about one more orjson.loads). Whatever
-# it is not sure about goes back to pydantic, which also words the 4xx. Pydantic's strict-mode
+# passes over columns of values: ~2.2x orjson.loads, 0.75-0.85x the pydantic path in a hot
+# loop (thread time, interleaved; the checks touch ~1000 objects, about one more
+# orjson.loads). With caches flushed between calls both get ~3x slower and the gain shrinks
+# to ~0.95x, so what it saves a server is for an end-to-end run to say. Whatever it is not
+# sure about goes back to pydantic, which also words the 4xx. Pydantic's strict-mode
 # semantics it mirrors (each verified against pydantic 2.13, see
 # tests/unit/test_fast_score_request.py):
 # - strict float (ts, bid) takes a JSON integer and returns it as a float; rejects true/false;
