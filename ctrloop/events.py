@@ -28,6 +28,10 @@ MAX_ABS_NUMBER = 1e12
 MAX_LINE_BYTES = 64 * 1024
 MAX_POSITION = 10_000
 MAX_CONVERSION_TYPE_LEN = 64
+# How far an event's `ts` may run ahead of the clock of whoever receives it (the service's wall
+# clock; the trainer's Kafka record timestamp). One event stamped in 2099 must not move event
+# time for everyone (docs/reliability.md): it is refused, not clamped. CTRLOOP_MAX_EVENT_AHEAD_S.
+DEFAULT_MAX_AHEAD_S = 600.0
 
 FeatureValue = str | float | int | None
 
@@ -189,15 +193,62 @@ def parse_event(d: Any, kind: str | None = None) -> Event:
     return parser(d)
 
 
-def decode_event(raw: bytes | str, kind: str | None = None) -> Event:
-    """Decode one JSON document (a file line or a Kafka value) into a validated event."""
-    if len(raw) > MAX_LINE_BYTES:
-        raise InvalidEvent(f"event is {len(raw)} bytes, at most {MAX_LINE_BYTES} allowed")
+def loads_json(raw: bytes | bytearray | memoryview | str | None) -> Any:
+    """orjson.loads with messages a sender can act on (the one JSON decoder of every entry point).
+
+    >>> try:
+    ...     loads_json(b'{"ts": NaN}')
+    ... except InvalidEvent as e:
+    ...     print(e.reason)
+    not valid JSON: NaN and Infinity are not JSON; send a finite number or null
+    """
+    if raw is None:
+        raise InvalidEvent("empty value (null): a Kafka tombstone or a record without a value")
+    if not isinstance(raw, bytes | bytearray | memoryview | str):
+        raise InvalidEvent(f"expected JSON bytes, got {type(raw).__name__}")
     try:
-        d = orjson.loads(raw)
+        return orjson.loads(raw)
     except orjson.JSONDecodeError as e:
-        raise InvalidEvent(f"not valid JSON: {e}") from None
-    return parse_event(d, kind)
+        raise InvalidEvent(f"not valid JSON: {_json_error(raw, e)}") from None
+
+
+def _json_error(raw: bytes | bytearray | memoryview | str, e: orjson.JSONDecodeError) -> str:
+    msg = str(e)
+    if "utf-8" in msg.lower() or "surrogates" in msg:
+        if isinstance(raw, str):
+            return "the text contains unpaired surrogates (not valid Unicode)"
+        try:
+            bytes(raw).decode("utf-8")
+        except UnicodeDecodeError as u:
+            bad = bytes(raw)[u.start]
+            return f"not UTF-8: byte {u.start} (0x{bad:02x}) is not a valid UTF-8 sequence"
+        return "not valid UTF-8"
+    pos = e.pos if isinstance(e.pos, int) else -1
+    text = raw if isinstance(raw, str) else bytes(raw).decode("utf-8", "replace")
+    for literal in ("NaN", "-Infinity", "Infinity"):
+        if 0 <= pos < len(text) and text.startswith(literal, pos):
+            return "NaN and Infinity are not JSON; send a finite number or null"
+    return msg
+
+
+def decode_event(raw: bytes | str | None, kind: str | None = None) -> Event:
+    """Decode one JSON document (a file line or a Kafka value) into a validated event.
+
+    Anything a producer can put in a value — None (a tombstone), binary, invalid UTF-8, a huge
+    document — raises InvalidEvent with the reason, never another exception.
+    """
+    if isinstance(raw, bytes | bytearray | memoryview | str) and len(raw) > MAX_LINE_BYTES:
+        raise InvalidEvent(f"event is {len(raw)} bytes, at most {MAX_LINE_BYTES} allowed")
+    return parse_event(loads_json(raw), kind)
+
+
+def check_not_ahead(ts: float, now: float, max_ahead_s: float) -> None:
+    """Refuse an event stamped more than `max_ahead_s` after `now` (the receiver's clock)."""
+    if ts > now + max_ahead_s:
+        raise InvalidEvent(
+            f"'ts' {ts:.3f} is {ts - now:.0f} s ahead of the receiving clock ({now:.3f}); at "
+            f"most {max_ahead_s:.0f} s allowed (CTRLOOP_MAX_EVENT_AHEAD_S): check the sender's "
+            "clock and that ts is in seconds, not milliseconds")
 
 
 def event_type(event: Event) -> str:
@@ -239,3 +290,13 @@ def to_dict(event: Event, with_type: bool = False) -> dict[str, Any]:
 def encode_event(event: Event, with_type: bool = False) -> bytes:
     return orjson.dumps(to_dict(event, with_type))
 
+
+def encode_checked(event: Event, with_type: bool = False) -> bytes:
+    """encode_event, refusing what decode_event would refuse for its size: every producer
+    (HTTP events, logged impressions) calls this, so nothing is accepted that the trainer
+    dead-letters."""
+    data = encode_event(event, with_type)
+    if len(data) > MAX_LINE_BYTES:
+        raise InvalidEvent(
+            f"event is {len(data)} bytes encoded, at most {MAX_LINE_BYTES} allowed")
+    return data

@@ -10,6 +10,8 @@ from __future__ import annotations
 from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from ctrloop.events import DEFAULT_MAX_AHEAD_S
+
 
 class ConnectionSettings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="CTRLOOP_", extra="ignore")
@@ -22,6 +24,10 @@ class ConnectionSettings(BaseSettings):
     redis_url: str = Field("redis://127.0.0.1:6379/0", description="model registry")
     registry_namespace: str = Field("ctrloop", min_length=1,
                                     description="prefix of every registry key and channel")
+    max_event_ahead_s: float = Field(
+        DEFAULT_MAX_AHEAD_S, gt=0, le=30 * 86400,
+        description="refuse events whose ts is more than this ahead of the receiver's clock "
+                    "(service: wall clock -> 422; trainer: Kafka record timestamp -> DLQ)")
 
     @model_validator(mode="after")
     def _topics_differ(self) -> ConnectionSettings:
