@@ -135,10 +135,16 @@ def validate_features(raw: Any) -> dict[str, FeatureValue]:
 
 def parse_impression(d: dict[str, Any]) -> Impression:
     position = d.get("position")
+    if type(position) is float and position.is_integer():
+        # JSON Schema's "integer" includes 1185.0 (the OpenAPI of /v1/events says integer).
+        position = int(position)
     if position is not None and (type(position) is not int or not 0 <= position <= MAX_POSITION):
         raise InvalidEvent(f"'position' must be an integer 0-{MAX_POSITION}, got {position!r}")
     model_version = d.get("model_version")
     if model_version is not None:
+        if type(model_version) is float and model_version.is_integer() and abs(
+                model_version) < 2**63:
+            model_version = int(model_version)  # an "integer" by JSON Schema, as position
         if type(model_version) is int:
             model_version = str(model_version)
         elif type(model_version) is not str or len(model_version) > MAX_ID_LEN:

@@ -21,6 +21,7 @@ import secrets
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import Any, TypeVar
 
 import numpy as np
@@ -29,14 +30,26 @@ import torch
 from fastapi import FastAPI, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
+from fastapi.openapi.docs import get_swagger_ui_html
 from fastapi.openapi.utils import get_openapi
 from fastapi.responses import PlainTextResponse, Response
 from pydantic import TypeAdapter, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.staticfiles import StaticFiles
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from ctrloop import __version__
 from ctrloop.errors import InvalidEvent, RegistryError
-from ctrloop.events import encode_event, event_type, parse_event
+from ctrloop.events import (
+    MAX_FEATURES,
+    MAX_LINE_BYTES,
+    check_not_ahead,
+    encode_checked,
+    event_type,
+    loads_json,
+    parse_event,
+    parse_impression,
+)
 from ctrloop.exploration import (
     ExplorationBudget,
     JointPosterior,
@@ -118,9 +131,16 @@ def validation_detail(e: ValidationError, limit: int = MAX_ERRORS_SHOWN) -> list
     return list(seen.values())
 
 
-def _invalid_body(e: ValidationError) -> Response:
+def _invalid_body(e: ValidationError, body: bytes | None = None) -> Response:
     errors = e.errors(include_url=False, include_input=False, include_context=False)
     if errors and errors[0]["type"] == "json_invalid":
+        if body is not None:
+            # The contract's decoder names NaN/Infinity and invalid UTF-8 (pydantic says
+            # "expected value at column 62"): one wording for every entry point.
+            try:
+                loads_json(body)
+            except InvalidEvent as ie:
+                return _error(400, f"request body is {ie.reason}")
         return _error(400, f"request body is not valid JSON: {errors[0]['msg']}")
     return _error(422, validation_detail(e))
 
@@ -305,7 +325,8 @@ def create_app(settings: ServiceSettings | None = None, *,
         sink = EventSink(settings.kafka_bootstrap, settings.topic_impressions,
                          settings.produce_timeout_s,
                          on_logged=metrics.impressions_logged.inc,
-                         on_log_failed=metrics.impressions_log_failed.inc)
+                         on_log_failed=metrics.impressions_log_failed.inc,
+                         on_state=lambda up: metrics.kafka_available.set(1 if up else 0))
     state = ServiceState(settings, registry, sink, metrics)
 
     @asynccontextmanager
@@ -325,7 +346,9 @@ def create_app(settings: ServiceSettings | None = None, *,
 
     app = FastAPI(
         title="ctrloop scoring service",
-        version="0.2.0",
+        version=__version__,
+        docs_url=None,  # _docs_routes serves Swagger UI from the package, not a CDN
+        redoc_url=None,  # ReDoc would load from a CDN too; Swagger UI covers the same
         description="Scores candidate ads with the latest online-trained model, logs what it "
                     "served, and accepts click/conversion events. See README.md.",
         lifespan=lifespan,
@@ -339,10 +362,31 @@ def create_app(settings: ServiceSettings | None = None, *,
     _event_routes(app, state)
     _model_routes(app, state)
     _admin_routes(app, state)
+    _docs_routes(app)
     # Added last, so outermost: the body limit applies to FastRoute's reads as to any route's.
     app.add_middleware(FastRoute, path="/v1/score", handler=score_handler)
     app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
     return app
+
+
+STATIC_DIR = Path(__file__).parent / "static"
+SWAGGER = "/static/swagger-ui"
+
+
+def _docs_routes(app: FastAPI) -> None:
+    """/docs from the package's own copy of Swagger UI (service/static/swagger-ui,
+    swagger-ui-dist 5.36.0, Apache-2.0): FastAPI's default page loads it from a CDN, so it was
+    blank offline and on a locked-down network."""
+    app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
+
+    @app.get("/docs", include_in_schema=False)
+    async def docs(request: Request) -> Response:
+        root = request.scope.get("root_path", "")  # behind a proxy prefix, as FastAPI does
+        return get_swagger_ui_html(
+            openapi_url=f"{root}{app.openapi_url}", title=f"{app.title} - Swagger UI",
+            swagger_js_url=f"{root}{SWAGGER}/swagger-ui-bundle.js",
+            swagger_css_url=f"{root}{SWAGGER}/swagger-ui.css",
+            swagger_favicon_url=f"{root}{SWAGGER}/favicon-32x32.png")
 
 
 def _install_error_handlers(app: FastAPI) -> None:
@@ -407,7 +451,7 @@ def _score_routes(app: FastAPI, state: ServiceState) -> BodyHandler:
             try:
                 req = SCORE_REQUEST.validate_json(body)
             except ValidationError as e:
-                return _invalid_body(e)
+                return _invalid_body(e, body)
             if (problem := check_feature_names(req)) is not None:
                 return _error(422, problem)
         return _score(state, req, topic, by_status)
@@ -456,6 +500,8 @@ def _score(state: ServiceState, req: ScoreRequest, topic: str,
     shared = req.get("features") or {}
     user_id = req["user_id"]
     cands = [(c["ad_id"], c["advertiser_id"], c.get("features") or {}) for c in candidates]
+    if log_on and (problem := _loggable(req, shared, cands, settings.max_event_ahead_s)):
+        return _error(422, problem)
     rank_by = opts.get("rank_by", "bid_pctr")
     ctype = opts.get("conversion_type")
     if ctype is not None and ctype not in served.cvr_types:
@@ -555,8 +601,18 @@ def _score(state: ServiceState, req: ScoreRequest, topic: str,
                      "features": {**shared, **features}, "position": item["rank"],
                      "model_version": version, "propensity": item["propensity"],
                      "request_id": request_id}
-            records.append((topic, imp_id.encode(), orjson.dumps(event)))
+            try:
+                records.append((topic, imp_id.encode(), _impression_record(event)))
+            except InvalidEvent as e:
+                return _error(422, f"options.log: the impression of candidate "
+                                   f"{item['ad_id']!r} would break the event contract, so it "
+                                   f"is not logged: {e.reason}")
     logged = bool(records) and state.sink is not None and state.sink.log(records)
+    if records and not logged:
+        # Not handed to a live producer (Kafka down): no ids, so no click is reported for an
+        # impression the trainer will never see.
+        for item in out:
+            del item["impression_id"]
     state.metrics.candidates_scored.inc(n)
     by_status[served.status].inc()
     state.requests += 1
@@ -566,6 +622,42 @@ def _score(state: ServiceState, req: ScoreRequest, topic: str,
                        "model_status": served.status, "explored": tr is not None,
                        "exploration": info, "logged": logged, "candidates": out},
                  state.worker_header)
+
+
+def _loggable(req: ScoreRequest, shared: dict[str, Any],
+              cands: list[tuple[str, str, dict[str, Any]]], max_ahead_s: float) -> str | None:
+    """Why a request with options.log cannot be logged (before anything is scored), or None.
+
+    Checked for every candidate, not only the top_k shown: which are shown is only known after
+    scoring, and a request whose ads cannot all be logged is a caller's mistake either way."""
+    ts = req.get("ts")
+    if ts is not None:
+        try:
+            check_not_ahead(ts, time.time(), max_ahead_s)
+        except InvalidEvent as e:
+            return f"ts: the logged impressions would carry it: {e.reason}"
+    n_shared = len(shared)
+    for ad_id, _, features in cands:
+        # Merged as logged (candidate features override the request's of the same name).
+        if n_shared + len(features) > MAX_FEATURES and len({**shared, **features}) > MAX_FEATURES:
+            return (f"candidate {ad_id!r}: its features merged with the request's make "
+                    f"{len({**shared, **features})} entries; a logged impression may have at "
+                    f"most {MAX_FEATURES} (the event contract), so send fewer or options.log=false")
+    return None
+
+
+def _impression_record(event: dict[str, Any]) -> bytes:
+    """A logged impression's Kafka value, refused (InvalidEvent) where the trainer's decoder
+    would dead-letter it. parse_impression is the validator decode_event runs on the decoded
+    value, and orjson gives back what it wrote, so checking the dict and the encoded size is
+    decode_event's verdict without a decode per impression on the request path (a property
+    test holds them equal)."""
+    parse_impression(event)
+    data = orjson.dumps(event)
+    if len(data) > MAX_LINE_BYTES:
+        raise InvalidEvent(f"event is {len(data)} bytes encoded, at most {MAX_LINE_BYTES} "
+                           "allowed")
+    return data
 
 
 # Decisions where the request asked to explore and the model could: they count toward the
@@ -603,9 +695,10 @@ def _event_routes(app: FastAPI, state: ServiceState) -> None:
         one; 503 with Retry-After when Kafka is down (nothing in the batch was acknowledged:
         retry it). An invalid event rejects the whole batch with 422 naming each bad event."""
         try:
-            doc = orjson.loads(await request.body())
-        except orjson.JSONDecodeError as e:
-            return _error(400, f"request body is not valid JSON: {e}")
+            # The contract's decoder: a NaN or invalid UTF-8 is named as such, as Kafka's is.
+            doc = loads_json(await request.body())
+        except InvalidEvent as e:
+            return _error(400, f"request body is {e.reason}")
         if not isinstance(doc, dict) or not isinstance(doc.get("events"), list):
             return _error(422, 'the body must be an object {"events": [event, ...]}')
         extra = sorted(set(doc) - {"events"})
@@ -615,10 +708,16 @@ def _event_routes(app: FastAPI, state: ServiceState) -> None:
         if not 1 <= len(raw) <= settings.max_events_per_request:
             return _error(422, f"{len(raw)} events; send 1-{settings.max_events_per_request} "
                                "per request (CTRLOOP_MAX_EVENTS_PER_REQUEST)")
+        # One clock reading for the batch; the bound protects the trainer's event time from a
+        # single far-future event (issue 10 B), and encode_checked refuses what the trainer's
+        # decoder would dead-letter for its size (G): what is accepted here is learned there.
+        now, ahead = time.time(), settings.max_event_ahead_s
         parsed, errors = [], []
         for i, d in enumerate(raw):
             try:
-                parsed.append(parse_event(d))
+                ev = parse_event(d)
+                check_not_ahead(ev.ts, now, ahead)
+                parsed.append((ev, encode_checked(ev)))
             except InvalidEvent as e:
                 errors.append({"index": i, "reason": e.reason})
         if errors:
@@ -627,10 +726,10 @@ def _event_routes(app: FastAPI, state: ServiceState) -> None:
                                            "nothing was accepted",
                                 "errors": errors[:MAX_ERRORS_SHOWN]})
         records, by_type = [], {}
-        for ev in parsed:
+        for ev, data in parsed:
             kind = event_type(ev)
             by_type[kind] = by_type.get(kind, 0) + 1
-            records.append((topic_of[kind], ev.impression_id.encode(), encode_event(ev)))
+            records.append((topic_of[kind], ev.impression_id.encode(), data))
         if state.sink is None:
             return _error(503, "this service has no event sink configured",
                           {"Retry-After": str(settings.retry_after_s)})
@@ -688,7 +787,7 @@ def _model_routes(app: FastAPI, state: ServiceState) -> None:
     @app.get("/readyz", tags=["health"], summary="Readiness",
              responses={200: _example({"ready": True, "model_version": "42",
                                        "model_status": "trained", "registry_reachable": True,
-                                       "impressions_queued": 0}),
+                                       "impressions_queued": 0, "kafka": "connected"}),
                         503: {"model": ErrorBody, "description": "Starting or stopping"}})
     async def readyz() -> Response:
         """Ready once started: scoring works from the first request (with the prior model
@@ -698,7 +797,9 @@ def _model_routes(app: FastAPI, state: ServiceState) -> None:
         body = {"ready": state.ready, "model_version": served.version,
                 "model_status": served.status,
                 "registry_reachable": state.reloader.stats.registry_ok,
-                "impressions_queued": state.sink.queued() if state.sink else 0}
+                "impressions_queued": state.sink.queued() if state.sink else 0,
+                # Kafka down leaves the service ready: scoring does not need it (docs/service.md)
+                "kafka": state.sink.kafka_state() if state.sink else "none"}
         return _json(200 if state.ready else 503, body)
 
     @app.get("/metrics", tags=["health"], summary="Prometheus metrics",

@@ -129,7 +129,15 @@ class Metrics:
         )
         self.impressions_log_failed = Counter(
             "ctrloop_impressions_log_failed",
-            "Impressions from /v1/score lost (queue full or delivery failed)",
+            "Impressions from /v1/score lost (Kafka unavailable, queue full or delivery "
+            "failed)",
+            registry=reg,
+        )
+        self.kafka_available = Gauge(
+            "ctrloop_kafka_available",
+            "1 while Kafka takes this process's impressions, 0 during an outage (the lowest "
+            "worker's)",
+            multiprocess_mode="min",
             registry=reg,
         )
         # Exploration (docs/exploration.md): the share is explored / all decisions.

@@ -509,7 +509,9 @@ class ImpressionEvent(BaseModel):
     advertiser_id: Id
     features: Features = Field(default_factory=dict)
     position: Annotated[int, Field(ge=0, le=MAX_POSITION)] | None = None
-    model_version: str | int | None = None
+    # JSON Schema's integer includes 3.0: the contract's parser takes integral floats for both.
+    model_version: (Annotated[str, StringConstraints(max_length=MAX_ID_LEN)]
+                    | Annotated[int, Field(ge=-(2**63), le=2**63 - 1)] | None) = None
     propensity: Annotated[float, Field(gt=0, le=1)] | None = None
 
 
@@ -524,7 +526,9 @@ class ConversionEvent(BaseModel):
     impression_id: Id
     ts: Timestamp
     conversion_type: Annotated[str, StringConstraints(
-        min_length=1, max_length=MAX_CONVERSION_TYPE_LEN)] = "default"
+        min_length=1, max_length=MAX_CONVERSION_TYPE_LEN)] | None = Field(
+        "default", description='null or absent: "default" (the contract\'s parser has always '
+                               "read null so; the schema says it)")
 
 
 AnyEvent = Annotated[ImpressionEvent | ClickEvent | ConversionEvent, Field(discriminator="type")]

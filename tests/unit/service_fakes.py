@@ -12,7 +12,7 @@ Record = tuple[str, bytes, bytes]
 
 class RecordingSink:
     """Stands in for service.sink.EventSink: keeps what it is given; `down` makes produce()
-    raise SinkUnavailable as the Kafka sink does when Kafka does not acknowledge."""
+    raise SinkUnavailable and log() refuse, as the Kafka sink does while Kafka is down."""
 
     def __init__(self) -> None:
         self.logged: list[Record] = []
@@ -21,6 +21,8 @@ class RecordingSink:
         self.closed = False
 
     def log(self, records: list[Record]) -> bool:
+        if self.down:  # as the Kafka sink: nothing is handed to a dead producer
+            return False
         self.logged.extend(records)
         return True
 
@@ -28,6 +30,9 @@ class RecordingSink:
         if self.down:
             raise SinkUnavailable("Kafka at 127.0.0.1:1 is unreachable")
         self.produced.extend(records)
+
+    def kafka_state(self) -> str:
+        return "unavailable" if self.down else "connected"
 
     def queued(self) -> int:
         return 0

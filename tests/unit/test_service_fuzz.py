@@ -64,6 +64,9 @@ class CountingSink:
     def produce(self, records: Sequence[Record]) -> None:
         self.produced += len(records)
 
+    def kafka_state(self) -> str:
+        return "connected"
+
     def queued(self) -> int:
         return 0
 
