@@ -27,6 +27,7 @@ MAX_STRING_VALUE_LEN = 1024
 MAX_ABS_NUMBER = 1e12
 MAX_LINE_BYTES = 64 * 1024
 MAX_POSITION = 10_000
+MAX_INT_VERSION = 2**53  # an integer model_version: exact as a JSON float too
 MAX_CONVERSION_TYPE_LEN = 64
 # How far an event's `ts` may run ahead of the clock of whoever receives it (the service's wall
 # clock; the trainer's Kafka record timestamp). One event stamped in 2099 must not move event
@@ -142,13 +143,14 @@ def parse_impression(d: dict[str, Any]) -> Impression:
         raise InvalidEvent(f"'position' must be an integer 0-{MAX_POSITION}, got {position!r}")
     model_version = d.get("model_version")
     if model_version is not None:
-        if type(model_version) is float and model_version.is_integer() and abs(
-                model_version) < 2**63:
-            model_version = int(model_version)  # an "integer" by JSON Schema, as position
-        if type(model_version) is int:
-            model_version = str(model_version)
-        elif type(model_version) is not str or len(model_version) > MAX_ID_LEN:
-            raise InvalidEvent("'model_version' must be a string or integer")
+        t = type(model_version)
+        if (t is int or (t is float and model_version.is_integer())) and (
+                -MAX_INT_VERSION <= model_version <= MAX_INT_VERSION):
+            # 3.0 is an integer by JSON Schema (the OpenAPI says integer), as for position.
+            model_version = str(int(model_version))
+        elif t is not str or len(model_version) > MAX_ID_LEN:
+            raise InvalidEvent(f"'model_version' must be a string or integer (at most "
+                               f"{MAX_ID_LEN} characters, or within ±2^53)")
     propensity = d.get("propensity")
     if propensity is not None:
         if type(propensity) not in (float, int) or not 0.0 < propensity <= 1.0:

@@ -33,6 +33,7 @@ from ctrloop.events import (
     MAX_FEATURE_NAME_LEN,
     MAX_FEATURES,
     MAX_ID_LEN,
+    MAX_INT_VERSION,
     MAX_POSITION,
     MAX_STRING_VALUE_LEN,
     MAX_TS,
@@ -507,11 +508,15 @@ class ImpressionEvent(BaseModel):
     user_id: Id
     ad_id: Id
     advertiser_id: Id
-    features: Features = Field(default_factory=dict)
+    features: Features | None = Field(
+        default_factory=dict, description="null or absent: none (as the contract's parser reads "
+                                          "it)")
     position: Annotated[int, Field(ge=0, le=MAX_POSITION)] | None = None
-    # JSON Schema's integer includes 3.0: the contract's parser takes integral floats for both.
+    # JSON Schema's integer includes 3.0: the contract's parser takes integral floats for both,
+    # within ±2^53 (where a float is still exactly that integer).
     model_version: (Annotated[str, StringConstraints(max_length=MAX_ID_LEN)]
-                    | Annotated[int, Field(ge=-(2**63), le=2**63 - 1)] | None) = None
+                    | Annotated[int, Field(ge=-MAX_INT_VERSION, le=MAX_INT_VERSION)]
+                    | None) = None
     propensity: Annotated[float, Field(gt=0, le=1)] | None = None
 
 

@@ -21,8 +21,8 @@ from fastapi import FastAPI
 from fastapi.testclient import TestClient
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from schemathesis.config import SchemathesisConfig
 from schemathesis.python.asgi import shutdown_lifespans
-from schemathesis.specs.openapi.checks import negative_data_rejection, positive_data_acceptance
 
 from ctrloop.features import NUMERIC_BUCKETS, FeatureSpec, Field
 from ctrloop.models import build_model
@@ -104,10 +104,30 @@ def assert_well_formed(status: int, content_type: str, body: bytes, path: str) -
 # ---------------------------------------------------------------------------- schemathesis
 
 
+# Every check is on (issue 10: with two of them off, schemathesis from outside still found a
+# 409 without `detail`, `conversion_type: null` accepted against the schema and
+# `"position": 1185.0` refused though JSON Schema calls it an integer). Their premises, as
+# this API meets them:
+# - negative_data_rejection: a schema-invalid body is refused with one of these; 413 is the
+#   body limit (the schema cannot say how many bytes a body may have).
+# - positive_data_acceptance: a schema-valid body is accepted, or refused for a rule the schema
+#   cannot express: 422 (options.log needs options.top_k; a ts more than
+#   CTRLOOP_MAX_EVENT_AHEAD_S ahead of the clock; the configured CTRLOOP_MAX_CANDIDATES and
+#   CTRLOOP_MAX_EVENTS_PER_REQUEST below the schema's hard bounds; an impression over 64 KiB
+#   encoded), 413 (the body limit), 404/409 (pinning a version that is not kept, or that
+#   cannot be served; nothing older to roll back to). Never 400 or 5xx.
+ST_CONFIG = SchemathesisConfig.from_dict({"checks": {
+    "negative_data_rejection": {"expected-statuses": [400, 401, 403, 404, 405, 406, 409, 413,
+                                                      415, 422]},
+    "positive_data_acceptance": {"expected-statuses": ["2xx", 404, 409, 413, 422]},
+}})
+
+
 @pytest.fixture(scope="module")
 def api_schema() -> Iterator[schemathesis.BaseSchema]:
     app = build_app(CountingSink())
-    schema = schemathesis.openapi.from_asgi("/openapi.json", app)  # starts the app's lifespan
+    # from_asgi starts the app's lifespan
+    schema = schemathesis.openapi.from_asgi("/openapi.json", app, config=ST_CONFIG)
     yield schema
     shutdown_lifespans()
 
@@ -116,19 +136,13 @@ schema = schemathesis.pytest.from_fixture("api_schema")
 
 
 @schema.parametrize()
-@settings(max_examples=15, deadline=None,
+@settings(max_examples=25, deadline=None, derandomize=True,  # a fixed seed: reproducible
           suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much,
                                  HealthCheck.data_too_large])
 def test_every_route_answers_by_its_schema(case: schemathesis.Case) -> None:
-    """Every default check except two whose premise the API deliberately does not meet:
-    - positive_data_acceptance: rules the schema cannot express answer 4xx to schema-valid
-      bodies (options.log needs options.top_k; the configured CTRLOOP_MAX_CANDIDATES and
-      CTRLOOP_MAX_EVENTS_PER_REQUEST are below the schema's hard bounds; admin routes answer
-      401/404/409);
-    - negative_data_rejection: pydantic's lax mode accepts some schema-invalid scalars
-      (e.g. `"log": 0` or `"top_k": "3"`), coerced to the documented type."""
-    response = case.call_and_validate(
-        headers=AUTH, excluded_checks=[positive_data_acceptance, negative_data_rejection])
+    """Every schemathesis check (ST_CONFIG says which statuses each expects), and every 4xx
+    carries a JSON `detail`."""
+    response = case.call_and_validate(headers=AUTH)
     content_type = response.headers.get("content-type") or [""]  # values are lists here
     assert_well_formed(response.status_code, content_type[0], response.content, case.path)
 

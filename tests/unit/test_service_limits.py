@@ -236,6 +236,21 @@ def test_integral_floats_are_the_integers_the_schema_promises(client: TestClient
     assert value["model_version"] == "3"
     r = client.post("/v1/events", json={"events": [dict(imp, position=1.5)]})
     assert r.status_code == 422
+    # The schema's bounds are the parser's: beyond ±2^53 both refuse.
+    r = client.post("/v1/events", json={"events": [dict(imp, model_version=2**53 + 2)]})
+    assert r.status_code == 422
+    bound = client.get("/openapi.json").json()["components"]["schemas"]["ImpressionEvent"][
+        "properties"]["model_version"]["anyOf"][1]
+    assert (bound["minimum"], bound["maximum"]) == (-(2**53), 2**53)
+
+
+def test_null_features_are_documented(client: TestClient, sink: RecordingSink) -> None:
+    imp = {"type": "impression", "impression_id": "i1", "ts": time.time(), "user_id": "u",
+           "ad_id": "a", "advertiser_id": "b", "features": None}
+    assert client.post("/v1/events", json={"events": [imp]}).status_code == 202
+    schemas = client.get("/openapi.json").json()["components"]["schemas"]
+    feats = schemas["ImpressionEvent"]["properties"]["features"]
+    assert {"type": "null"} in feats["anyOf"], feats
 
 
 def test_conversion_type_null_is_documented(client: TestClient, sink: RecordingSink) -> None:
