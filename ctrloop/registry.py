@@ -5,13 +5,20 @@ pointer, then a pub/sub notice. A reader that sees the pointer can always fetch 
 reader that misses a notice (pub/sub is at-most-once) still finds the pointer by polling.
 
 Versions come from an atomic counter, so they only increase, across trainer restarts too.
+
+Every read says what went wrong as a RegistryError: VersionNotFound (not kept), RegistryCorrupt
+(an entry someone damaged: the message names the key, the flaw and the repair), or the registry
+being unreachable. Nothing read from Redis is unpickled; records are JSON, blobs safetensors.
 """
 
 from __future__ import annotations
 
 import json
+import math
+import re
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from typing import Any, Protocol
 
@@ -35,10 +42,59 @@ class ModelRecord:
         return json.dumps(asdict(self))
 
     @classmethod
-    def from_json(cls, raw: str | bytes) -> ModelRecord:
-        d = json.loads(raw)
-        return cls(int(d["version"]), str(d["checksum"]), int(d["size"]),
-                   float(d["published_at"]), dict(d.get("meta", {})))
+    def from_json(cls, raw: str | bytes, key: str = "record") -> ModelRecord:
+        """Parse a stored record; RegistryCorrupt naming `key` and the flaw if it is not one.
+
+        Types are checked, not coerced: int("7") would accept a record a careless writer
+        produced and hide the corruption until a later, stranger failure."""
+        try:
+            d = json.loads(raw)
+        except (UnicodeDecodeError, ValueError) as e:
+            raise RegistryCorrupt(f"{key} is not JSON ({e})") from None
+        if not isinstance(d, dict):
+            raise RegistryCorrupt(f"{key} is not a JSON object")
+        missing = [k for k in ("version", "checksum", "size", "published_at") if k not in d]
+        if missing:
+            raise RegistryCorrupt(f"{key} lacks {', '.join(missing)}")
+        checks = (
+            ("version", _is_int(d["version"]) and d["version"] >= 1, "a positive integer"),
+            ("checksum", isinstance(d["checksum"], str) and _SHA256.fullmatch(d["checksum"])
+             is not None, "a SHA-256 hex digest"),
+            ("size", _is_int(d["size"]) and d["size"] >= 0, "a non-negative integer"),
+            ("published_at", _is_number(d["published_at"]), "a finite number"),
+            ("meta", isinstance(d.get("meta", {}), dict), "an object"),
+        )
+        for name, ok, what in checks:
+            if not ok:
+                raise RegistryCorrupt(f"{key}: '{name}' is {d[name]!r}, not {what}")
+        return cls(d["version"], d["checksum"], d["size"], float(d["published_at"]),
+                   dict(d.get("meta", {})))
+
+
+def _is_int(v: object) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v: object) -> bool:
+    return (isinstance(v, int | float) and not isinstance(v, bool)
+            and math.isfinite(float(v)))
+
+
+_SHA256 = re.compile(r"[0-9a-f]{64}")
+
+# Appended to every corruption message: what an operator can do about it.
+_FIX = ("; publish a new version (the trainer does on its next snapshot) or repair the key "
+        "with redis-cli")
+
+
+class VersionNotFound(RegistryError):
+    """The asked version is not (or no longer) kept in the registry."""
+
+
+class RegistryCorrupt(RegistryError):
+    """A registry entry exists but is malformed (not a version number, not a record, the wrong
+    Redis type, a pointer to a version with no record). Unlike an unreachable registry this
+    does not heal by retrying: someone has to publish or repair."""
 
 
 class ModelRegistry(Protocol):
@@ -95,7 +151,7 @@ class InMemoryRegistry:
         try:
             return self._blobs[version]
         except KeyError:
-            raise RegistryError(f"model version {version} is not in the registry") from None
+            raise VersionNotFound(f"model version {version} is not in the registry") from None
 
     def versions(self) -> list[int]:
         return sorted(self._blobs)
@@ -106,8 +162,8 @@ class InMemoryRegistry:
 
     def pin(self, version: int) -> None:
         if version not in self._blobs:
-            raise RegistryError(f"cannot pin version {version}: not in the registry "
-                                f"(available: {self.versions()})")
+            raise VersionNotFound(f"cannot pin version {version}: not in the registry "
+                                  f"(available: {self.versions()})")
         self._pinned = version
 
     def unpin(self) -> None:
@@ -142,11 +198,36 @@ class RedisRegistry:
     def _k(self, *parts: object) -> str:
         return ":".join([self.ns, *map(str, parts)])
 
-    def next_version(self) -> int:
+    @contextmanager
+    def _io(self, what: str) -> Iterator[None]:
+        """Redis errors as RegistryError: a key of the wrong Redis type (WRONGTYPE) is
+        corruption; another error reply (READONLY, NOPERM, OOM) is the server refusing; anything
+        else means it could not be reached."""
         try:
-            return int(self.r.incr(self._k("seq")))
+            yield
+        except redis.ResponseError as e:
+            if str(e).startswith("WRONGTYPE"):
+                raise RegistryCorrupt(f"{what} failed: {e}{_FIX}") from None
+            raise RegistryError(f"{what} failed: the registry refused it: {e}") from None
         except redis.RedisError as e:
             raise RegistryError(f"registry unreachable: {e}") from None
+
+    def _version_at(self, key: str, raw: bytes | None) -> int | None:
+        """A stored version number (pointer or sorted-set member), or RegistryCorrupt."""
+        if raw is None:
+            return None
+        try:
+            v = int(raw)
+        except ValueError:
+            v = 0
+        if v < 1 or str(v).encode() != raw.strip():
+            raise RegistryCorrupt(f"registry key {self._k(key)} holds {raw[:40]!r}, not a "
+                                  f"version number{_FIX}")
+        return v
+
+    def next_version(self) -> int:
+        with self._io(f"INCR {self._k('seq')}"):
+            return int(self.r.incr(self._k("seq")))
 
     def publish(self, version: int, data: bytes, meta: dict[str, Any]) -> ModelRecord:
         rec = ModelRecord(version, checksum(data), len(data), time.time(), meta)
@@ -157,7 +238,7 @@ class RedisRegistry:
             pipe.zadd(self._k("versions"), {str(version): version})
             pipe.execute()
             # The pointer only after the blob is in place; it never moves backwards.
-            self.r.eval(_SET_IF_NEWER, 1, self._k("current"), version)
+            self.r.eval(_SET_IF_NEWER, 1, self._k("current"), version, self._k("record", ""))
             self.r.publish(self.channel, rec.to_json())
             self._trim()
         except redis.RedisError as e:
@@ -165,8 +246,11 @@ class RedisRegistry:
         return rec
 
     def _trim(self) -> None:
-        old = self.r.zrange(self._k("versions"), 0, -self.keep - 1)
-        keep = {self.r.get(self._k("current")), self.r.get(self._k("pinned"))}
+        try:
+            old = self.r.zrange(self._k("versions"), 0, -self.keep - 1)
+            keep = {self.r.get(self._k("current")), self.r.get(self._k("pinned"))}
+        except redis.ResponseError:
+            return  # a damaged key of the wrong type: keep everything rather than guess a pin
         for v in old:
             if v in keep:
                 continue
@@ -175,25 +259,40 @@ class RedisRegistry:
             self.r.zrem(self._k("versions"), v_s)
 
     def current(self) -> ModelRecord | None:
-        try:
-            v = self.r.get(self._k("current"))
-            return None if v is None else self.record(int(v))
-        except redis.RedisError as e:
-            raise RegistryError(f"registry unreachable: {e}") from None
+        with self._io(f"reading {self._k('current')}"):
+            raw = self.r.get(self._k("current"))
+        v = self._version_at("current", raw)
+        if v is None:
+            return None
+        rec = self.record(v)
+        if rec is None:
+            # Publication writes the record before the pointer and trimming keeps the
+            # current version, so this is never a race: the registry was damaged.
+            raise RegistryCorrupt(f"{self._k('current')} points to version {v}, which has no "
+                                  f"record{_FIX}")
+        return rec
 
     def record(self, version: int) -> ModelRecord | None:
+        key = self._k("record", version)
+        with self._io(f"reading {key}"):
+            raw = self.r.get(key)
+        if raw is None:
+            return None
         try:
-            raw = self.r.get(self._k("record", version))
-        except redis.RedisError as e:
-            raise RegistryError(f"registry unreachable: {e}") from None
-        return None if raw is None else ModelRecord.from_json(raw)
+            rec = ModelRecord.from_json(raw, f"registry key {key}")
+        except RegistryCorrupt as e:
+            raise RegistryCorrupt(f"{e}{_FIX}") from None
+        if rec.version != version:
+            raise RegistryCorrupt(f"registry key {key} holds the record of version "
+                                  f"{rec.version}{_FIX}")
+        return rec
 
     def fetch(self, version: int) -> bytes:
         """The blob, read in FETCH_CHUNK pieces: parsing one 23 MB reply holds the GIL for
         tens of milliseconds, which stalls every request a serving process has in flight;
         1 MiB pieces let them interleave (docs/benchmarks.md, reload)."""
         key = self._k("blob", version)
-        try:
+        with self._io(f"reading {key}"):
             size = self.r.strlen(key)
             parts, offset = [], 0
             while offset < size:
@@ -202,46 +301,44 @@ class RedisRegistry:
                     break
                 parts.append(part)
                 offset += len(part)
-        except redis.RedisError as e:
-            raise RegistryError(f"registry unreachable: {e}") from None
         if size == 0 or offset != size:  # missing, or trimmed while we read it
-            raise RegistryError(f"model version {version} is not in the registry")
+            raise VersionNotFound(f"model version {version} is not in the registry")
         return b"".join(parts)
 
     def versions(self) -> list[int]:
-        try:
-            return sorted(int(v) for v in self.r.zrange(self._k("versions"), 0, -1))
-        except redis.RedisError as e:
-            raise RegistryError(f"registry unreachable: {e}") from None
+        key = "versions"
+        with self._io(f"reading {self._k(key)}"):
+            raw = self.r.zrange(self._k(key), 0, -1)
+        return sorted(v for m in raw if (v := self._version_at(key, m)) is not None)
 
     def pin(self, version: int) -> None:
-        try:
+        with self._io(f"pinning version {version}"):
             if not self.r.exists(self._k("blob", version)):
-                raise RegistryError(f"cannot pin version {version}: not in the registry "
-                                    f"(available: {self.versions()})")
+                raise VersionNotFound(f"cannot pin version {version}: not in the registry "
+                                      f"(available: {self.versions()})")
             self.r.set(self._k("pinned"), version)
             self.r.publish(self.channel, json.dumps({"pinned": version}))
-        except redis.RedisError as e:
-            raise RegistryError(f"registry unreachable: {e}") from None
 
     def unpin(self) -> None:
-        try:
+        with self._io("unpinning"):
             self.r.delete(self._k("pinned"))
             self.r.publish(self.channel, json.dumps({"pinned": None}))
-        except redis.RedisError as e:
-            raise RegistryError(f"registry unreachable: {e}") from None
 
     def pinned(self) -> int | None:
-        try:
-            v = self.r.get(self._k("pinned"))
-        except redis.RedisError as e:
-            raise RegistryError(f"registry unreachable: {e}") from None
-        return None if v is None else int(v)
+        with self._io(f"reading {self._k('pinned')}"):
+            raw = self.r.get(self._k("pinned"))
+        return self._version_at("pinned", raw)
 
 
+# A pointer that is not a number, not even a string, or names a version without a record (a
+# damaged registry) is overwritten: publishing a new version is how an operator repairs it, so
+# it must not fail on, or be held back by, the damage it repairs. pcall: GET on a key of
+# another Redis type returns an error table instead of raising. ARGV[2]: the record key prefix.
 _SET_IF_NEWER = """
-local cur = redis.call('GET', KEYS[1])
-if (not cur) or tonumber(cur) < tonumber(ARGV[1]) then
+local got = redis.pcall('GET', KEYS[1])
+local cur = type(got) == 'string' and tonumber(got) or nil
+if (not cur) or cur < tonumber(ARGV[1])
+    or redis.call('EXISTS', ARGV[2] .. got) == 0 then
   redis.call('SET', KEYS[1], ARGV[1])
   return 1
 end

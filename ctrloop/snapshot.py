@@ -8,6 +8,9 @@ A pCTR snapshot may also carry the GP posterior over the logit (ctrloop/posterio
 float32 per embedding row under `posterior.*` and its priors in the header's "posterior". A
 snapshot without one still loads (`model.posterior is None`). A reader from before the
 posterior refuses a snapshot with one (unexpected weights) and keeps serving what it had.
+
+Decoding refuses a snapshot with any non-finite value in any tensor (model weights, a pCVR
+head's, the posterior's): `check_finite`.
 """
 
 from __future__ import annotations
@@ -89,6 +92,7 @@ def decode_snapshot(data: bytes) -> Snapshot:
         tensors = st_load(data)
     except (SafetensorError, ValueError) as e:
         raise SnapshotError(f"corrupt snapshot tensors: {e}") from None
+    check_finite(tensors, f"version {header.get('version')}: ")
     try:
         spec = FeatureSpec.from_dict(header["spec"])
         if spec.hash != header.get("spec_hash"):
@@ -103,6 +107,30 @@ def decode_snapshot(data: bytes) -> Snapshot:
                         spec, tensors, dict(header.get("meta", {})), posterior)
     except (KeyError, TypeError, ValueError, FeatureSpecError) as e:
         raise SnapshotError(f"malformed snapshot header ({type(e).__name__}: {e})") from None
+
+
+def check_finite(tensors: dict[str, torch.Tensor], prefix: str = "") -> None:
+    """SnapshotError naming the first tensor (and row) holding a NaN or infinity.
+
+    Every tensor, not only what warm-up inputs reach: one NaN embedding row scores NaN for
+    exactly the requests that use it, which random warm-up rows almost never hit.
+    Cheap first test: a sum is NaN or infinite whenever any element is (IEEE propagation), and
+    one reduction costs ~1 ms on a 23 MB snapshot where isfinite(t).all() cost ~28 ms (it
+    allocates a mask per element; measured with one thread, FwFM dim 16 over the simulator's
+    spec). A non-finite sum of finite values (an overflow) falls through to the exact test.
+    """
+    for name, t in tensors.items():
+        if not t.is_floating_point() or bool(torch.isfinite(t.sum())) or \
+                bool(torch.isfinite(t).all()):
+            continue
+        bad = ~torch.isfinite(t)
+        where = ""
+        if t.dim() >= 1:
+            rows = bad.reshape(t.shape[0], -1).any(dim=1).nonzero().flatten()
+            where = f", {rows.numel()} of {t.shape[0]} rows, the first row {int(rows[0])}"
+        raise SnapshotError(f"{prefix}tensor {name!r} holds {int(bad.sum())} non-finite values "
+                            f"(NaN or infinity{where}); the trainer diverged or the blob was "
+                            "altered")
 
 
 def build_from_snapshot(snap: Snapshot, inference: bool = False) -> CTRModel:

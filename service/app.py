@@ -39,7 +39,7 @@ from starlette.staticfiles import StaticFiles
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from ctrloop import __version__
-from ctrloop.errors import InvalidEvent, RegistryError
+from ctrloop.errors import InvalidEvent, RegistryError, SnapshotError
 from ctrloop.events import (
     MAX_FEATURES,
     MAX_LINE_BYTES,
@@ -58,7 +58,7 @@ from ctrloop.exploration import (
     generator,
     thompson_rank,
 )
-from ctrloop.registry import ModelRegistry, RedisRegistry
+from ctrloop.registry import ModelRegistry, RedisRegistry, VersionNotFound
 from service.metrics import CONTENT_TYPE, Metrics, render
 from service.reloader import ModelHolder, Reloader
 from service.schemas import (
@@ -281,6 +281,7 @@ class ServiceState:
         self.holder = ModelHolder(settings.prior_ctr, expected)
         self.reloader = Reloader(registry, self.holder, settings.reload_poll_s,
                                  on_swap=self._swapped, on_failure=self._failed)
+        self.holder.on_nonfinite = self._nonfinite
         self.ready = False
         self.started_at = time.time()
         self.requests = 0
@@ -311,6 +312,9 @@ class ServiceState:
     def _failed(self, reason: str) -> None:
         self.metrics.reload_failures.labels(reason).inc()
 
+    def _nonfinite(self, output: str, n: int) -> None:
+        self.metrics.nonfinite_predictions.labels(output).inc(n)
+
 
 def create_app(settings: ServiceSettings | None = None, *,
                registry: ModelRegistry | None = None,
@@ -332,7 +336,12 @@ def create_app(settings: ServiceSettings | None = None, *,
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         torch.set_num_threads(1)  # batch-100 inference; workers, not threads, use the cores
-        await run_in_threadpool(state.reloader.check)  # serve the current model from the start
+        try:  # serve the current model from the start
+            await run_in_threadpool(state.reloader.check)
+        except Exception:
+            # Whatever the registry holds, start: the prior (or nothing better) is served and
+            # the reloader keeps trying; exiting would crash-loop the pod (issue 10, E).
+            log.exception("first model load failed; serving the prior until one loads")
         state.reloader.start()
         state.ready = True
         log.info("scoring service ready, serving model %s", state.holder.served.version)
@@ -774,7 +783,7 @@ def _model_routes(app: FastAPI, state: ServiceState) -> None:
             versions = await run_in_threadpool(state.registry.versions)
             registry = {"current": current.version if current else None,
                         "pinned": state.reloader.pinned, "versions": versions}
-        except RegistryError as e:
+        except RegistryError as e:  # unreachable or damaged: what is served is still known
             registry = {"error": str(e)}
         return _json(200, {"serving": state.holder.served.describe(),
                            "reloader": state.reloader.describe(), "registry": registry})
@@ -797,6 +806,8 @@ def _model_routes(app: FastAPI, state: ServiceState) -> None:
         body = {"ready": state.ready, "model_version": served.version,
                 "model_status": served.status,
                 "registry_reachable": state.reloader.stats.registry_ok,
+                # Present only while a registry entry is malformed: new models cannot load.
+                **({"registry_error": e} if (e := state.reloader.stats.registry_error) else {}),
                 "impressions_queued": state.sink.queued() if state.sink else 0,
                 # Kafka down leaves the service ready: scoring does not need it (docs/service.md)
                 "kafka": state.sink.kafka_state() if state.sink else "none"}
@@ -815,7 +826,7 @@ def _admin_routes(app: FastAPI, state: ServiceState) -> None:
     auth_errors: dict[int | str, dict[str, Any]] = {
         200: _example({"pinned": 41, "serving": "41", "status": "pinned"}),
         401: {"model": ErrorBody}, 403: {"model": ErrorBody},
-        404: {"model": ErrorBody}, 409: {"model": ErrorBody}}
+        404: {"model": ErrorBody}, 409: {"model": ErrorBody}, 503: {"model": ErrorBody}}
 
     def denied(request: Request) -> Response | None:
         if token is None:
@@ -827,19 +838,25 @@ def _admin_routes(app: FastAPI, state: ServiceState) -> None:
                           {"WWW-Authenticate": "Bearer"})
         return None
 
+    def unavailable(what: str, e: RegistryError) -> Response:
+        return _error(503, f"{what}: {e}. Nothing was changed; still serving "
+                           f"{state.holder.served.version}. Retry once the registry is "
+                           "reachable and intact (GET /v1/models shows its state)")
+
     async def pin_to(version: int) -> Response:
+        # Loaded and verified before the pin is written (Reloader.pin): a version that cannot
+        # be served leaves no pin behind for every other process to follow.
         try:
-            await run_in_threadpool(state.registry.pin, version)
-        except RegistryError as e:
+            served = await run_in_threadpool(state.reloader.pin, version)
+        except VersionNotFound as e:
             return _error(404, str(e))
-        await run_in_threadpool(state.reloader.check)
-        served = state.holder.served
-        body = {"pinned": version, "serving": served.version, "status": served.status}
-        if served.number != version:
-            body["note"] = (f"version {version} is pinned but could not be loaded here: "
-                            f"{state.reloader.stats.last_error}")
-            return _json(409, body)
-        return _json(200, body)
+        except RegistryError as e:
+            return unavailable(f"cannot pin version {version}", e)
+        except SnapshotError as e:
+            return _error(409, f"version {version} was not pinned: it cannot be served ({e}); "
+                               f"still serving {state.holder.served.version}")
+        return _json(200, {"pinned": version, "serving": served.version,
+                           "status": served.status})
 
     @app.post("/v1/admin/pin", tags=["admin"], responses={**_ERRORS, **auth_errors},
               openapi_extra=_body_doc("PinRequest"), summary="Serve one version everywhere")
@@ -863,7 +880,7 @@ def _admin_routes(app: FastAPI, state: ServiceState) -> None:
         try:
             older = [v for v in await run_in_threadpool(state.registry.versions) if v < served]
         except RegistryError as e:
-            return _error(409, f"cannot roll back: {e}")
+            return unavailable("cannot roll back", e)
         if not older:
             return _error(409, f"no version older than {served} is kept in the registry")
         return await pin_to(max(older))
@@ -873,12 +890,14 @@ def _admin_routes(app: FastAPI, state: ServiceState) -> None:
     async def unpin(request: Request) -> Response:
         if (r := denied(request)) is not None:
             return r
+        # The current version is verified before the pin is removed (Reloader.unpin).
         try:
-            await run_in_threadpool(state.registry.unpin)
+            served = await run_in_threadpool(state.reloader.unpin)
         except RegistryError as e:
-            return _error(409, str(e))
-        await run_in_threadpool(state.reloader.check)
-        served = state.holder.served
+            return unavailable("cannot unpin", e)
+        except SnapshotError as e:
+            return _error(409, f"the pin is kept: the current version cannot be served ({e}); "
+                               "pin another version or publish a good one")
         return _json(200, {"pinned": None, "serving": served.version, "status": served.status})
 
 

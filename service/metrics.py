@@ -100,8 +100,16 @@ class Metrics:
         self.reloads = Counter("ctrloop_model_reloads", "Models swapped in", registry=reg)
         self.reload_failures = Counter(
             "ctrloop_model_reload_failures",
-            "Snapshots refused or not fetched",
+            "Snapshots refused (invalid) or not fetched (fetch), a damaged registry entry "
+            "(registry, once per distinct problem), an unexpected reload error (error)",
             ["reason"],
+            registry=reg,
+        )
+        self.nonfinite_predictions = Counter(
+            "ctrloop_nonfinite_predictions",
+            "Candidates whose prediction was NaN or infinite and was answered with the prior, "
+            "by output (pctr, pcvr, logit_std)",
+            ["output"],
             registry=reg,
         )
         self.reload_seconds = Histogram(

@@ -7,6 +7,14 @@ current one. A target that fails verification is refused once — counted and lo
 model being served keeps serving; the refusal is remembered so the thread does not retry the
 same bytes every poll.
 
+A registry that cannot be read (unreachable, or an entry that is malformed: a pointer that is
+not a version, a record that is not JSON, a key of the wrong Redis type) is logged and counted
+once per distinct problem, not every poll, and the served model keeps serving (the prior on a
+cold start); `describe()` and /readyz say what is wrong until it is repaired.
+
+Operators' pin and unpin (`pin`, `unpin`) load and verify the model to serve first and write
+the registry last, so a refused model never leaves a pin behind.
+
 Swapping is one reference assignment (`ModelHolder.served`), atomic under the GIL: a request
 reads it once and finishes on that model. Without a pin, the served version never decreases.
 """
@@ -28,7 +36,7 @@ import torch
 
 from ctrloop.errors import RegistryError, SnapshotError
 from ctrloop.features import FeatureSpec
-from ctrloop.registry import ModelRegistry, RedisRegistry
+from ctrloop.registry import ModelRegistry, RedisRegistry, RegistryCorrupt, VersionNotFound
 from service.scoring import ServedModel, load_verified, prior_model
 
 log = logging.getLogger(__name__)
@@ -44,6 +52,7 @@ class ReloadStats:
     last_error_at: float | None = None
     last_check_at: float | None = None
     registry_ok: bool = False
+    registry_error: str | None = None  # a malformed registry entry, while it lasts
     refused: list[int] = field(default_factory=list)
 
     def fail(self, reason: str, message: str) -> None:
@@ -58,6 +67,8 @@ class ModelHolder:
         self.served: ServedModel = prior_model(prior_ctr)
         self.prior_ctr = prior_ctr
         self.expected_spec = expected_spec
+        # Given to every model swapped in: counts predictions replaced for not being finite.
+        self.on_nonfinite: Callable[[str, int], None] | None = None
         self._recent: deque[np.ndarray] = deque(maxlen=8)
         self._lock = threading.Lock()
 
@@ -97,6 +108,11 @@ class Reloader:
         self._wake = threading.Event()
         self._threads: list[threading.Thread] = []
         self.pinned: int | None = None
+        # The last registry problem and fetch problem reported: each is logged and counted
+        # once while it persists (the poll runs every poll_s), again when it changes.
+        self._registry_problem: str | None = None
+        self._fetch_problem: str | None = None
+        self._loop_problem: str | None = None
 
     # ------------------------------------------------------------------ loop
 
@@ -121,8 +137,13 @@ class Reloader:
         while not self._stop.is_set():
             try:
                 self.check()
-            except Exception:  # never let the thread die: the service would stop following
-                log.exception("model reload check failed")
+                self._loop_problem = None
+            except Exception as e:  # never let the thread die: the service would stop following
+                if repr(e) != self._loop_problem:  # a traceback per distinct error, not per poll
+                    self._loop_problem = repr(e)
+                    log.exception("model reload check failed; still serving %s",
+                                  self.holder.served.version)
+                    self._fail("error", f"reload check failed: {e!r}")
             self._wake.wait(self.poll_s)
             self._wake.clear()
 
@@ -154,14 +175,18 @@ class Reloader:
     def _check(self) -> bool:
         self.stats.last_check_at = time.time()
         try:
-            pinned = self.registry.pinned()
-            current = self.registry.current()
-            self.stats.registry_ok = True
+            pinned, pin_problem = _readable(self.registry.pinned)
+            current, current_problem = _readable(self.registry.current)
         except RegistryError as e:
             self.stats.registry_ok = False
-            log.warning("registry unreachable, serving version %s: %s",
-                        self.holder.served.version, e)
+            self._report_registry(f"registry unreachable: {e}", count=False)
             return False
+        self.stats.registry_ok = True
+        problem = pin_problem or current_problem
+        self.stats.registry_error = problem
+        self._report_registry(problem)
+        if pin_problem is not None or (pinned is None and current_problem is not None):
+            return False  # which version to serve is unknown: keep serving what we have
         self.pinned = pinned
         target = pinned if pinned is not None else (current.version if current else None)
         served = self.holder.served
@@ -173,47 +198,74 @@ class Reloader:
             return False  # never backwards without an operator's pin
         return self.load(target, pinned=pinned is not None)
 
+    def _report_registry(self, problem: str | None, count: bool = True) -> None:
+        """Log (and count, for a malformed entry) a registry problem when it first appears or
+        changes; log once when it is gone."""
+        if problem == self._registry_problem:
+            return
+        served = self.holder.served.version
+        if problem is None:
+            log.info("registry readable again (serving %s)", served)
+        elif count:
+            log.error("model registry is damaged, still serving %s: %s", served, problem)
+            self._fail("registry", problem)
+        else:
+            log.warning("%s; still serving %s (retried every %.0f s)", problem, served,
+                        self.poll_s)
+        self._registry_problem = problem
+
+    def _fail(self, reason: str, message: str) -> None:
+        self.stats.fail(reason, message)
+        if self._on_failure:
+            self._on_failure(reason)
+
     def load(self, version: int, pinned: bool = False) -> bool:
         served = self.holder.served
         try:
-            record = self.registry.record(version)
-            if record is None:
-                raise RegistryError(f"version {version} is gone from the registry")
-            data = self.registry.fetch(version)
+            new = self._prepare(version, pinned)
         except RegistryError as e:
-            log.warning("cannot fetch model version %d: %s", version, e)
-            self.stats.fail("fetch", str(e))
-            if self._on_failure:
-                self._on_failure("fetch")
-            return False  # transient: tried again next poll
-        try:
-            new = load_verified(data, record, self.holder.expected_spec,
-                                "pinned" if pinned else "trained", self.holder.prior_ctr,
-                                served.encoder, self.holder.recent_rows())
-            if new.model is not None and new.model.tasks:
-                raise SnapshotError(f"version {version}: a multi-task model "
-                                    f"({new.model.name}) cannot serve pCTR")
+            # Transient (unreachable, trimmed) or damaged: tried again next poll either way,
+            # but reported once until it changes.
+            message = f"cannot fetch model version {version}: {e}"
+            if message != self._fetch_problem:
+                self._fetch_problem = message
+                log.warning("%s; still serving %s", message, served.version)
+                self._fail("registry" if isinstance(e, RegistryCorrupt) else "fetch", message)
+            return False
         except SnapshotError as e:
             self._refused.add(version)
             self.stats.refused = sorted(self._refused)[-20:]
-            self.stats.fail("invalid", str(e))
             log.error("refused model version %d, still serving %s: %s", version,
                       served.version, e)
-            if self._on_failure:
-                self._on_failure("invalid")
+            self._fail("invalid", str(e))
             return False
+        self._fetch_problem = None
+        return self._install(new, allow_older=pinned)
+
+    def _prepare(self, version: int, pinned: bool) -> ServedModel:
+        """Fetch and verify `version` (and its pCVR head) without serving it. Raises
+        RegistryError (VersionNotFound when it is not kept) or SnapshotError."""
+        record = self.registry.record(version)
+        if record is None:
+            raise VersionNotFound(f"version {version} is not in the registry")
+        data = self.registry.fetch(version)
+        served = self.holder.served
+        new = load_verified(data, record, self.holder.expected_spec,
+                            "pinned" if pinned else "trained", self.holder.prior_ctr,
+                            served.encoder, self.holder.recent_rows())
+        if new.model is not None and new.model.tasks:
+            raise SnapshotError(f"version {version}: a multi-task model "
+                                f"({new.model.name}) cannot serve pCTR")
         try:
             new = self._with_heads(new, version)
         except SnapshotError as e:
-            self._refused.add(version)
-            self.stats.refused = sorted(self._refused)[-20:]
-            self.stats.fail("invalid", str(e))
-            log.error("refused model version %d (its pCVR head), still serving %s: %s",
-                      version, served.version, e)
-            if self._on_failure:
-                self._on_failure("invalid")
-            return False
-        if not self.holder.swap(new, allow_older=pinned):
+            raise SnapshotError(f"version {version}'s pCVR head: {e}") from None
+        if self.holder.on_nonfinite is not None:
+            new = dataclasses.replace(new, on_nonfinite=self.holder.on_nonfinite)
+        return new
+
+    def _install(self, new: ServedModel, allow_older: bool) -> bool:
+        if not self.holder.swap(new, allow_older=allow_older):
             return False
         self.stats.reloads += 1
         log.info("serving model version %s (%s, loaded in %.0f ms)", new.version, new.status,
@@ -221,6 +273,39 @@ class Reloader:
         if self._on_swap:
             self._on_swap(new)
         return True
+
+    # ------------------------------------------------------------------ operators
+
+    def pin(self, version: int) -> ServedModel:
+        """Serve `version` everywhere: verified here first, then pinned in the registry, then
+        swapped in. Raises VersionNotFound, RegistryError (unreachable or damaged) or
+        SnapshotError; then nothing was written and the served model is unchanged."""
+        with self._check_lock:
+            new = self._prepare(version, pinned=True)
+            self.registry.pin(version)
+            self.pinned = version
+            self._refused.discard(version)
+            self._install(new, allow_older=True)
+            return self.holder.served
+
+    def unpin(self) -> ServedModel:
+        """Follow the newest published version again: the current version is read and
+        verified first, the pin removed last. Raises RegistryError or SnapshotError (the
+        current version cannot be served); then the pin is kept."""
+        with self._check_lock:
+            current = self.registry.current()
+            served = self.holder.served
+            new = None
+            if current is not None and current.version != served.number:
+                new = self._prepare(current.version, pinned=False)
+            self.registry.unpin()
+            self.pinned = None
+            if new is None:
+                new = dataclasses.replace(served, status="trained") \
+                    if served.status == "pinned" else served
+            if new is not served:
+                self._install(new, allow_older=True)
+            return self.holder.served
 
     def _with_heads(self, new: ServedModel, version: int) -> ServedModel:
         """Attach the pCVR head published with `version`, verified like the model itself;
@@ -242,8 +327,20 @@ class Reloader:
 
     def describe(self) -> dict[str, Any]:
         s = self.stats
-        return {"reloads": s.reloads, "reload_failures": dict(s.failures),
-                "refused_versions": s.refused, "last_error": s.last_error,
-                "last_error_at": s.last_error_at, "last_check_at": s.last_check_at,
-                "registry_reachable": s.registry_ok, "pinned": self.pinned}
+        d = {"reloads": s.reloads, "reload_failures": dict(s.failures),
+             "refused_versions": s.refused, "last_error": s.last_error,
+             "last_error_at": s.last_error_at, "last_check_at": s.last_check_at,
+             "registry_reachable": s.registry_ok, "pinned": self.pinned}
+        if s.registry_error is not None:
+            d["registry_error"] = s.registry_error
+        return d
+
+
+def _readable(read: Callable[[], Any]) -> tuple[Any, str | None]:
+    """(value, None), or (None, the reason) when the entry is malformed; an unreachable
+    registry still raises."""
+    try:
+        return read(), None
+    except RegistryCorrupt as e:
+        return None, str(e)
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import hashlib
+import json
+import re
 from dataclasses import dataclass
 
 import pytest
@@ -11,7 +13,7 @@ import torch
 from ctrloop.errors import RegistryError
 from ctrloop.features import FeatureSpec, Field
 from ctrloop.models import build_model
-from ctrloop.registry import InMemoryRegistry, ModelRecord
+from ctrloop.registry import InMemoryRegistry, ModelRecord, RegistryCorrupt
 from ctrloop.snapshot import build_from_snapshot, checksum, decode_snapshot, encode_snapshot
 
 
@@ -138,3 +140,33 @@ def test_snapshot_through_the_registry() -> None:
     x = torch.tensor([[1, 9], [3, 15]])
     with torch.no_grad():
         assert torch.equal(served(x), model(x))
+
+
+GOOD_RECORD = {"version": 4, "checksum": "ab" * 32, "size": 1234,
+               "published_at": 1767225600.5, "meta": {}}
+
+
+@pytest.mark.parametrize(("raw", "reason"), [
+    (b"abc", "is not JSON"),
+    (b"\xff\xfe", "is not JSON"),
+    (b"[1, 2]", "is not a JSON object"),
+    (b'{"version": 4}', "lacks checksum, size, published_at"),
+    (json.dumps({**GOOD_RECORD, "version": "4"}), "'version' is '4', not a positive integer"),
+    (json.dumps({**GOOD_RECORD, "version": True}), "'version' is True"),
+    (json.dumps({**GOOD_RECORD, "version": 0}), "'version' is 0"),
+    (json.dumps({**GOOD_RECORD, "checksum": "x"}), "'checksum' is 'x', not a SHA-256"),
+    (json.dumps({**GOOD_RECORD, "size": -1}), "'size' is -1"),
+    (json.dumps({**GOOD_RECORD, "size": 1.5}), "'size' is 1.5"),
+    (json.dumps({**GOOD_RECORD, "published_at": "now"}), "'published_at' is 'now'"),
+    (json.dumps({**GOOD_RECORD, "published_at": float("nan")}), "'published_at' is nan"),
+    (json.dumps({**GOOD_RECORD, "meta": "x"}), "'meta' is 'x', not an object"),
+])
+def test_a_malformed_record_is_registry_corrupt_with_its_reason(raw: str | bytes,
+                                                                reason: str) -> None:
+    """Issue 10 E: these raised JSONDecodeError/KeyError/ValueError (a 500 and a traceback
+    per poll) or were silently coerced ("4" -> 4)."""
+    with pytest.raises(RegistryCorrupt, match=re.escape(reason)) as e:
+        ModelRecord.from_json(raw, "registry key ns:record:4")
+    assert isinstance(e.value, RegistryError)
+    assert str(e.value).startswith("registry key ns:record:4")
+    assert ModelRecord.from_json(json.dumps(GOOD_RECORD)).version == 4

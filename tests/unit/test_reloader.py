@@ -3,6 +3,7 @@ Reloader that follows the registry, and ModelHolder's swap rules."""
 
 from __future__ import annotations
 
+import logging
 import time
 from typing import Any
 
@@ -13,7 +14,8 @@ import torch
 from ctrloop.errors import RegistryError, SnapshotError
 from ctrloop.features import FeatureEncoder, FeatureSpec, Field
 from ctrloop.models import CTRModel, build_model
-from ctrloop.registry import InMemoryRegistry, ModelRecord
+from ctrloop.posterior import LogitPosterior, PosteriorConfig
+from ctrloop.registry import InMemoryRegistry, ModelRecord, RegistryCorrupt
 from ctrloop.snapshot import checksum, encode_snapshot
 from service.reloader import ModelHolder, Reloader
 from service.scoring import ServedModel, load_verified, prior_model, warmup_rows
@@ -123,10 +125,24 @@ def test_load_verified_refuses_a_blob_of_another_version() -> None:
 
 @pytest.mark.parametrize("name", ["fwfm", "lr"])
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
-def test_load_verified_refuses_non_finite_outputs(name: str, bad: float) -> None:
+def test_load_verified_refuses_non_finite_weights(name: str, bad: float) -> None:
     m = model(1, name=name)
     with torch.no_grad():
         m.bias.fill_(bad)  # type: ignore[operator]
+    with pytest.raises(SnapshotError, match="version 1: tensor 'bias' holds 1 non-finite"):
+        load(encode_snapshot(m, 1))
+
+
+@pytest.mark.parametrize("name", ["fwfm", "lr"])
+def test_load_verified_refuses_outputs_that_overflow(name: str) -> None:
+    """Finite weights whose sums overflow float32: the tensors pass check_finite (its cheap
+    sum overflows too, and the exact test clears them), the warm-up outputs do not."""
+    m = model(1, name=name)
+    with torch.no_grad():
+        m.bias.fill_(3e38)  # type: ignore[operator]
+        for p in m.parameters():
+            if p.dim() == 2:
+                p.fill_(3e38)
     with pytest.raises(SnapshotError, match="version 1: non-finite or misshapen outputs"):
         load(encode_snapshot(m, 1))
 
@@ -139,13 +155,26 @@ def test_load_verified_refuses_a_non_finite_row_of_the_table() -> None:
         load(encode_snapshot(m, 1))
 
 
-def test_load_verified_scores_recent_requests_too() -> None:
-    """A row no synthetic warm-up input reaches is still caught when real traffic hits it."""
+def test_load_verified_refuses_one_nan_row_no_warmup_input_reaches() -> None:
+    """Issue 10 D: one user.id row set to NaN passed verification (warm-up rows miss it) and
+    that user was answered "pctr": null. Every tensor is checked at load now."""
     m = model(1)
     hot = SPEC.offsets[0] + 12345  # one user.id bucket out of 65536
     assert hot not in warmup_rows(SPEC)[:, 0].tolist()
     with torch.no_grad():
-        m.table.weight[hot, 0] = float("inf")
+        m.table.weight[hot, 0] = float("nan")
+    with pytest.raises(SnapshotError, match=rf"version 1: tensor 'table.weight' holds 1 "
+                                            rf"non-finite values .*the first row {hot}\)"):
+        load(encode_snapshot(m, 1))
+
+
+def test_load_verified_scores_recent_requests_too() -> None:
+    """A row no synthetic warm-up input reaches is still caught when real traffic hits it:
+    here finite weights whose products overflow float32 for that row only."""
+    m = model(1)
+    hot = SPEC.offsets[0] + 12345
+    with torch.no_grad():
+        m.table.weight[hot] = 3e38
     data = encode_snapshot(m, 1)
     assert load(data).number == 1  # synthetic rows alone miss it
     recent = torch.tensor([[hot, SPEC.offsets[1] + 1, SPEC.offsets[2] + 1]])
@@ -462,3 +491,127 @@ def test_prior_model_is_a_served_model() -> None:
     p = prior_model(0.2)
     assert p.describe()["prior_ctr"] == 0.2
     assert p.spec is None and p.encoder is None
+
+
+# ---------------------------------------------------------------------------- issue 10 D, E
+
+
+def test_a_non_finite_posterior_variance_at_request_time_is_zeroed_and_counted() -> None:
+    """The posterior's variance of a row served as NaN (here poisoned after load) gives the
+    candidate no exploration width instead of a NaN logit_std; the rest are untouched."""
+    m = model(1)
+    m.posterior = LogitPosterior(SPEC, PosteriorConfig(field_prior_var={}))
+    counted: list[tuple[str, int]] = []
+    served = load(encode_snapshot(m, 1))
+    served = ServedModel(**{**served.__dict__,
+                            "on_nonfinite": lambda o, n: counted.append((o, n))})
+    cands = [("a1", "adv1", {}), ("a2", "adv2", {})]
+    clean = served.predict_full({}, "u1", cands, with_variance=True)
+    assert served.row_var_table is not None and clean.rows is not None
+    served.row_var_table[clean.rows[0, 2]] = float("nan")  # a1's ad.id row
+    pred = served.predict_full({}, "u1", cands, with_variance=True)
+    assert pred.logit_var is not None and clean.logit_var is not None
+    assert np.isfinite(pred.logit_var).all()
+    assert pred.logit_var[1] == clean.logit_var[1]
+    assert pred.logit_var[0] < clean.logit_var[0]  # that row contributes nothing
+    np.testing.assert_array_equal(pred.pctr, clean.pctr)
+    assert counted == [("logit_std", 1)]
+
+
+class DamagedRegistry(CountingRegistry):
+    """Raises RegistryCorrupt as RedisRegistry does on a malformed pointer."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.bad_current: str | None = None
+        self.bad_pinned: str | None = None
+
+    def current(self) -> ModelRecord | None:
+        if self.bad_current is not None:
+            raise RegistryCorrupt(self.bad_current)
+        return super().current()
+
+    def pinned(self) -> int | None:
+        if self.bad_pinned is not None:
+            raise RegistryCorrupt(self.bad_pinned)
+        return super().pinned()
+
+
+def test_a_damaged_registry_is_counted_and_logged_once_and_serving_goes_on(
+        caplog: pytest.LogCaptureFixture) -> None:
+    """Issue 10 E: `SET <ns>:current abc` raised ValueError from every poll (a traceback every
+    2 s, no failure counted). Now: one count and one log line per distinct problem, the served
+    model keeps serving, describe() says what is wrong, and a repair is picked up."""
+    reg, rec = DamagedRegistry(), Recorder()
+    r = rec.reloader(reg)
+    reg.put_model(1)
+    assert r.check()
+    reg.bad_current = "registry key ctrloop:current holds b'abc', not a version number"
+    with caplog.at_level(logging.INFO, logger="service.reloader"):
+        for _ in range(5):
+            assert not r.check()
+        assert r.holder.served.version == "1"
+        assert rec.failures == ["registry"]
+        assert r.stats.failures == {"registry": 1}
+        assert r.stats.registry_ok  # reachable, but damaged
+        assert r.describe()["registry_error"] == reg.bad_current
+        damaged = [x for x in caplog.records if "damaged" in x.getMessage()]
+        assert len(damaged) == 1 and damaged[0].levelno == logging.ERROR
+        assert not [x for x in caplog.records if x.exc_info]  # no tracebacks
+        reg.bad_current = "another problem"  # a different problem: reported too
+        assert not r.check()
+        assert rec.failures == ["registry", "registry"]
+        reg.bad_current = None  # repaired, with a newer version
+        reg.put_model(2)
+        assert r.check()
+    assert r.holder.served.version == "2"
+    assert "registry_error" not in r.describe()
+    assert any("readable again" in x.getMessage() for x in caplog.records)
+
+
+def test_a_damaged_pin_keeps_serving_what_is_served() -> None:
+    """With the pin unreadable the operator's intent is unknown: neither current nor any
+    other version is loaded until it is repaired."""
+    reg, rec = DamagedRegistry(), Recorder()
+    r = rec.reloader(reg)
+    reg.put_model(1)
+    assert r.check()
+    reg.put_model(2)
+    reg.bad_pinned = "registry key ctrloop:pinned holds b'x', not a version number"
+    assert not r.check()
+    assert r.holder.served.version == "1"
+    assert rec.failures == ["registry"]
+
+
+def test_a_damaged_registry_on_a_cold_start_serves_the_prior() -> None:
+    reg, rec = DamagedRegistry(), Recorder()
+    r = rec.reloader(reg)
+    reg.bad_current = "ctrloop:current points to version 9, which has no record"
+    assert not r.check()
+    assert r.holder.served.status == "prior"
+    assert rec.failures == ["registry"]
+
+
+def test_pin_verifies_before_writing_and_unpin_verifies_current_first() -> None:
+    """Issue 10 E: a pin of a version that cannot be served wrote the pin anyway (every other
+    process then followed it). Reloader.pin/unpin load first and write last."""
+    reg, rec = CountingRegistry(), Recorder()
+    r = rec.reloader(reg)
+    good = reg.put_model(1)
+    bad = reg.put(b"not a snapshot")
+    assert r.check() is False  # current (bad) refused, the prior stays
+    assert r.load(good)
+    with pytest.raises(SnapshotError, match=r"not a ctrloop snapshot|truncated"):
+        r.pin(bad)
+    assert reg.pinned() is None and r.holder.served.version == "1"
+    with pytest.raises(RegistryError, match="not in the registry"):
+        r.pin(99)
+    assert reg.pinned() is None
+    served = r.pin(good)
+    assert (served.version, served.status, reg.pinned()) == ("1", "pinned", good)
+    with pytest.raises(SnapshotError):
+        r.unpin()  # current is the bad version: the pin stays
+    assert reg.pinned() == good and r.holder.served.status == "pinned"
+    newer = reg.put_model(3)
+    served = r.unpin()
+    assert (served.version, served.status, reg.pinned()) == (str(newer), "trained", None)

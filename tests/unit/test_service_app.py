@@ -440,9 +440,10 @@ def test_pin_of_a_version_that_fails_verification_is_a_conflict(
     r = client.post("/v1/admin/pin", json={"version": v},
                     headers={"Authorization": f"Bearer {TOKEN}"})
     assert r.status_code == 409
-    body = r.json()
-    assert body["serving"] == "1"
-    assert "could not be loaded" in body["note"]
+    detail = r.json()["detail"]  # ErrorBody, as the schema says (issue 10: it had no detail)
+    assert detail.startswith(f"version {v} was not pinned: it cannot be served (")
+    assert "snapshot is truncated" in detail and "still serving 1" in detail
+    assert registry.pinned() is None  # verified before the pin is written: nothing half-done
     assert client.post("/v1/score", json=score_request()).json()["model_version"] == "1"
 
 

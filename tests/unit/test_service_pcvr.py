@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from fastapi.testclient import TestClient
 from service_fakes import RecordingSink
@@ -138,3 +139,46 @@ def test_pcvr_per_conversion_type() -> None:
         assert one.status_code == 422 and "one task" in one.json()["detail"]
         assert all("pcvr_by_type" not in x
                    for x in c.post("/v1/score", json=BODY).json()["candidates"])
+
+
+def _metric(c: TestClient, line_start: str) -> float:
+    for line in c.get("/metrics").text.splitlines():
+        if line.startswith(line_start):
+            return float(line.rsplit(" ", 1)[1])
+    return 0.0
+
+
+def test_a_non_finite_prediction_is_answered_with_the_prior_and_counted(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Issue 10 D at request time: a model that passed verification can still compute NaN
+    (here a row poisoned after load, as an overflow would): the candidate gets the prior CTR
+    (pCVR 0), never null, the ranking stays by value, and /metrics counts it."""
+    monkeypatch.delenv("PROMETHEUS_MULTIPROC_DIR", raising=False)
+    registry = InMemoryRegistry()
+    prior = 0.03
+    app = create_app(ServiceSettings(prior_ctr=prior), registry=registry,
+                     sink=RecordingSink())  # type: ignore[arg-type]
+    with TestClient(app) as c:
+        _publish(registry, ctr_bias=-1.0, cvr_bias=-2.0)
+        state = app.state.service
+        assert state.reloader.check()
+        served = state.holder.served
+        rows = served.encoder.encode_request({}, "u1", [("a1", "v1", {}), ("a2", "v2", {})])
+        a1_id_row = int(rows[0, [f.name for f in SPEC.fields].index("ad.id")])
+        assert a1_id_row not in rows[1].tolist()
+        with torch.no_grad():
+            served.model.weights.weight[a1_id_row] = float("nan")
+            served.cvr.weights.weight[a1_id_row] = float("inf")
+        r = c.post("/v1/score", json={**BODY, "options": {"rank_by": "bid_pctr_pcvr"}})
+        assert r.status_code == 200
+        by_ad = {x["ad_id"]: x for x in r.json()["candidates"]}
+        assert by_ad["a1"]["pctr"] == prior and by_ad["a1"]["pcvr"] == 0.0
+        assert by_ad["a1"]["score"] == 0.0  # bid x prior x 0
+        a2 = by_ad["a2"]
+        assert abs(a2["pctr"] - float(torch.sigmoid(torch.tensor(-1.0)))) < 1e-6
+        assert [x["ad_id"] for x in r.json()["candidates"]] == ["a2", "a1"]
+        r = c.post("/v1/score", json={**BODY, "options": {"rank_by": "pctr"}}).json()
+        assert [x["ad_id"] for x in r["candidates"]] == ["a2", "a1"]
+        assert all(x["pctr"] is not None and x["score"] is not None for x in r["candidates"])
+        assert _metric(c, 'ctrloop_nonfinite_predictions_total{output="pctr"}') == 2
+        assert _metric(c, 'ctrloop_nonfinite_predictions_total{output="pcvr"}') == 2

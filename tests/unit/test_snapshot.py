@@ -13,6 +13,7 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from safetensors.torch import load as safetensors_load
 from safetensors.torch import save as st_save
 
 from ctrloop.errors import SnapshotError
@@ -264,3 +265,39 @@ def test_a_torch_save_file_is_refused() -> None:
 def test_format_constant() -> None:
     _, outer = header_of(_LR_BLOB)
     assert json.loads(outer["__metadata__"]["ctrloop"])["format"] == FORMAT
+
+
+def _with_posterior(model: CTRModel) -> CTRModel:
+    from ctrloop.posterior import LogitPosterior, PosteriorConfig
+
+    model.posterior = LogitPosterior(SPEC, PosteriorConfig(field_prior_var={}))
+    return model
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+@pytest.mark.parametrize("name", NAMES)
+def test_a_non_finite_value_in_any_tensor_is_refused(name: str, bad: float) -> None:
+    """Issue 10 D: one NaN embedding row passed verification (warm-up rows never used it).
+    Every tensor of every model kind, the posterior's included, is checked at decode."""
+    data = encode_snapshot(_with_posterior(trained(name)), 3)
+    tensors = safetensors_load(data)
+    header = json.loads(header_of(data)[1]["__metadata__"]["ctrloop"])
+    floats = [k for k, t in tensors.items() if t.is_floating_point()]
+    assert any(k.startswith("posterior.") for k in floats)
+    for key in floats:
+        poisoned = {k: t.clone() for k, t in tensors.items()}
+        flat = poisoned[key].view(-1)
+        flat[flat.numel() // 2] = bad
+        blob = st_save(poisoned, metadata={"ctrloop": json.dumps(header)})
+        with pytest.raises(SnapshotError, match=rf"^version 3: tensor '{re.escape(key)}' holds 1 "
+                                                r"non-finite values"):
+            decode_snapshot(blob)
+
+
+def test_huge_finite_weights_are_not_mistaken_for_non_finite() -> None:
+    """The cheap test (a sum) overflows on these; the exact test clears them."""
+    model = trained("lr")
+    with torch.no_grad():
+        for p in model.parameters():
+            p.fill_(3e38)
+    assert decode_snapshot(encode_snapshot(model, 1)).version == 1
