@@ -10,13 +10,14 @@ import contextlib
 import faulthandler
 import json
 import logging
+import math
 import signal
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from ctrloop.errors import CtrloopError
+from ctrloop.errors import ConfigError, CtrloopError, RegistryError
 
 DEFAULT_CLICK_WINDOW = 120.0
 
@@ -155,6 +156,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
     # Validate here (a bad setting fails with a message before any worker starts), then hand
     # the values to the workers through the environment, where each worker's app reads them.
     settings = ServiceSettings(**_overrides(args, _SERVE_KEYS))
+    if args.admin_token is not None:
+        # Every user of the machine can read a command line (`ps`, /proc/PID/cmdline).
+        print("ctrloop: warning: --admin-token is visible to every user of this machine in "
+              "the process list; set CTRLOOP_ADMIN_TOKEN in the environment instead",
+              file=sys.stderr)
     for key in _SERVE_KEYS:
         value = getattr(settings, key)
         if value is not None:
@@ -176,9 +182,19 @@ def cmd_drive(args: argparse.Namespace) -> int:
     from ctrloop.sim.live import DriverConfig, LiveDriver, run_with_reports, stop_on_signals
 
     logging.getLogger("httpx").setLevel(logging.WARNING)  # a line per request otherwise
-    driver = LiveDriver(args.url, DriverConfig(rate=args.rate, seed=args.seed,
-                                               explore=args.explore,
-                                               conversion_mix=args.conversion_mix))
+    try:
+        config = DriverConfig(rate=args.rate, seed=args.seed, explore=args.explore,
+                              conversion_mix=args.conversion_mix)
+    except ValueError as e:
+        raise ConfigError(str(e)) from e
+    if args.duration is not None and not (math.isfinite(args.duration) and args.duration > 0):
+        raise ConfigError("--duration must be a finite number of seconds > 0")
+    if not (math.isfinite(args.interval) and args.interval > 0):
+        raise ConfigError("--interval must be a finite number of seconds > 0")
+    # Before any traffic: a service that is not there is one clear error now, not a run of
+    # connection errors that ends with exit code 0.
+    _check_service(args.url)
+    driver = LiveDriver(args.url, config)
 
     async def report(snap: dict[str, Any], rates: dict[str, float]) -> None:
         print(_drive_line(snap, rates, args.json), flush=True)
@@ -194,7 +210,29 @@ def cmd_drive(args: argparse.Namespace) -> int:
         print(json.dumps({"final": final}, default=str), flush=True)
     else:
         _print_json(final)
+    errors = final["score_errors"]
+    if final["requests"] == 0 and errors:
+        # Nothing was served: a run that achieved nothing must not look like a success.
+        raise CtrloopError(f"no request to {args.url}/v1/score succeeded (errors: "
+                           f"{dict(errors)}); {_START_A_SERVICE}")
     return 0
+
+
+_START_A_SERVICE = ("start one with `ctrloop serve` (or the whole system with `ctrloop stack`), "
+                    "or pass --url of a running service")
+
+
+def _check_service(url: str, timeout_s: float = 5.0) -> None:
+    """Raise CtrloopError, saying what to do, if nothing answers HTTP at `url`."""
+    import httpx
+
+    try:
+        httpx.get(f"{url.rstrip('/')}/healthz", timeout=timeout_s)
+    except httpx.HTTPError as e:
+        # Any HTTP answer (even an error status) proves something listens: the run's own
+        # error counts then say what is wrong. Only "nothing answers" stops us here.
+        raise CtrloopError(f"the service at {url} is unreachable ({type(e).__name__}: {e}); "
+                           f"{_START_A_SERVICE}") from e
 
 
 def _drive_line(snap: dict[str, Any], rates: dict[str, float], as_json: bool) -> str:
@@ -241,7 +279,13 @@ def cmd_delay_report(args: argparse.Namespace) -> int:
     else:
         from ctrloop.registry import RedisRegistry
 
-        record = RedisRegistry.from_url(args.redis_url, args.namespace).head("pcvr").current()
+        try:
+            record = RedisRegistry.from_url(args.redis_url,
+                                            args.namespace).head("pcvr").current()
+        except RegistryError as e:
+            raise RegistryError(f"{e} (--redis-url {args.redis_url}); start the trainer's "
+                                "Redis (`ctrloop stack` runs one) or pass the --redis-url of a "
+                                "running one, or read --checkpoint-dir instead") from e
         if record is None:
             raise CtrloopError(f"no pCVR model published under {args.namespace!r} yet")
         report = record.meta.get("delays")
@@ -345,7 +389,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--kafka-bootstrap", help="host:port (CTRLOOP_KAFKA_BOOTSTRAP)")
     p.add_argument("--redis-url", help="model registry (CTRLOOP_REDIS_URL)")
     p.add_argument("--max-candidates", type=int, help="per request (default 500)")
-    p.add_argument("--admin-token", help="enables /v1/admin/* (CTRLOOP_ADMIN_TOKEN)")
+    p.add_argument("--admin-token", help="enables /v1/admin/*; prefer the CTRLOOP_ADMIN_TOKEN "
+                   "environment variable: a flag shows in `ps`")
     p.add_argument("--feature-spec", type=Path, help="serve only snapshots with this spec")
     p.add_argument("--prior-ctr", type=float, help="cold-start pCTR (default 0.03)")
     p.add_argument("--reload-poll-s", type=float, help="registry polling period (default 2)")

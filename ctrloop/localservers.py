@@ -182,7 +182,9 @@ class _ChildServer:
         self.port: int = port or 0
         self.startup_timeout = startup_timeout
         self.stop_timeout = stop_timeout
-        self._log_dir = Path(log_dir) if log_dir is not None else None
+        # Absolute from here on: the child runs with cwd=log_dir, so a relative path handed to
+        # it (redis' --dir) would be resolved a second time from inside that directory.
+        self._log_dir = Path(log_dir).absolute() if log_dir is not None else None
         self.log_path: Path | None = None
         self._proc: subprocess.Popen[bytes] | None = None
         self._lock = threading.Lock()
@@ -414,7 +416,8 @@ class RedisServer(_ChildServer):
         super().__init__(
             log_dir, port=port, startup_timeout=startup_timeout, stop_timeout=stop_timeout
         )
-        self.data_dir = Path(data_dir) if data_dir is not None else None
+        # Absolute for the same reason as the log dir: redis-server resolves --dir from its cwd.
+        self.data_dir = Path(data_dir).absolute() if data_dir is not None else None
 
     @property
     def url(self) -> str:

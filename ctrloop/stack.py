@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import json
 import math
 import os
@@ -63,6 +64,8 @@ DEFAULT_PORT = 8000
 READY_TIMEOUT_S = 90.0
 LAST_WINDOW_S = 30.0  # "fresh traffic" in the summary: impressions of the last 30 s
 STOP_TIMEOUT_S = 15.0  # the service drains for up to 10 s, the trainer checkpoints
+MAX_RATE = 10_000.0  # requests/s: DriverConfig's bound, checked before anything starts
+LOCK_NAME = "stack.lock"
 
 
 class StackError(CtrloopError):
@@ -91,14 +94,31 @@ class StackConfig:
     conversion_mix: str = "single"
 
     def __post_init__(self) -> None:
+        # Every bound is checked here, when the config is built and before anything starts:
+        # a bad --rate used to surface only when the driver was built, after the whole stack
+        # was up. NaN passes every `<=` comparison, hence the explicit finiteness checks.
         if self.port is not None and not 0 <= self.port <= 65535:
             raise ConfigError("--port must be in 0..65535")
-        if self.duration is not None and self.duration <= 0:
-            raise ConfigError("--duration must be > 0 seconds")
+        if self.duration is not None and not (math.isfinite(self.duration)
+                                              and self.duration > 0):
+            raise ConfigError("--duration must be a finite number of seconds > 0")
         if not 1 <= self.workers <= 64:
             raise ConfigError("--workers must be in 1..64")
+        if not (math.isfinite(self.rate) and 0 < self.rate <= MAX_RATE):
+            raise ConfigError(f"--rate must be in (0, {MAX_RATE:g}] requests per second")
+        if not 0 <= self.seed < 2**63:
+            raise ConfigError("--seed must be in 0..2**63-1")
+        if not (math.isfinite(self.click_window) and self.click_window > 0):
+            raise ConfigError("--click-window must be a finite number of seconds > 0")
+        if not (math.isfinite(self.allowed_lateness) and self.allowed_lateness >= 0):
+            raise ConfigError("allowed_lateness must be >= 0 seconds")
+        if not (math.isfinite(self.view_interval_s) and self.view_interval_s > 0):
+            raise ConfigError("view_interval_s must be > 0 seconds")
         if self.conversion_mix not in CONVERSION_MIXES:
             raise ConfigError(f"--conversion-mix must be one of {', '.join(CONVERSION_MIXES)}")
+        # Absolute at the edge: children get this path (the checkpoint dir, redis' --dir) and
+        # some of them run in another directory, where a relative path means something else.
+        object.__setattr__(self, "workdir", Path(self.workdir).absolute())
 
 
 # ---------------------------------------------------------------------------- children
@@ -202,6 +222,57 @@ def choose_port(requested: int | None) -> tuple[int, str | None]:
         return DEFAULT_PORT, None
     port = free_port()
     return port, f"port {DEFAULT_PORT} is in use, so the service listens on {port} instead"
+
+
+# ---------------------------------------------------------------------------- work dir lock
+
+class WorkdirLock:
+    """An exclusive `flock` on `<workdir>/stack.lock`, held for the whole run.
+
+    A second stack in the same work dir would delete the first one's trainer checkpoint and
+    crash it; instead it is refused, naming the pid that holds the lock. flock is released by
+    the kernel when the holder dies (even by kill -9), so a stale lock file never blocks a
+    later run. The descriptor is not inherited by children (Python opens files O_CLOEXEC).
+    """
+
+    def __init__(self, workdir: Path) -> None:
+        self.path = workdir / LOCK_NAME
+        self._file: IO[str] | None = None
+
+    def acquire(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        # "a+": opening must not truncate the pid of a holder before we know we hold it.
+        f = open(self.path, "a+")  # noqa: SIM115 - held open until release()
+        try:
+            fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            holder = f.read().strip() or "unknown"
+            f.close()
+            raise StackError(
+                f"another ctrloop stack (pid {holder}) is running in {self.path.parent}; "
+                f"stop it (kill {holder}) or give this one its own --workdir") from None
+        except BaseException:
+            f.close()
+            raise
+        f.seek(0)
+        f.truncate()
+        f.write(f"{os.getpid()}\n")
+        f.flush()
+        self._file = f
+
+    def release(self) -> None:
+        if self._file is not None:
+            # Closing drops the lock; the file stays (removing it would race a new holder).
+            self._file.close()
+            self._file = None
+
+    def __enter__(self) -> WorkdirLock:
+        self.acquire()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
 
 
 # ---------------------------------------------------------------------------- the stack
@@ -540,6 +611,11 @@ def _signals_ignored() -> Iterator[None]:
 def run_stack(config: StackConfig, out: IO[str] = sys.stdout) -> dict[str, Any]:
     """Run the stack until --duration, Ctrl-C or SIGTERM; returns (and saves) the summary."""
     check_binaries()
+    with WorkdirLock(config.workdir):
+        return _run_locked(config, out)
+
+
+def _run_locked(config: StackConfig, out: IO[str]) -> dict[str, Any]:
     stack = Stack(config, out)
     run = _Run(stack, None)
     interrupted = False

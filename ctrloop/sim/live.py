@@ -368,8 +368,11 @@ class DriverConfig:
     conversion_mix: str = "single"
 
     def __post_init__(self) -> None:
+        # `not 0 < x` also refuses NaN, which passes every comparison the other way round.
         if not 0 < self.rate <= 10_000:
-            raise ValueError("rate must be in (0, 10000] requests per second")
+            raise ValueError("--rate must be in (0, 10000] requests per second")
+        if not 0 <= self.seed < 2**63:
+            raise ValueError("--seed must be in 0..2**63-1 (a numpy seed)")
         if self.max_in_flight < 1 or self.bucket_s <= 0 or self.batch_interval_s <= 0:
             raise ValueError("max_in_flight >= 1, bucket_s > 0 and batch_interval_s > 0")
         if self.conversion_mix not in CONVERSION_MIXES:

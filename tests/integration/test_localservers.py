@@ -192,3 +192,21 @@ def test_find_binary_and_free_port() -> None:
     with pytest.raises(ValueError, match="unknown server binary"):
         find_binary("zookeeper")
     assert 0 < free_port() < 65536
+
+
+@pytest.mark.parametrize("data_dir", [None, "redis-data"])
+def test_servers_start_from_relative_paths(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                           data_dir: str | None) -> None:
+    # `ctrloop stack`'s default --workdir is relative. redis-server runs with cwd=log_dir and
+    # used to get a relative --dir too, resolved again from inside log_dir: "Can't chdir".
+    monkeypatch.chdir(tmp_path)
+    redis = RedisServer("runs/logs", data_dir=data_dir)
+    with KafkaBroker("runs/logs") as broker, redis:
+        client = redis.client()
+        assert client.ping()
+        dirs = client.config_get("dir")["dir"]
+        client.close()
+        assert broker.log_path is not None and broker.log_path.is_absolute()
+    expected = tmp_path / (data_dir or "runs/logs")
+    assert Path(dirs) == expected and expected.is_dir()
+    assert redis.log_path == tmp_path / "runs" / "logs" / redis.log_path.name

@@ -2,8 +2,14 @@
 
 from __future__ import annotations
 
+import http.server
 import json
 import os
+import socket
+import subprocess
+import sys
+import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -127,3 +133,164 @@ def test_usage_errors_are_argparse_exits(capsys: pytest.CaptureFixture[str]) -> 
     assert "--events" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main([])
+
+
+# ---------------------------------------------------------------------------- stack, drive
+
+class _Started(Exception):
+    """Raised by a stand-in for anything that would start a server or a child."""
+
+
+@pytest.fixture
+def nothing_starts(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`ctrloop stack` may not start anything: every way to start a process raises."""
+    from ctrloop import stack
+    from ctrloop.localservers import KafkaBroker, RedisServer
+
+    def started(*_: object, **__: object) -> None:
+        raise _Started("a server or child was started")
+
+    monkeypatch.setattr(stack, "check_binaries", lambda: None)
+    for cls in (KafkaBroker, RedisServer, stack.ChildProcess):
+        monkeypatch.setattr(cls, "start", started)
+
+
+@pytest.mark.parametrize(("flag", "value"), [
+    ("--rate", "-5"), ("--rate", "0"), ("--rate", "nan"), ("--rate", "inf"),
+    ("--rate", "20000"), ("--duration", "0"), ("--duration", "-1"), ("--duration", "nan"),
+    ("--port", "-1"), ("--port", "70000"), ("--workers", "0"), ("--workers", "65"),
+    ("--seed", "-1"), ("--click-window", "0"), ("--click-window", "-3"),
+    ("--click-window", "nan"),
+])
+def test_stack_checks_every_numeric_flag_before_starting_anything(
+        flag: str, value: str, tmp_path: Path, nothing_starts: None,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    # `--rate -5` was refused only by the driver, after the whole stack had started (11 s).
+    t0 = time.monotonic()
+    rc = main(["stack", "--workdir", str(tmp_path / "w"), flag, value])
+    assert rc == 2
+    err = capsys.readouterr().err
+    assert f"ctrloop: error: {flag} must be" in err, err
+    assert time.monotonic() - t0 < 2.0
+    assert not (tmp_path / "w").exists()  # not even the work dir
+
+
+def test_a_second_stack_in_the_same_workdir_is_refused_naming_the_first(
+        tmp_path: Path, nothing_starts: None, capsys: pytest.CaptureFixture[str]) -> None:
+    # The second stack used to delete the first one's trainer/ checkpoint and crash it.
+    workdir = tmp_path / "w"
+    (workdir / "trainer").mkdir(parents=True)
+    (workdir / "trainer" / "checkpoint").write_text("the first stack's")
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time\n"
+         "from pathlib import Path\n"
+         "from ctrloop.stack import WorkdirLock\n"
+         "lock = WorkdirLock(Path(sys.argv[1]))\n"
+         "lock.acquire()\n"
+         "print('locked', flush=True)\n"
+         "time.sleep(60)\n", str(workdir)],
+        stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "locked"
+        rc = main(["stack", "--workdir", str(workdir), "--duration", "5"])
+        assert rc == 2
+        err = capsys.readouterr().err
+        assert f"another ctrloop stack (pid {holder.pid}) is running in {workdir}" in err, err
+        assert (workdir / "trainer" / "checkpoint").read_text() == "the first stack's"
+    finally:
+        holder.kill()
+        holder.wait()
+    # The holder is gone (kill -9 included): the kernel dropped its lock, no stale lock.
+    from ctrloop.stack import WorkdirLock
+
+    with WorkdirLock(workdir) as lock:
+        assert lock.path.read_text().strip() == str(os.getpid())
+
+
+def _closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def test_drive_against_nothing_fails_at_once_saying_what_to_start(
+        capsys: pytest.CaptureFixture[str]) -> None:
+    # It used to run for --duration and exit 0 with "errors 200".
+    url = f"http://127.0.0.1:{_closed_port()}"
+    t0 = time.monotonic()
+    assert main(["drive", "--url", url, "--duration", "30"]) == 2
+    assert time.monotonic() - t0 < 10.0
+    err = capsys.readouterr().err
+    lines = [x for x in err.splitlines() if x.startswith("ctrloop: error:")]
+    assert len(lines) == 1 and "Traceback" not in err, err
+    assert f"the service at {url} is unreachable" in lines[0]
+    assert "ctrloop serve" in lines[0]
+
+
+class _Refusing(http.server.BaseHTTPRequestHandler):
+    """Something that answers HTTP, but never a score."""
+
+    def do_GET(self) -> None:
+        self._answer(200)
+
+    def do_POST(self) -> None:
+        self.rfile.read(int(self.headers.get("content-length", 0)))
+        self._answer(500)
+
+    def _answer(self, status: int) -> None:
+        self.send_response(status)
+        self.send_header("content-length", "2")
+        self.end_headers()
+        self.wfile.write(b"{}")
+
+    def log_message(self, *_: object) -> None:
+        pass
+
+
+def test_drive_where_no_request_succeeds_exits_non_zero(
+        capsys: pytest.CaptureFixture[str]) -> None:
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Refusing)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}"
+        assert main(["drive", "--url", url, "--duration", "1", "--rate", "20"]) == 2
+    finally:
+        server.shutdown()
+        server.server_close()
+    err = capsys.readouterr().err
+    assert f"ctrloop: error: no request to {url}/v1/score succeeded" in err, err
+    assert "'500'" in err
+
+
+@pytest.mark.parametrize(("flag", "value"), [
+    ("--rate", "-5"), ("--duration", "-1"), ("--interval", "0"), ("--seed", "-1")])
+def test_drive_checks_its_flags_before_sending_anything(
+        flag: str, value: str, capsys: pytest.CaptureFixture[str]) -> None:
+    url = f"http://127.0.0.1:{_closed_port()}"
+    assert main(["drive", "--url", url, flag, value]) == 2
+    err = capsys.readouterr().err
+    assert "ctrloop: error:" in err and "unreachable" not in err, err
+
+
+def test_delay_report_without_redis_says_what_to_run_or_set(
+        capsys: pytest.CaptureFixture[str]) -> None:
+    url = f"redis://127.0.0.1:{_closed_port()}/0"
+    assert main(["delay-report", "--redis-url", url]) == 2
+    err = capsys.readouterr().err
+    lines = [x for x in err.splitlines() if x.startswith("ctrloop: error:")]
+    assert len(lines) == 1 and "Traceback" not in err, err
+    assert "registry unreachable" in lines[0] and "--redis-url" in lines[0]
+    assert "ctrloop stack" in lines[0] and "--checkpoint-dir" in lines[0]
+
+
+def test_serve_warns_that_admin_token_on_the_command_line_shows_in_ps(
+        monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    import uvicorn
+
+    monkeypatch.setattr(uvicorn, "run", lambda *a, **k: None)
+    assert main(["serve", "--port", "18000", "--admin-token", "s3cret-token"]) == 0
+    assert "set CTRLOOP_ADMIN_TOKEN in the environment instead" in capsys.readouterr().err
+    monkeypatch.setenv("CTRLOOP_ADMIN_TOKEN", "s3cret-token")
+    assert main(["serve", "--port", "18000"]) == 0
+    assert "CTRLOOP_ADMIN_TOKEN" not in capsys.readouterr().err
