@@ -6,7 +6,9 @@ decide what a user sees.
     ├── InvalidEvent          an event breaks the contract (docs/events.md); `.reason` says how
     ├── FeatureSpecError      a feature spec file is malformed or incompatible
     ├── SnapshotError         a model snapshot cannot be decoded or fails verification
-    └── RegistryError         the model registry cannot be reached or is inconsistent
+    ├── RegistryError         the model registry cannot be reached or is inconsistent
+    └── DependencyError       Kafka or Redis cannot be reached at start; the message says what to
+                              run or set
 """
 
 from __future__ import annotations
@@ -36,3 +38,8 @@ class SnapshotError(CtrloopError):
 
 class RegistryError(CtrloopError):
     pass
+
+
+class DependencyError(CtrloopError):
+    """A service the command needs (Kafka, Redis) cannot be reached: the CLI prints one line
+    saying what to start or which setting to change, instead of a client library's traceback."""

@@ -264,18 +264,67 @@ class WatermarkTracker:
     The clock is the minimum over active sources of the maximum ts each has delivered, so a
     source that lags (a partition read later) holds event time back instead of having its events
     judged late. Sources marked idle (caught up, nothing to read) do not hold it back.
+
+    With `max_jump` set, one event cannot move a source's frontier (its "maximum ts") more than
+    `max_jump` seconds ahead: such an event is held as a *suspect* and the frontier moves only
+    when a second event also lands beyond `max_jump` (two events agree that time jumped: the
+    frontier goes to the smaller of the two; a suspect that ordinary events later come within
+    `max_jump` of is confirmed by them). One forged or mis-clocked event (a 2099 ts) thus never
+    moves event time, while a real gap in traffic costs one event of delay. The first event of
+    a source has nothing to be compared with and is taken as it is (the trainer refuses events
+    ahead of the receiving clock before they get here). None (the default, and replay's):
+    every event counts at once.
+
+    >>> t = WatermarkTracker(allowed_lateness=0, max_jump=600)
+    >>> for ts in (1000.0, 1001.0, 4_070_908_800.0, 1002.0):
+    ...     t.observe("clicks", ts)
+    >>> t.clock
+    1002.0
     """
 
     allowed_lateness: float = 30.0
+    max_jump: float | None = None
     _max_ts: dict[Any, float] = field(default_factory=dict)
     _idle: set[Any] = field(default_factory=set)
     _clock: float = float("-inf")
+    _suspect: dict[Any, float] = field(default_factory=dict)
 
     def observe(self, source: Any, ts: float) -> None:
-        if ts > self._max_ts.get(source, float("-inf")):
-            self._max_ts[source] = ts
+        current = self._max_ts.get(source, float("-inf"))
+        if ts > current:
+            jump = self.max_jump
+            if jump is None or ts - current <= jump or current == float("-inf"):
+                self._max_ts[source] = ts
+                if self._suspect:
+                    self._settle(source)
+            else:
+                self._hold(source, ts)
         if self._idle:
             self._idle.discard(source)
+
+    def _hold(self, source: Any, ts: float) -> None:
+        """`ts` is more than max_jump ahead of the frontier: the first such event waits as a
+        suspect; a second one confirms that time jumped, as far as the smaller of the two."""
+        assert self.max_jump is not None
+        suspect = self._suspect.pop(source, None)
+        if suspect is None:
+            self._suspect[source] = ts
+            return
+        self._max_ts[source] = min(suspect, ts)
+        self._suspect[source] = max(suspect, ts)
+        self._settle(source)
+
+    def _settle(self, source: Any) -> None:
+        """Drop a suspect the frontier has passed; confirm one it has come within max_jump of."""
+        suspect = self._suspect.get(source)
+        if suspect is None or self.max_jump is None:
+            return
+        frontier = self._max_ts[source]
+        if suspect <= frontier:
+            del self._suspect[source]
+        elif suspect - frontier <= self.max_jump:
+            self._max_ts[source] = suspect
+            del self._suspect[source]
 
     def register(self, source: Any) -> None:
         """Declare a source before its first event, so it holds event time back until it
@@ -314,8 +363,11 @@ class WatermarkTracker:
 
     def state(self, source_name: Callable[[Any], str] = str) -> dict[str, Any]:
         return {"max_ts": [[source_name(k), v] for k, v in self._max_ts.items()],
-                "clock": self._clock}
+                "clock": self._clock,
+                "suspect": [[source_name(k), v] for k, v in self._suspect.items()]}
 
     def restore(self, state: dict[str, Any], source_key: Callable[[str], Any] = str) -> None:
         self._max_ts = {source_key(k): float(v) for k, v in state["max_ts"]}
         self._clock = float(state["clock"])
+        # Checkpoints from before the outlier guard have no suspects.
+        self._suspect = {source_key(k): float(v) for k, v in state.get("suspect", [])}

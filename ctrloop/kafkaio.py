@@ -9,8 +9,13 @@ tests/integration/test_localservers.py):
 - Topics: `KafkaAdminClient.create_topics` with the dict form (`{name: {"num_partitions": n,
   "replication_factor": 1}}`; a list of `NewTopic` is deprecated in 3.x), `wait_for_metadata`,
   `delete_topics`, `list_topics`, `describe_topics`. Creating an existing topic answers
-  TopicAlreadyExists (error 36) per topic. Producing to or subscribing to an unknown topic
-  auto-creates it with *4* partitions, so create topics before the first send or subscribe.
+  TopicAlreadyExists (error 36) per topic. A metadata request that allows auto-creation (kafka-
+  python's default) creates an unknown topic with *4* partitions, so the helpers here ask for
+  `allow_auto_create_topics=False`: on Apache Kafka a send to a missing topic then blocks for
+  `max_block_ms` and fails, and topics come only from `create_topics` (the trainer, `ctrloop
+  stack`, the topics job) with the partition count the trainer expects. Tansu 0.6.0 ignores the
+  flag and creates the topic anyway (tests/integration/test_hostile_kafka.py, a strict xfail that
+  says when that changes): against Tansu, create topics before anything produces.
 - Producer: idempotence (kafka-python's default) is really enforced: the broker hands out
   producer ids, drops a duplicate sequence (the future resolves with `offset == -1`) and rejects
   a gap with OutOfOrderSequenceNumber. Producer state lives in memory, like everything else,
@@ -72,6 +77,9 @@ PRODUCER_DEFAULTS: Mapping[str, Any] = {
     "max_in_flight_requests_per_connection": 5,
     "delivery_timeout_ms": 120_000,
     "max_request_size": 4 * 1024 * 1024,
+    # After a broker restart (memory storage) the service's producer re-created `clicks` with
+    # the broker's default 4 partitions before the topics job ran; only create_topics creates.
+    "allow_auto_create_topics": False,
 }
 
 CONSUMER_DEFAULTS: Mapping[str, Any] = {
@@ -89,6 +97,7 @@ CONSUMER_DEFAULTS: Mapping[str, Any] = {
     "max_poll_records": 2000,
     "max_partition_fetch_bytes": 4 * 1024 * 1024,
     "fetch_max_bytes": 32 * 1024 * 1024,
+    "allow_auto_create_topics": False,  # as for producers: only create_topics creates topics
 }
 
 
@@ -104,6 +113,8 @@ def create_topics(
     An existing topic is fine (it is left as it is; a different partition count is logged as
     a warning, because keyed topics that must co-partition would silently diverge). Returns
     once every topic is visible in metadata with a leader, so producing right after is safe.
+    With no broker at `bootstrap` it raises kafka-python's KafkaTimeoutError (a KafkaError)
+    after about `timeout_s`, not kafka-python's default 30 s.
     """
     wanted = list(dict.fromkeys(names))
     if not wanted:
@@ -112,6 +123,7 @@ def create_topics(
         bootstrap_servers=bootstrap,
         client_id="ctrloop-admin",
         request_timeout_ms=int(timeout_s * 1000),
+        bootstrap_timeout_ms=int(timeout_s * 1000),
     )
     try:
         response = admin.create_topics(

@@ -68,12 +68,18 @@ class PipelineConfig:
     posterior: PosteriorConfig | None = field(default_factory=PosteriorConfig)
     # Per-advertiser calibration over matured clicks (ctrloop/delay_report.py).
     monitor: MonitorConfig = field(default_factory=MonitorConfig)
+    # A source's event-time frontier moves more than this on one event only when a second
+    # event confirms it (WatermarkTracker.max_jump). None: off, as in replay, whose file is
+    # trusted and must stay byte-identical; the streaming trainer sets max_event_ahead_s.
+    watermark_max_jump: float | None = None
 
     def __post_init__(self) -> None:
         if not self.publish_interval > 0:
             raise ConfigError("publish_interval must be > 0 seconds of event time")
         if self.allowed_lateness < 0:
             raise ConfigError("allowed_lateness must be >= 0 seconds")
+        if self.watermark_max_jump is not None and not self.watermark_max_jump > 0:
+            raise ConfigError("watermark_max_jump must be > 0 seconds (or None: off)")
         # Fail at configuration time on a bad name (oracle is checked when its truth is given).
         build_policy(self.delay_policy, self.policy, converted=())
         types = self.conversion_types
@@ -172,7 +178,8 @@ class Pipeline:
         self._unscored_clicks: list[tuple[str, int, float, list[int]]] = []
         # Observability/benchmark hook: sees every pCVR sample as it is learned.
         self.on_cvr_samples: Callable[[list[CvrSample]], None] | None = None
-        self.tracker = WatermarkTracker(self.config.allowed_lateness)
+        self.tracker = WatermarkTracker(self.config.allowed_lateness,
+                                        max_jump=self.config.watermark_max_jump)
         self.publisher: Publisher = publisher or CountingPublisher()
         self.served = served
         self.model_version = PRIOR_VERSION

@@ -13,7 +13,19 @@ Delivery guarantee: **exactly-once effect on the model** for every event in the 
 - Snapshots published after the last checkpoint are re-published later under new, higher
   versions: versions never repeat or go backwards.
 - A malformed message goes to the dead-letter topic with its reason; the DLQ producer is flushed
-  before each checkpoint, so a rejected message is never lost either.
+  before each checkpoint, so a rejected message is never lost either. "Malformed" is anything a
+  producer can write: a tombstone (no value), binary or non-UTF-8 bytes, a value over
+  MAX_LINE_BYTES, whatever the headers. The dead letter shows the payload safely (bytes that are
+  not UTF-8 escaped as \\xNN, at most DLQ_PAYLOAD_BYTES of it) and the trainer goes on.
+- Event-time policy (docs/reliability.md): an event whose ts is more than max_event_ahead_s
+  (CTRLOOP_MAX_EVENT_AHEAD_S) ahead of its Kafka record's timestamp *or* of the trainer's wall
+  clock is dead-lettered: one click stamped 2099 would otherwise move event time to 2099 for good
+  (checkpointed), and every later click would be late. Both clocks, because a backlog's records
+  carry old timestamps (the wall clock alone would pass a ts an hour ahead of a day-old record)
+  and a producer can forge the record timestamp (the record clock alone would pass that).
+  Replay from a file has no receiving clock and checks neither. Behind that, the watermark
+  tracker does not let one partition's frontier jump more than that bound on a single record
+  (ctrloop.joining.WatermarkTracker, `max_jump`).
 
 Event time: the clock is the minimum over partitions of the newest ts each delivered, minus the
 allowed lateness for negatives (ctrloop.joining.WatermarkTracker). A partition that runs more
@@ -25,6 +37,7 @@ snapshots go out on a quiet stream too.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import signal
 import time
@@ -34,14 +47,15 @@ from pathlib import Path
 from typing import Any
 
 import orjson
+import redis
 import torch
 from kafka import KafkaConsumer, KafkaProducer, TopicPartition
 from kafka.consumer.subscription_state import ConsumerRebalanceListener
 from kafka.errors import KafkaError
 from kafka.structs import OffsetAndMetadata
 
-from ctrloop.errors import InvalidEvent
-from ctrloop.events import Impression, decode_event
+from ctrloop.errors import DependencyError, InvalidEvent
+from ctrloop.events import Impression, check_not_ahead, decode_event
 from ctrloop.features import FeatureSpec
 from ctrloop.kafkaio import (
     create_topics,
@@ -60,6 +74,8 @@ log = logging.getLogger("ctrloop.trainer")
 INFER_IMPRESSIONS = 2000
 ALIGN_SLACK_S = 60.0
 DLQ_PAYLOAD_BYTES = 4096
+# Bound on reaching Kafka and Redis at start: a trainer pointed at nothing says so in seconds.
+CONNECT_TIMEOUT_S = 8.0
 
 
 class RegistryPublisher:
@@ -135,6 +151,7 @@ class _SeekToCheckpoint(ConsumerRebalanceListener):
 class StreamingTrainer:
     def __init__(self, settings: TrainerSettings, registry: ModelRegistry | None = None) -> None:
         self.s = settings
+        self._check_redis = registry is None
         self.registry = registry or RedisRegistry.from_url(
             settings.redis_url, settings.registry_namespace, settings.registry_keep)
         self.kinds = {settings.topic_impressions: "impression", settings.topic_clicks: "click",
@@ -169,8 +186,11 @@ class StreamingTrainer:
                  self.pipeline.stats.learned, self.pipeline.model_version, len(self.offsets))
 
     def _new_pipeline(self, spec: FeatureSpec) -> Pipeline:
-        return Pipeline(spec, self.s.pipeline_config(), publisher=self.publisher,
-                        seed=self.s.seed)
+        # Live input only: a partition's frontier may not jump further than events may run
+        # ahead of their receiver (replay keeps the plain tracker, byte-identical).
+        config = dataclasses.replace(self.s.pipeline_config(),
+                                     watermark_max_jump=self.s.max_event_ahead_s)
+        return Pipeline(spec, config, publisher=self.publisher, seed=self.s.seed)
 
     def _spec_from_settings(self) -> FeatureSpec | None:
         if self.s.feature_spec is not None:
@@ -182,10 +202,42 @@ class StreamingTrainer:
     def request_stop(self, *_: Any) -> None:
         self._stop = True
 
+    def _connect(self) -> None:
+        """Reach Redis and Kafka (creating the topics) within CONNECT_TIMEOUT_S each, or raise
+        DependencyError saying what to start or set (kafka-python alone retries for 30 s, logging
+        every attempt, then raises its own timeout)."""
+        s = self.s
+        if self._check_redis:
+            client = redis.Redis.from_url(s.redis_url, socket_connect_timeout=CONNECT_TIMEOUT_S,
+                                          socket_timeout=CONNECT_TIMEOUT_S)
+            try:
+                client.ping()
+            except redis.RedisError as e:
+                raise DependencyError(
+                    f"cannot reach Redis at {s.redis_url} ({type(e).__name__}: {e}); start "
+                    "redis-server (`ctrloop stack` runs Kafka, Redis and the trainer together) "
+                    "or set CTRLOOP_REDIS_URL / --redis-url") from None
+            finally:
+                client.close()
+        # kafka-python logs each refused connection at ERROR; one line from us says it all.
+        kafka_log = logging.getLogger("kafka")
+        level = kafka_log.level
+        kafka_log.setLevel(logging.CRITICAL)
+        try:
+            create_topics(s.kafka_bootstrap, [*self.kinds, s.topic_dead_letter],
+                          timeout_s=CONNECT_TIMEOUT_S)
+        except KafkaError as e:
+            raise DependencyError(
+                f"cannot reach Kafka at {s.kafka_bootstrap} within {CONNECT_TIMEOUT_S:.0f} s "
+                f"({type(e).__name__}); start a broker (`ctrloop stack` runs one with Redis and "
+                "the trainer) or set CTRLOOP_KAFKA_BOOTSTRAP / --kafka-bootstrap") from None
+        finally:
+            kafka_log.setLevel(level)
+
     def run(self) -> dict[str, Any]:
         s = self.s
         torch.set_num_threads(1)
-        create_topics(s.kafka_bootstrap, [*self.kinds, s.topic_dead_letter])
+        self._connect()
         self._restore_or_none()
         if self.pipeline is None:
             spec = self._spec_from_settings()
@@ -204,6 +256,8 @@ class StreamingTrainer:
                 release_parked_records(self.consumer)
                 polled = self.consumer.poll(timeout_ms=200, max_records=5000)
                 now = time.monotonic()
+                ahead = s.max_event_ahead_s
+                wall_limit = time.time() + ahead
                 got = 0
                 for tp, records in polled.items():
                     kind = self.kinds[tp.topic]
@@ -212,6 +266,10 @@ class StreamingTrainer:
                         self.offsets[tp] = rec.offset + 1
                         try:
                             event = decode_event(rec.value, kind)
+                            if event.ts > wall_limit or (
+                                    rec.timestamp >= 0
+                                    and event.ts > rec.timestamp / 1000.0 + ahead):
+                                self._refuse_ahead(event.ts, rec.timestamp, wall_limit - ahead)
                         except InvalidEvent as e:
                             self._dead_letter(tp, rec, e.reason)
                             continue
@@ -313,15 +371,37 @@ class StreamingTrainer:
             self.consumer.resume(*to_resume)
         return all_caught_up
 
+    def _refuse_ahead(self, ts: float, record_ms: int, wall: float) -> None:
+        """Raise InvalidEvent naming the clock that `ts` runs too far ahead of."""
+        ahead = self.s.max_event_ahead_s
+        if record_ms >= 0:
+            check_not_ahead(ts, record_ms / 1000.0, ahead)
+        check_not_ahead(ts, wall, ahead)
+
     def _dead_letter(self, tp: TopicPartition, rec: Any, reason: str) -> None:
+        """Send a rejected record to the dead-letter topic; never raises on what the record
+        holds (no value, no key, binary, a megabyte, any headers)."""
         self.counters.dead_lettered += 1
-        raw = rec.value if isinstance(rec.value, bytes) else bytes(rec.value or b"")
+        value = rec.value
+        if value is None:
+            raw = b""
+        elif isinstance(value, bytes | bytearray | memoryview):
+            raw = bytes(value)
+        else:  # a deserializer configured elsewhere: show what it gave
+            raw = repr(value).encode()
+        key = rec.key if isinstance(rec.key, bytes) or rec.key is None else repr(rec.key).encode()
         value = orjson.dumps({
             "reason": reason, "topic": tp.topic, "partition": tp.partition,
-            "offset": rec.offset,
-            "payload": raw[:DLQ_PAYLOAD_BYTES].decode("utf-8", "replace"),
+            "offset": rec.offset, "timestamp_ms": rec.timestamp,
+            "value_bytes": None if rec.value is None else len(raw),
+            # Valid UTF-8 reads as itself; anything else as \xNN escapes (a JSON string cannot
+            # carry raw bytes, and U+FFFD replacement would hide what was sent).
+            "payload": raw[:DLQ_PAYLOAD_BYTES].decode("utf-8", "backslashreplace"),
+            "truncated": len(raw) > DLQ_PAYLOAD_BYTES,
         })
-        self.dlq.send(self.s.topic_dead_letter, key=rec.key, value=value)
+        # The original key, bounded: a dead letter must fit where its record did.
+        self.dlq.send(self.s.topic_dead_letter,
+                      key=None if key is None else key[:DLQ_PAYLOAD_BYTES], value=value)
         if self.counters.dead_lettered <= 10 or self.counters.dead_lettered % 1000 == 0:
             log.warning("dead-lettered %s:%d@%d: %s (%d so far)", tp.topic, tp.partition,
                         rec.offset, reason, self.counters.dead_lettered)
