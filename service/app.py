@@ -70,6 +70,7 @@ from service.schemas import (
     ScoreRequest,
     ScoreResponse,
     check_feature_names,
+    duplicate_key,
     fast_score_request,
 )
 from service.scoring import Prediction, ServedModel
@@ -463,6 +464,9 @@ def _score_routes(app: FastAPI, state: ServiceState) -> BodyHandler:
                 return _invalid_body(e, body)
             if (problem := check_feature_names(req)) is not None:
                 return _error(422, problem)
+            # The fast path proved there is none; here pydantic kept a repeated key's last value.
+            if (problem := duplicate_key(body, orjson.loads(body))) is not None:
+                return _error(400, problem)
         return _score(state, req, topic, by_status)
 
     @app.post("/v1/score", response_model=ScoreResponse, responses=_ERRORS,
@@ -705,9 +709,12 @@ def _event_routes(app: FastAPI, state: ServiceState) -> None:
         retry it). An invalid event rejects the whole batch with 422 naming each bad event."""
         try:
             # The contract's decoder: a NaN or invalid UTF-8 is named as such, as Kafka's is.
-            doc = loads_json(await request.body())
+            body = await request.body()
+            doc = loads_json(body)
         except InvalidEvent as e:
             return _error(400, f"request body is {e.reason}")
+        if (problem := duplicate_key(body, doc)) is not None:
+            return _error(400, problem)
         if not isinstance(doc, dict) or not isinstance(doc.get("events"), list):
             return _error(422, 'the body must be an object {"events": [event, ...]}')
         extra = sorted(set(doc) - {"events"})

@@ -8,6 +8,7 @@ FastAPI's default json.loads + validate, ../shared/docs/measured-here.md).
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterable, Sequence
 from itertools import repeat
 from operator import itemgetter
@@ -432,6 +433,55 @@ def _strings_for_bools(feats: Sequence[dict[str, Any]]) -> None:
         for name, value in list(f.items()):
             if type(value) is bool:
                 f[name] = "true" if value else "false"
+
+
+def duplicate_key(body: bytes, doc: Any) -> str | None:
+    """The first key `body` repeats inside one object, as a message, or None.
+
+    JSON parsers disagree on which of two equal keys wins (orjson and pydantic keep the last,
+    others the first), so a proxy or validator in front of the service could read another
+    document than the service does: a repeated key is refused, not guessed at. `doc` is the
+    body as parsed. Cheap proof first: a body holds one colon per key (repeated ones included)
+    plus those inside its strings, so when `doc` accounts for every colon, nothing was dropped;
+    otherwise (a repeat, or a colon written as \\u003a) the body is parsed again to find it."""
+    colons = body.count(b":")
+    keys = inside = 0
+    stack = [doc]
+    while stack:  # iterative: orjson allows 1024 levels, deeper than Python's recursion
+        v = stack.pop()
+        t = type(v)
+        if t is dict:
+            keys += len(v)
+            for k, item in v.items():
+                inside += k.count(":")
+                stack.append(item)
+        elif t is list:
+            stack.extend(v)
+        elif t is str:
+            inside += v.count(":")
+    if keys + inside == colons:
+        return None
+
+    def pairs(items: list[tuple[str, Any]]) -> dict[str, Any]:
+        seen: set[str] = set()
+        for k, _ in items:
+            if k in seen:
+                raise _Duplicate(k)
+            seen.add(k)
+        return dict(items)
+
+    try:
+        json.loads(body, object_pairs_hook=pairs)
+    except _Duplicate as e:
+        return (f"request body has a duplicate key {e.args[0][:40]!r} in one object; send "
+                "each key once (JSON parsers disagree on which value wins)")
+    except (ValueError, RecursionError):  # orjson took it, so only nesting this deep
+        pass
+    return None
+
+
+class _Duplicate(Exception):
+    pass
 
 
 class ScoredCandidate(BaseModel):

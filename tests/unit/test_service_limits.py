@@ -28,6 +28,7 @@ from ctrloop.localservers import free_port
 from ctrloop.registry import InMemoryRegistry
 from service import sink as sink_module
 from service.app import create_app
+from service.schemas import duplicate_key
 from service.settings import ServiceSettings
 from service.sink import EventSink
 
@@ -373,3 +374,50 @@ def test_a_click_event_round_trips_through_the_contract(client: TestClient,
     now = time.time()
     assert client.post("/v1/events", json={"events": [click(now)]}).status_code == 202
     assert decode_event(sink.produced[0][2], "click") == Click("i1", now)
+
+
+# ---------------------------------------------------------------------------- duplicate keys
+
+
+@pytest.mark.parametrize(("body", "key"), [
+    (b'{"a": 1, "a": 2}', "a"),
+    (b'{"x": {"b": ":", "b": "::"}}', "b"),
+    (b'[{"k:1": 1}, {"k:1": 1, "k:1": 1}]', "k:1"),
+    (b'{"a": "\\u003a", "a": 1}', "a"),
+    (b'{"a": 1, "b": "x:y", "c": {"d": [1, {"e": ":"}]}}', None),
+    (b'{"a": "\\u003a"}', None),  # an escaped colon: the slow check finds no repeat
+    (b'{"a": {"a": {"a": 1}}}', None),  # the same key in different objects is fine
+])
+def test_duplicate_keys_are_found(body: bytes, key: str | None) -> None:
+    problem = duplicate_key(body, orjson.loads(body))
+    if key is None:
+        assert problem is None
+    else:
+        assert problem is not None and f"duplicate key {key!r}" in problem
+
+
+json_docs = st.recursive(
+    st.none() | st.booleans() | st.integers(-(2**63), 2**63 - 1)
+    | st.text(alphabet=":ab\"\\é", max_size=5),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(
+        st.text(alphabet=":ab\"\\é", max_size=4), inner, max_size=3),
+    max_leaves=10)
+
+
+@settings(max_examples=300, deadline=None)
+@given(doc=json_docs)
+def test_documents_without_repeats_pass(doc: Any) -> None:
+    body = orjson.dumps(doc)
+    assert duplicate_key(body, orjson.loads(body)) is None
+
+
+@pytest.mark.parametrize("path", ["/v1/score", "/v1/events"])
+def test_a_repeated_key_is_refused(client: TestClient, sink: RecordingSink, path: str) -> None:
+    body = (b'{"user_id": "u", "user_id": "v", "candidates": [{"ad_id": "a", '
+            b'"advertiser_id": "b"}]}' if path == "/v1/score" else
+            b'{"events": [{"type": "click", "impression_id": "i", "impression_id": "j", '
+            b'"ts": 1767225600}]}')
+    r = client.post(path, content=body, headers={"content-type": "application/json"})
+    assert r.status_code == 400, r.text
+    assert "duplicate key" in r.json()["detail"]
+    assert sink.produced == [] and sink.logged == []
