@@ -1,12 +1,18 @@
 """`ctrloop stack` end to end: a real broker, redis-server, trainer and service, driven by the
-simulator. Within ~110 s the served model must advance, its pCTR must rank fresh traffic
-better than a constant, and the CTR of what it serves must rise above what the prior served.
-Ctrl-C and SIGTERM must stop every process the stack started.
+simulator. Once the served model has learned from enough traffic, it must have advanced, its
+pCTR must rank fresh traffic better than a constant, and the CTR of what it serves must rise
+above what the prior served. Ctrl-C and SIGTERM must stop every process the stack started.
 
-Measured on the 2-core development machine (stack at 60 requests/s, 10 runs): the first
-trained model is served 36-37 s in (the trainer's first 30 s click window has to close); the
-expected CTR of served ads goes from 3.65% under the prior to 4.45-4.7% a minute later (+22-28%;
-oracle 7.2%, random 3.1%). The whole module takes ~2 min 15 s.
+The learning run is bounded by traffic volume, not by wall-clock time: it lasts until the
+served model has learned TARGET_SAMPLES samples, then AFTER_TARGET_S more seconds of traffic
+(the buckets the CTR comparison uses), up to MAX_RUN_S. A fixed 110 s run once failed CI on a
+loaded 2-core machine (lift +3.7%, unloaded ~+21%): with less CPU the trainer had simply
+learned from less traffic by then.
+
+Measured on the 2-core development machine (stack at 60 requests/s, 10 runs of the earlier
+110 s version): the first trained model is served 36-37 s in (the trainer's first 30 s click
+window has to close); the expected CTR of served ads goes from 3.65% under the prior to
+4.45-4.7% a minute later (+22-28%; oracle 7.2%, random 3.1%).
 """
 
 from __future__ import annotations
@@ -15,6 +21,7 @@ import contextlib
 import io
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -24,6 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 
 from ctrloop.errors import CtrloopError
@@ -33,7 +41,12 @@ from ctrloop.stack import Stack, StackConfig, StopRequest, check_binaries
 pytestmark = pytest.mark.integration
 
 RATE = 60  # requests/s: enough data to learn from in a minute, modest on 2 cores
-RUN_S = 110.0  # seconds of traffic after the stack is up
+# Samples learned by the served model before the comparison window starts: what an unloaded
+# run at RATE has learned ~90 s in (~100 impressions/s, learned ~35 s after they were shown).
+TARGET_SAMPLES = 5500
+AFTER_TARGET_S = 40.0  # then this much traffic: the last 3 full 10 s buckets are compared
+MAX_RUN_S = 420.0  # a bound for a machine so slow that the target never comes
+CLICK_WINDOW_S = 30.0  # the stack's default: no model can be trained before it has closed
 UP_LINE = "ctrloop stack is up"
 
 
@@ -107,6 +120,7 @@ class StackRun:
     out_path: Path
     workdir: Path
     children: dict[int, tuple[int, str]]
+    samples_at_target: int = 0  # samples_seen of the served model when the target was checked
 
     def output(self) -> str:
         return self.out_path.read_text(errors="replace")
@@ -171,14 +185,37 @@ def _wait_up(run: StackRun, timeout: float = 90.0) -> None:
 
 # ---------------------------------------------------------------------------- learning run
 
+def _service_url(output: str) -> str:
+    match = re.search(r"^  service +(http://\S+)$", output, re.M)
+    assert match is not None, f"no service URL in the stack's output:\n{output}"
+    return match.group(1)
+
+
+def _samples_served(url: str) -> int:
+    """samples_seen of the model the service serves now (0 for the prior or no answer)."""
+    try:
+        serving = httpx.get(f"{url}/v1/models", timeout=5.0).json()["serving"]
+    except (httpx.HTTPError, ValueError, KeyError):
+        return 0
+    if serving.get("status") != "trained":
+        return 0
+    return int(serving.get("samples_seen") or 0)
+
+
 @pytest.fixture(scope="module")
 def learned(tmp_path_factory: pytest.TempPathFactory) -> Iterator[StackRun]:
-    """One stack with simulated traffic for RUN_S seconds, then Ctrl-C (SIGINT)."""
+    """One stack with simulated traffic until the served model has learned TARGET_SAMPLES
+    samples, AFTER_TARGET_S more seconds of traffic, then Ctrl-C (SIGINT)."""
     run = _start(tmp_path_factory.mktemp("stack"), "--rate", str(RATE),
-                 "--duration", str(RUN_S + 120))  # --duration only guards a stuck test
+                 "--duration", str(MAX_RUN_S + 120))  # --duration only guards a stuck test
     try:
         _wait_up(run)
-        run.watch(RUN_S)
+        url = _service_url(run.output())
+        end = time.monotonic() + MAX_RUN_S - AFTER_TARGET_S
+        while _samples_served(url) < TARGET_SAMPLES and time.monotonic() < end:
+            run.watch(2.0)
+        run.samples_at_target = _samples_served(url)
+        run.watch(AFTER_TARGET_S)
         run.stop(signal.SIGINT)
         yield run
     finally:
@@ -209,7 +246,13 @@ def test_served_model_version_advances(learned: StackRun) -> None:
     # server just as it is reused) is tolerated, not retried: the request may have logged.
     assert not any(k.isdigit() for k in errors), errors
     assert sum(errors.values()) <= 0.001 * s["final"]["requests"], errors
-    assert s["final"]["first_trained_s"] is not None and s["final"]["first_trained_s"] < 70
+    # In event time, not wall time: nothing can be learned before the first click window
+    # has closed, however fast or slow the machine (a wall-clock bound failed under load).
+    first = s["final"]["first_trained_s"]
+    assert first is not None and first >= CLICK_WINDOW_S, first
+    assert learned.samples_at_target >= TARGET_SAMPLES, (
+        f"the served model learned only {learned.samples_at_target} samples in "
+        f"{MAX_RUN_S:.0f} s: the machine is too slow for this test")
     versions = _trained_versions(s)
     assert len(versions) >= 10, versions  # hot reloads keep coming (~1 per second)
     served = [int(m["version"]) for m in s["models"] if m["status"] == "trained"]
@@ -218,13 +261,13 @@ def test_served_model_version_advances(learned: StackRun) -> None:
 
 
 def test_served_pctr_ranks_fresh_traffic_better_than_a_constant(learned: StackRun) -> None:
-    # The last 30 s of impressions, all scored by models trained for about a minute. The AUC
-    # is against the true CTR (expected over the click draw): a constant scores exactly 0.5
+    # The last 30 s of impressions, all scored by models that learned TARGET_SAMPLES or more.
+    # The AUC is against the true CTR (expected over the click draw): a constant scores exactly 0.5
     # and there is no click noise, so the margin is the model's alone. Measured 0.57-0.61 in
     # ten runs (against the drawn clicks 0.55-0.63, which wobbles with ~130 clicks); the
     # truth itself as the score gets ~0.78.
     fresh = learned.summary()["served_auc_last"]
-    assert fresh["n"] > 2000
+    assert fresh["n"] > 1000, fresh  # ~3000 at the full rate; a loaded driver sends fewer
     assert fresh["auc_true_ctr"] > 0.56, fresh
 
 
