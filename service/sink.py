@@ -312,7 +312,8 @@ class EventSink:
             try:
                 producer = self._logger.get()  # blocks up to timeout_s, off the request path
             except SinkUnavailable as e:
-                self._set_available(False, str(e))
+                self._set_available(False, str(e).removeprefix(
+                    f"Kafka at {self.bootstrap} is unreachable: "))
                 return
             self._unacked_since = None
         since = self._unacked_since
