@@ -489,8 +489,8 @@ class ScoredCandidate(BaseModel):
     rank: int = Field(description="1 = best; the position it is logged at")
     pctr: float = Field(description="the model's click probability")
     score: float = Field(description="the ranking value (bid x pCTR by default)")
-    impression_id: str | None = Field(None, description="with options.log: report clicks and "
-                                                        "conversions with this id")
+    impression_id: str | None = Field(None, description="with options.log, when logged: report "
+                                                        "clicks and conversions with this id")
     propensity: float | None = Field(
         None, description="P(this ad at this rank) under the serving policy: 1 for the "
                           "mean ranking; a Monte Carlo estimate over posterior draws for an "
@@ -531,7 +531,9 @@ class ScoreResponse(BaseModel):
     model_status: Literal["prior", "trained", "pinned"]
     explored: bool = Field(description="whether the ranking used a posterior sample")
     exploration: Exploration
-    logged: bool = Field(description="whether impressions were queued to Kafka")
+    logged: bool = Field(description="whether the impressions were handed to a live Kafka "
+                                     "producer (false while Kafka is unavailable: then no "
+                                     "impression_id is returned)")
     candidates: list[ScoredCandidate]
 
     model_config = ConfigDict(json_schema_extra={"examples": [{
