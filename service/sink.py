@@ -285,6 +285,7 @@ class EventSink:
         """The monitor: checks Kafka every MONITOR_S (connecting early, so log() takes the
         inline path) and sends what log() had to queue."""
         pending: list[Record] = []
+        self._check()  # at once: until Kafka is known to be live, nothing is logged
         while True:
             if not pending:
                 self._backlog = False
