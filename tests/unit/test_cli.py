@@ -288,6 +288,9 @@ def test_serve_warns_that_admin_token_on_the_command_line_shows_in_ps(
         monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
     import uvicorn
 
+    # `ctrloop serve` hands its settings to the workers through os.environ: keep them out of
+    # the other tests (CTRLOOP_ADMIN_TOKEN leaking here enabled admin routes elsewhere).
+    monkeypatch.setattr(os, "environ", dict(os.environ))
     monkeypatch.setattr(uvicorn, "run", lambda *a, **k: None)
     assert main(["serve", "--port", "18000", "--admin-token", "s3cret-token"]) == 0
     assert "set CTRLOOP_ADMIN_TOKEN in the environment instead" in capsys.readouterr().err
