@@ -328,7 +328,7 @@ def create_app(settings: ServiceSettings | None = None, *,
         registry = RedisRegistry.from_url(settings.redis_url, settings.registry_namespace)
     if sink is None:
         sink = EventSink(settings.kafka_bootstrap, settings.topic_impressions,
-                         settings.produce_timeout_s,
+                         settings.produce_timeout_s, topics=list(settings.topic_of.values()),
                          on_logged=metrics.impressions_logged.inc,
                          on_log_failed=metrics.impressions_log_failed.inc,
                          on_state=lambda up: metrics.kafka_available.set(1 if up else 0))

@@ -38,7 +38,7 @@ from kafka import KafkaProducer
 from kafka.errors import KafkaError
 
 from ctrloop.errors import CtrloopError
-from ctrloop.kafkaio import make_producer
+from ctrloop.kafkaio import TopicsMissing, make_producer
 
 log = logging.getLogger(__name__)
 
@@ -56,8 +56,10 @@ class _Producer:
     """A lazily (re)created KafkaProducer: the service starts, and recovers, without Kafka."""
 
     def __init__(self, bootstrap: str, block_s: float, client_id: str,
-                 nonblocking_topic: str | None = None, linger_ms: int | None = None) -> None:
+                 nonblocking_topic: str | None = None, linger_ms: int | None = None,
+                 topics: Sequence[str] = ()) -> None:
         self.linger_ms = linger_ms
+        self.topics = tuple(topics)
         self.bootstrap = bootstrap
         self.block_s = block_s
         self.client_id = client_id
@@ -65,16 +67,17 @@ class _Producer:
         self._producer: KafkaProducer | None = None
         self._lock = threading.Lock()
         self._next_try = 0.0
+        self._last_error = ""
 
     def get(self) -> KafkaProducer:
         with self._lock:
             if self._producer is not None:
                 return self._producer
             if time.monotonic() < self._next_try:
-                raise SinkUnavailable(f"Kafka at {self.bootstrap} is unreachable (retrying)")
+                raise SinkUnavailable(f"{self._last_error} (retrying)")
             try:
                 self._producer = make_producer(
-                    self.bootstrap, client_id=self.client_id,
+                    self.bootstrap, require_topics=self.topics, client_id=self.client_id,
                     max_block_ms=int(self.block_s * 1000),
                     request_timeout_ms=max(1000, int(self.block_s * 1000)),
                     bootstrap_timeout_ms=int(self.block_s * 1000),
@@ -85,13 +88,15 @@ class _Producer:
                     # when the buffer is full instead of stalling the event loop.
                     self._producer.partitions_for(self.nonblocking_topic)
                     self._producer.config["max_block_ms"] = 0
-            except KafkaError as e:
+            except (KafkaError, TopicsMissing) as e:
                 # Not logged here: the sink says once per outage what is down and what to do.
                 self._next_try = time.monotonic() + 1.0
                 if self._producer is not None:  # built, but the topic's metadata never came
                     _close_quietly(self._producer, 0.0)
                     self._producer = None
-                raise SinkUnavailable(f"Kafka at {self.bootstrap} is unreachable: {e}") from None
+                self._last_error = (str(e) if isinstance(e, TopicsMissing)
+                                    else f"Kafka at {self.bootstrap} is unreachable: {e}")
+                raise SinkUnavailable(self._last_error) from None
             return self._producer
 
     def ready(self) -> KafkaProducer | None:
@@ -172,17 +177,23 @@ class SinkStats:
 
 class EventSink:
     def __init__(self, bootstrap: str, log_topic: str, produce_timeout_s: float = 5.0,
+                 topics: Sequence[str] = (),
                  on_logged: Callable[[int], None] | None = None,
                  on_log_failed: Callable[[int], None] | None = None,
                  on_state: Callable[[bool], None] | None = None) -> None:
         self.bootstrap = bootstrap
         self.timeout_s = produce_timeout_s
         self.stats = SinkStats()
-        self._acked = _Producer(bootstrap, produce_timeout_s, "ctrloop-service-events")
+        # `topics`: what the service writes to; a producer is built only once they exist, so
+        # the service never creates one (ctrloop.kafkaio.make_producer).
+        topics = tuple(dict.fromkeys((log_topic, *topics)))
+        self._acked = _Producer(bootstrap, produce_timeout_s, "ctrloop-service-events",
+                                topics=topics)
         # Impressions wait up to LOG_LINGER_MS to share a batch: each batch costs the
         # producer's IO thread Python work (and the GIL), so fewer, larger batches serve faster.
         self._logger = _Producer(bootstrap, produce_timeout_s, "ctrloop-service-log",
-                                 nonblocking_topic=log_topic, linger_ms=LOG_LINGER_MS)
+                                 nonblocking_topic=log_topic, linger_ms=LOG_LINGER_MS,
+                                 topics=topics)
         self._queue: queue.Queue[list[Record] | None] = queue.Queue(maxsize=LOG_QUEUE_SIZE)
         self._on_logged = on_logged
         self._on_log_failed = on_log_failed

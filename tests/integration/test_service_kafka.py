@@ -22,11 +22,12 @@ from kafka import TopicPartition
 
 from ctrloop.events import Impression, decode_event
 from ctrloop.features import FeatureEncoder, FeatureSpec, Field
-from ctrloop.kafkaio import create_topics, make_consumer
+from ctrloop.kafkaio import create_topics, make_consumer, missing_topics
 from ctrloop.localservers import KafkaBroker, RedisServer, free_port
 from ctrloop.models import build_model
 from ctrloop.registry import RedisRegistry
 from ctrloop.snapshot import encode_snapshot
+from service.sink import EventSink, SinkUnavailable
 
 from .service_process import ServiceProcess
 
@@ -247,3 +248,30 @@ def test_events_are_acknowledged_only_when_kafka_has_them(
             assert service.metric('ctrloop_events_produced_total', 'type="click"') == 4 * 5 + 3
     finally:
         broker.stop()
+
+
+def test_the_service_never_creates_a_topic(kafka_broker: KafkaBroker, topic_prefix: str) -> None:
+    """Issue 10: after a broker restart the service's producer created `clicks` with 4
+    partitions before the topics job ran. Tansu ignores allow_auto_create_topics, so the sink
+    checks that its topics exist (a metadata request for all topics, which creates nothing)
+    before it builds a producer, and says which are missing."""
+    topics = list(topics_of(topic_prefix).values())
+    sink = EventSink(kafka_broker.bootstrap, topics[0], produce_timeout_s=PRODUCE_TIMEOUT_S,
+                     topics=topics)
+    try:
+        with pytest.raises(SinkUnavailable, match="do not exist") as refused:
+            sink.produce([(topics[1], b"i1", b'{"impression_id": "i1", "ts": 1767225600}')])
+        assert "create them" in str(refused.value)
+        assert sink.log([(topics[0], b"i1", b"{}")]) is False
+        assert missing_topics(kafka_broker.bootstrap, topics) == topics  # none was created
+        create_topics(kafka_broker.bootstrap, topics)
+        deadline = time.monotonic() + 30
+        while True:  # the sink retries a failed producer build after a second
+            try:
+                sink.produce([(topics[1], b"i1", b'{"impression_id": "i1", "ts": 1767225600}')])
+                break
+            except SinkUnavailable:
+                assert time.monotonic() < deadline, "the sink never recovered"
+                time.sleep(0.2)
+    finally:
+        sink.close()
