@@ -17,6 +17,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from ctrloop import __version__
 from ctrloop.errors import ConfigError, CtrloopError, RegistryError
 
 DEFAULT_CLICK_WINDOW = 120.0
@@ -325,6 +326,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Online-learning CTR service for ads: simulate traffic, replay it through "
                     "the trainer, or train from Kafka.")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument("--version", action="version", version=f"ctrloop {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("simulate", help="write a simulated events file and its truth file")

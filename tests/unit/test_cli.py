@@ -297,3 +297,12 @@ def test_serve_warns_that_admin_token_on_the_command_line_shows_in_ps(
     monkeypatch.setenv("CTRLOOP_ADMIN_TOKEN", "s3cret-token")
     assert main(["serve", "--port", "18000"]) == 0
     assert "CTRLOOP_ADMIN_TOKEN" not in capsys.readouterr().err
+
+
+def test_version_is_the_package_version(capsys: pytest.CaptureFixture[str]) -> None:
+    from importlib.metadata import version
+
+    with pytest.raises(SystemExit) as done:
+        main(["--version"])
+    assert done.value.code == 0
+    assert capsys.readouterr().out.strip() == f"ctrloop {version('ctrloop')}"
