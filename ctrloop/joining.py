@@ -10,6 +10,9 @@ Rules (docs/events.md):
   a negative sample;
 - a click that arrives before its impression (topics are read independently) waits as an orphan
   for `orphan_ttl` seconds of event time;
+- a click after its window is counted in `clicks_outside_window`; a click *within* its window
+  that arrives after the impression was already released as a negative is `late_clicks`: a
+  positive lost to event time running ahead of it (zero when event time is right);
 - duplicates (same impression id twice, a click twice) are dropped and counted; ids stay
   remembered for `dedup_horizon` seconds after their sample is released;
 - state is bounded: above `max_pending` impressions the one with the earliest deadline is evicted
@@ -35,6 +38,9 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
 from ctrloop.errors import ConfigError
+
+# Joiner._done's value for an id released as a positive (a negative's is its forget time).
+_POSITIVE = float("-inf")
 
 
 @dataclass(frozen=True)
@@ -91,9 +97,12 @@ class Joiner:
         self._deadlines: list[tuple[float, int, str]] = []
         self._seq = 0
         self._orphans: dict[str, float] = {}  # click before impression: id -> click ts
-        # released ids -> label, forgotten in release order (a deque: deleting from the front
-        # of a dict makes every later next(iter(d)) skip the holes, O(n) per call).
-        self._done: dict[str, int] = {}
+        # released ids -> _POSITIVE, or for a negative the time it is forgotten (ts + window +
+        # dedup_horizon: what tells a late click within its window from one after it, with no
+        # float beyond the one the forget queue holds anyway); forgotten in release order (a
+        # deque: deleting from the front of a dict makes every later next(iter(d)) skip the
+        # holes, O(n) per call).
+        self._done: dict[str, float] = {}
         self._forget: deque[tuple[float, str]] = deque()
 
     @property
@@ -134,10 +143,12 @@ class Joiner:
             return [self._release(impression_id, imp_ts, payload, 1, max(ts, imp_ts))]
         done = self._done.get(impression_id)
         if done is not None:
-            if done == 1:
+            if done == _POSITIVE:
                 self.stats.duplicate_clicks += 1
-            else:
+            elif ts + self.config.dedup_horizon <= done:  # ts - imp_ts <= click_window
                 self.stats.late_clicks += 1
+            else:
+                self.stats.clicks_outside_window += 1
             return []
         orphan_ts = self._orphans.get(impression_id)
         if orphan_ts is not None:
@@ -199,7 +210,7 @@ class Joiner:
                                               self._forget, self._done, watermark)
 
     def _remember(self, impression_id: str, forget_at: float, label: int) -> None:
-        self._done[impression_id] = label
+        self._done[impression_id] = _POSITIVE if label else forget_at
         self._forget.append((forget_at, impression_id))
         if len(self._forget) > self.config.max_remembered:
             self._done.pop(self._forget.popleft()[1], None)
@@ -219,7 +230,8 @@ class Joiner:
             "watermark": self.watermark if self.watermark != float("-inf") else None,
             "pending": rows,
             "orphans": list(self._orphans.items()),
-            "done": [[k, f, self._done[k]] for f, k in self._forget if k in self._done],
+            "done": [[k, f, int(self._done[k] == _POSITIVE)] for f, k in self._forget
+                     if k in self._done],
             "stats": asdict(self.stats),
         }
 
@@ -263,7 +275,13 @@ class WatermarkTracker:
 
     The clock is the minimum over active sources of the maximum ts each has delivered, so a
     source that lags (a partition read later) holds event time back instead of having its events
-    judged late. Sources marked idle (caught up, nothing to read) do not hold it back.
+    judged late. Sources marked idle (the caller knows they have nothing to read) do not hold it
+    back. When every source is idle the clock stays where it is: it never jumps to the most
+    advanced source, because sources need not agree on event time (a topic whose events run
+    hours ahead, a producer with a fast clock) and every other source's next events would be
+    judged late against it. A quiet stream moves on with `force` (the caller's wall clock).
+    Marking a source idle is the caller's promise that it has read everything there is; the
+    streaming trainer `wake`s every source whenever new records arrive and confirms again.
 
     With `max_jump` set, one event cannot move a source's frontier (its "maximum ts") more than
     `max_jump` seconds ahead: such an event is held as a *suspect* and the frontier moves only
@@ -337,6 +355,10 @@ class WatermarkTracker:
         else:
             self._idle.discard(source)
 
+    def wake(self) -> None:
+        """Every source holds event time back again until the caller marks it idle anew."""
+        self._idle.clear()
+
     def max_ts(self, source: Any) -> float:
         return self._max_ts.get(source, float("-inf"))
 
@@ -348,9 +370,10 @@ class WatermarkTracker:
                 self._clock = candidate
             return self._clock
         active = [t for s, t in self._max_ts.items() if s not in self._idle]
-        candidate = min(active) if active else max(self._max_ts.values(), default=float("-inf"))
-        if candidate > self._clock:  # event time never goes backwards
-            self._clock = candidate
+        if active:  # all idle: stay (see the class docstring), never the max
+            candidate = min(active)
+            if candidate > self._clock:  # event time never goes backwards
+                self._clock = candidate
         return self._clock
 
     def force(self, clock: float) -> None:

@@ -30,9 +30,26 @@ Delivery guarantee: **exactly-once effect on the model** for every event in the 
 Event time: the clock is the minimum over partitions of the newest ts each delivered, minus the
 allowed lateness for negatives (ctrloop.joining.WatermarkTracker). A partition that runs more
 than `align_slack` seconds ahead is paused until the others catch up, which keeps the joiner's
-state small when the trainer reads a backlog. A caught-up partition does not hold time back;
-when every partition is caught up, event time follows the wall clock so that windows close and
-snapshots go out on a quiet stream too.
+state small when the trainer reads a backlog.
+
+A partition stops holding event time back ("idle") only when all three hold (_align_partitions):
+- it delivered nothing for `idle_advance_s` of wall time (or never delivered anything): a busy
+  partition holds the clock at its newest ts even when read to its end, so a topic whose event
+  times run ahead of the others (conversions stamped hours ahead, a producer's fast clock)
+  cannot drag the clock over everyone else's events;
+- it is read up to the highwater of its last fetch, and
+- a ListOffsets request made *now* finds nothing beyond what was read. The highwater alone is
+  stale: kafka-python sets it when it parses a partition's fetch response, and a response can
+  wait, parsed later, behind another partition's big one (a backlog after a restart), while the
+  producer keeps writing. A partition taken for idle on it let the others move event time past
+  its unread records, whose windows then closed early (issue 10 F: clicks lost across kill -9).
+Every partition holds event time again as soon as a poll returns records (the idle marks were
+confirmed before that fetch), and is confirmed anew after them. So a record can only be judged
+late against records that were *produced before it* and run ahead of it by more than the
+window plus the allowed lateness — a property of the stream, not of how fast or how often the
+trainer read it, restarts included. When every partition is idle, event time follows the wall
+clock so that windows close and snapshots go out on a quiet stream too (never the most advanced
+partition's ts, for the reason above).
 """
 
 from __future__ import annotations
@@ -162,7 +179,9 @@ class StreamingTrainer:
         self.publisher = RegistryPublisher(self.registry, settings.min_publish_interval_s,
                                            extra_meta=self._publish_meta)
         self._stop = False
-        self._initial_end: dict[TopicPartition, int] = {}
+        # Wall time (monotonic) each partition last delivered a record, or was first seen.
+        self._last_record: dict[TopicPartition, float] = {}
+        self._buffered: list[tuple[Any, TopicPartition]] = []  # held until a spec is inferred
         self.consumer: KafkaConsumer
         self.dlq: KafkaProducer
 
@@ -246,7 +265,6 @@ class StreamingTrainer:
         self.dlq = make_producer(s.kafka_bootstrap)
         self.consumer = make_consumer(s.kafka_bootstrap, s.group_id)
         self.consumer.subscribe(list(self.kinds), listener=_SeekToCheckpoint(self))
-        buffered: list[tuple[Any, TopicPartition]] = []  # events held until a spec is inferred
         last_event_wall = time.monotonic()
         last_ckpt = last_log = time.monotonic()
         started = time.monotonic()
@@ -256,37 +274,17 @@ class StreamingTrainer:
                 release_parked_records(self.consumer)
                 polled = self.consumer.poll(timeout_ms=200, max_records=5000)
                 now = time.monotonic()
-                ahead = s.max_event_ahead_s
-                wall_limit = time.time() + ahead
-                got = 0
-                for tp, records in polled.items():
-                    kind = self.kinds[tp.topic]
-                    for rec in records:
-                        got += 1
-                        self.offsets[tp] = rec.offset + 1
-                        try:
-                            event = decode_event(rec.value, kind)
-                            if event.ts > wall_limit or (
-                                    rec.timestamp >= 0
-                                    and event.ts > rec.timestamp / 1000.0 + ahead):
-                                self._refuse_ahead(event.ts, rec.timestamp, wall_limit - ahead)
-                        except InvalidEvent as e:
-                            self._dead_letter(tp, rec, e.reason)
-                            continue
-                        if self.pipeline is None:
-                            buffered.append((event, tp))
-                        else:
-                            self.pipeline.process(event, tp)
+                got = self._consume(polled, now)
                 self.counters.consumed += got
-                if self.pipeline is None and buffered:
-                    self._maybe_infer(buffered, force=got == 0)
+                if self.pipeline is None and self._buffered:
+                    self._maybe_infer(self._buffered, force=got == 0)
                     if self.pipeline is not None:
-                        buffered = []
+                        self._buffered = []
                 if got:
                     last_event_wall = now
                     idle_since = None
                 if self.pipeline is not None:
-                    caught_up = self._align_partitions()
+                    caught_up = self._align_partitions(now)
                     if caught_up and now - last_event_wall >= s.idle_advance_s:
                         # A quiet stream: let event time follow the wall clock.
                         self.pipeline.advance_idle(self.pipeline.tracker.clock
@@ -311,6 +309,38 @@ class StreamingTrainer:
             self.consumer.close(autocommit=False)
             self.dlq.close(timeout=10)
 
+    def _consume(self, polled: dict[TopicPartition, list[Any]], now: float) -> int:
+        """Decode, check and process one poll's records (dead-lettering the bad ones); returns
+        how many records there were."""
+        ahead = self.s.max_event_ahead_s
+        wall_limit = time.time() + ahead
+        got = 0
+        if polled and self.pipeline is not None:
+            # The idle marks were confirmed before this fetch: a partition marked idle may have
+            # records that the other partitions' records here run ahead of, later in this poll
+            # (processed after them) or not fetched yet. Every partition holds event time until
+            # _align_partitions confirms it again.
+            self.pipeline.tracker.wake()
+        for tp, records in polled.items():
+            kind = self.kinds[tp.topic]
+            self._last_record[tp] = now
+            for rec in records:
+                got += 1
+                self.offsets[tp] = rec.offset + 1
+                try:
+                    event = decode_event(rec.value, kind)
+                    if event.ts > wall_limit or (
+                            rec.timestamp >= 0 and event.ts > rec.timestamp / 1000.0 + ahead):
+                        self._refuse_ahead(event.ts, rec.timestamp, wall_limit - ahead)
+                except InvalidEvent as e:
+                    self._dead_letter(tp, rec, e.reason)
+                    continue
+                if self.pipeline is None:
+                    self._buffered.append((event, tp))
+                else:
+                    self.pipeline.process(event, tp)
+        return got
+
     def _maybe_infer(self, buffered: list[tuple[Any, TopicPartition]], force: bool) -> None:
         imps = [e for e, _ in buffered if isinstance(e, Impression)]
         if len(imps) < INFER_IMPRESSIONS and not (force and imps):
@@ -328,8 +358,9 @@ class StreamingTrainer:
         for event, tp in buffered:
             self.pipeline.process(event, tp)
 
-    def _align_partitions(self) -> bool:
-        """Mark caught-up partitions idle, pause the ones far ahead; True if all caught up."""
+    def _align_partitions(self, now: float) -> bool:
+        """Mark the partitions that may stop holding event time back idle (module docstring),
+        pause the ones far ahead; True if every partition is idle."""
         assert self.pipeline is not None
         tracker = self.pipeline.tracker
         assigned = self.consumer.assignment()
@@ -339,23 +370,36 @@ class StreamingTrainer:
             # time follow the wall clock (closing windows before their clicks were read) and
             # let --stop-when-idle-s stop a restarted trainer before it read anything.
             return False
-        all_caught_up = True
-        unknown = [tp for tp in assigned if tp not in self._initial_end]
-        if unknown:
-            # highwater() stays None until a fetch returns records, so an empty partition would
-            # never count as caught up; end_offsets() is short by up to one batch on Tansu
-            # (ctrloop/kafkaio.py) but exact for an empty partition, which is all it is used for.
-            self._initial_end.update(self.consumer.end_offsets(unknown))
+        quiet_s = self.s.idle_advance_s
+        candidates = []
         for tp in assigned:
             tracker.register(tp)
+            last = self._last_record.setdefault(tp, now)
+            # A partition that never delivered has no ts to hold the clock at; one that did
+            # holds it while it is busy.
+            if tracker.max_ts(tp) > float("-inf") and now - last < quiet_s:
+                continue
             hw = self.consumer.highwater(tp)
             if hw is None:
-                # Trust end_offsets only for an empty partition; otherwise wait for a fetch.
-                caught_up = self._initial_end.get(tp, 1) == 0 and tp not in self.offsets
-            else:
-                caught_up = self.offsets.get(tp, 0) >= hw
-            tracker.set_idle(tp, caught_up)
-            all_caught_up = all_caught_up and caught_up
+                # No fetch parsed yet: only a partition this trainer never read from can be
+                # judged (empty), below; a restored one waits for its first fetch.
+                if tp not in self.offsets:
+                    candidates.append(tp)
+            elif self.offsets.get(tp, 0) >= hw:
+                candidates.append(tp)
+        idle: set[TopicPartition] = set()
+        if candidates:
+            try:
+                # Tansu answers the base offset of the last batch + 1 (ctrloop/kafkaio.py): a
+                # batch appended after our position still shows; records we hold but have not
+                # processed (a batch split over polls) are caught by the highwater test above.
+                end = self.consumer.end_offsets(candidates, timeout_ms=5000)
+            except KafkaError as e:
+                log.debug("end offsets unavailable (%s): no partition is idle this round", e)
+                end = {}
+            idle = {tp for tp in candidates if tp in end and self.offsets.get(tp, 0) >= end[tp]}
+        for tp in assigned:
+            tracker.set_idle(tp, tp in idle)
         clock = tracker.clock
         to_pause, to_resume = [], []
         paused = self.consumer.paused()
@@ -369,7 +413,7 @@ class StreamingTrainer:
             self.consumer.pause(*to_pause)
         if to_resume:
             self.consumer.resume(*to_resume)
-        return all_caught_up
+        return len(idle) == len(assigned)
 
     def _refuse_ahead(self, ts: float, record_ms: int, wall: float) -> None:
         """Raise InvalidEvent naming the clock that `ts` runs too far ahead of."""
@@ -417,7 +461,9 @@ class StreamingTrainer:
             "offsets": {_tp_key(tp): off for tp, off in self.offsets.items()},
         })
         self.counters.checkpoints += 1
-        if self.offsets:
+        # Not while the group is (re)joining: the broker refuses it (RebalanceInProgress, a
+        # WARNING every checkpoint), and the checkpoint already holds the offsets.
+        if self.offsets and self.consumer.assignment():
             try:
                 self.consumer.commit({tp: OffsetAndMetadata(off, "", -1)
                                       for tp, off in self.offsets.items()})

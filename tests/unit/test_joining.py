@@ -63,9 +63,17 @@ CASES = [
     Case("click after the window, impression still pending: not positive, counted",
          [(("imp", "a", 100), []), (("click", "a", 110.5), []), (("adv", "", 110), ["a-@110"])],
          {"clicks_outside_window": 1, "positives": 0, "negatives": 1}),
-    Case("click after the window has closed: not positive, counted late",
+    Case("click outside the window after the window has closed: counted outside, not late",
          [(("imp", "a", 100), []), (("adv", "", 110), ["a-@110"]), (("click", "a", 115), [])],
-         {"late_clicks": 1, "positives": 0, "negatives": 1, "unmatched_clicks": 0}),
+         {"clicks_outside_window": 1, "late_clicks": 0, "positives": 0, "negatives": 1,
+          "unmatched_clicks": 0}),
+    Case("click within the window after the window has closed: a positive lost, counted late",
+         [(("imp", "a", 100), []), (("adv", "", 110), ["a-@110"]), (("click", "a", 110), [])],
+         {"late_clicks": 1, "clicks_outside_window": 0, "positives": 0, "negatives": 1}),
+    Case("a late impression's click within its window is late, after it outside",
+         [(("adv", "", 200), []), (("imp", "a", 100), ["a-@200"]), (("click", "a", 109), []),
+          (("click", "a", 111), [])],
+         {"late_impressions": 1, "late_clicks": 1, "clicks_outside_window": 1}),
     Case("click before its impression (orphan) is joined",
          [(("click", "a", 103), []), (("imp", "a", 100), ["a+@103"]), (("adv", "", 200), [])],
          {"positives": 1, "unmatched_clicks": 0, "negatives": 0}),
@@ -371,13 +379,33 @@ def test_tracker_idle_sources_do_not_hold_back() -> None:
     assert t.clock == 250.0
 
 
-def test_tracker_all_idle_uses_the_max() -> None:
+def test_tracker_all_idle_stays_put_never_the_max() -> None:
+    # Issue 10 F: with every partition idle the clock went to the most advanced one (trailing
+    # clicks, conversions hours ahead) and the next impressions of the others were late.
     t = WatermarkTracker(allowed_lateness=0)
     t.observe("p0", 100.0)
     t.observe("p1", 50.0)
+    assert t.clock == 50.0
     t.set_idle("p0", True)
     t.set_idle("p1", True)
+    assert t.clock == 50.0
+    t.force(60.0)  # a quiet stream moves on with the caller's wall clock
+    assert t.clock == 60.0
+    t.set_idle("p0", False)
     assert t.clock == 100.0
+
+
+def test_tracker_wake_makes_every_source_hold_again() -> None:
+    t = WatermarkTracker(allowed_lateness=0)
+    t.observe("p0", 100.0)
+    t.observe("p1", 50.0)
+    t.set_idle("p1", True)
+    assert t.clock == 100.0
+    t.wake()
+    t.observe("p0", 200.0)
+    assert t.clock == 100.0  # p1 holds it (at 50, behind the clock: it stays at 100)
+    t.observe("p1", 150.0)
+    assert t.clock == 150.0
 
 
 def test_tracker_force_only_moves_forward() -> None:
@@ -424,4 +452,6 @@ def test_tracker_never_goes_backwards(seq: list[tuple[str, int, Any]]) -> None:
         if active:
             # never ahead of an active source unless it was already there before
             assert clock == last or clock == min(active) or op == "force"
+        elif op != "force":
+            assert clock == last  # every source idle: only the caller's force moves it
         last = clock
