@@ -179,7 +179,7 @@ class Reloader:
             current, current_problem = _readable(self.registry.current)
         except RegistryError as e:
             self.stats.registry_ok = False
-            self._report_registry(f"registry unreachable: {e}", count=False)
+            self._report_registry(str(e), count=False)  # the error says what failed
             return False
         self.stats.registry_ok = True
         problem = pin_problem or current_problem
