@@ -182,6 +182,9 @@ class StreamingTrainer:
         # Wall time (monotonic) each partition last delivered a record, or was first seen.
         self._last_record: dict[TopicPartition, float] = {}
         self._buffered: list[tuple[Any, TopicPartition]] = []  # held until a spec is inferred
+        # When (time.monotonic) a poll last returned records: what a throughput measurement
+        # ends at (the trainer then waits for the stream to be confirmed quiet).
+        self.last_record_at: float | None = None
         self.consumer: KafkaConsumer
         self.dlq: KafkaProducer
 
@@ -281,7 +284,7 @@ class StreamingTrainer:
                     if self.pipeline is not None:
                         self._buffered = []
                 if got:
-                    last_event_wall = now
+                    last_event_wall = self.last_record_at = now
                     idle_since = None
                 if self.pipeline is not None:
                     caught_up = self._align_partitions(now)
