@@ -301,9 +301,13 @@ def encode_event(event: Event, with_type: bool = False) -> bytes:
 
 def encode_checked(event: Event, with_type: bool = False) -> bytes:
     """encode_event, refusing what decode_event would refuse for its size: every producer
-    (HTTP events, logged impressions) calls this, so nothing is accepted that the trainer
-    dead-letters."""
-    data = encode_event(event, with_type)
+    (HTTP events, logged impressions) checks its records so, and nothing is accepted that the
+    trainer dead-letters."""
+    return check_encoded_size(encode_event(event, with_type))
+
+
+def check_encoded_size(data: bytes) -> bytes:
+    """`data` (an encoded event), or InvalidEvent when decode_event would refuse its size."""
     if len(data) > MAX_LINE_BYTES:
         raise InvalidEvent(
             f"event is {len(data)} bytes encoded, at most {MAX_LINE_BYTES} allowed")

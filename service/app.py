@@ -42,7 +42,7 @@ from ctrloop import __version__
 from ctrloop.errors import InvalidEvent, RegistryError, SnapshotError
 from ctrloop.events import (
     MAX_FEATURES,
-    MAX_LINE_BYTES,
+    check_encoded_size,
     check_not_ahead,
     encode_checked,
     event_type,
@@ -666,11 +666,7 @@ def _impression_record(event: dict[str, Any]) -> bytes:
     decode_event's verdict without a decode per impression on the request path (a property
     test holds them equal)."""
     parse_impression(event)
-    data = orjson.dumps(event)
-    if len(data) > MAX_LINE_BYTES:
-        raise InvalidEvent(f"event is {len(data)} bytes encoded, at most {MAX_LINE_BYTES} "
-                           "allowed")
-    return data
+    return check_encoded_size(orjson.dumps(event))
 
 
 # Decisions where the request asked to explore and the model could: they count toward the
