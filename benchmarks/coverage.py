@@ -15,7 +15,7 @@ It also fits the posterior's variances on a prefix of the stream: per-field prio
 s_f^2 and the global scale by maximum likelihood of the true logit's residual,
 logit(true) - logit(pctr) ~ N(0, scale * sum_f 1 / (1/s_f^2 + evidence_f)), from the per-field
 evidence the posterior had when it served each impression. The defaults in
-ctrloop/posterior.py come from such a fit (docs/exploration.md says which run); the coverage
+ctrloop/core/posterior.py come from such a fit (docs/exploration.md says which run); the coverage
 reported as "served" is what the configured posterior wrote into the predictions file, the
 "refit" rows what this run's own prefix fit would give on the evaluation window.
 
@@ -34,12 +34,12 @@ from typing import Any
 import numpy as np
 import orjson
 import torch
+from ctrloop.trainer.pipeline import Pipeline, PipelineConfig
+from ctrloop.trainer.replay import PredictionWriter, infer_spec, read_events
 
-from ctrloop.evaluate import AGE_COHORTS, interval_coverage
-from ctrloop.posterior import PosteriorConfig
+from ctrloop.core.evaluate import AGE_COHORTS, interval_coverage
+from ctrloop.core.posterior import PosteriorConfig
 from ctrloop.sim import WorldConfig, write_files
-from trainer.pipeline import Pipeline, PipelineConfig
-from trainer.replay import PredictionWriter, infer_spec, read_events
 
 
 def simulate(args: argparse.Namespace, out: Path) -> tuple[WorldConfig, dict[str, Any]]:

@@ -8,15 +8,17 @@ belongs to the request (common random numbers: the same request clicks the same 
 way under every policy), and its delay from the world's click-delay model.
 
 The ctrloop policies all learn through the same trainer code path: impressions and clicks go,
-in event-time order, into `trainer.pipeline.Pipeline`; every `publish_interval` event-seconds
-the pipeline publishes, the snapshot is encoded, decoded and rebuilt exactly as the service
-loads it (`ctrloop.snapshot`), and the policy scores the next interval's requests with that
+in event-time order, into `ctrloop.trainer.pipeline.Pipeline`; every `publish_interval`
+event-seconds the pipeline publishes, the snapshot is encoded, decoded and rebuilt exactly as
+the service loads it (`ctrloop.core.snapshot`), and the policy scores the next interval's
+requests with that
 snapshot only — batched Thompson sampling (Mao et al.), as in the method notes:
 
 - `greedy`: the posterior mean (the model's logit), argmax;
 - `eps-E`: greedy, but with probability E the request gets a uniformly random candidate;
 - `ts`: Thompson sampling with the GP posterior published with the snapshot
-  (`model.posterior`, ctrloop/posterior.py) and the service's sampler (ctrloop/exploration.py);
+  (`model.posterior`, ctrloop/core/posterior.py) and the service's sampler
+  (ctrloop/core/exploration.py);
 - `vw:ARGS`: Vowpal Wabbit `--cb_explore_adf ARGS` on the same features (shared user/context
   namespaces, one action line per candidate with the ad's features and ids, user × ad and
   context × ad interactions), cost 1 − click. VW is its own learner: it learns each request
@@ -48,15 +50,15 @@ from typing import Any
 
 import numpy as np
 import torch
+from ctrloop.trainer.pipeline import Pipeline, PipelineConfig
 from numpy.typing import NDArray
 
-from ctrloop.events import Click, Impression
-from ctrloop.features import FeatureEncoder, FeatureSpec
-from ctrloop.joining import JoinerConfig
-from ctrloop.models import CTRModel
+from ctrloop.core.events import Click, Impression
+from ctrloop.core.features import FeatureEncoder, FeatureSpec
+from ctrloop.core.joining import JoinerConfig
+from ctrloop.core.models import CTRModel
+from ctrloop.core.snapshot import build_from_snapshot, decode_snapshot, encode_snapshot
 from ctrloop.sim.world import RequestBatch, World, WorldConfig, seed_sequence
-from ctrloop.snapshot import build_from_snapshot, decode_snapshot, encode_snapshot
-from trainer.pipeline import Pipeline, PipelineConfig
 
 FloatArray = NDArray[np.float64]
 IntArray = NDArray[np.int64]
@@ -217,17 +219,17 @@ class Thompson(ModelPolicy):
     """Thompson sampling through the service's sampler over the published GP posterior."""
 
     name = "ts"
-    temperature: float | None = None  # None: ctrloop.exploration.DEFAULT_TEMPERATURE
+    temperature: float | None = None  # None: ctrloop.core.exploration.DEFAULT_TEMPERATURE
 
     def __init__(self, seed: int) -> None:
         super().__init__(seed)
         try:
-            from ctrloop import exploration
+            from ctrloop.core import exploration
         except ImportError as e:
-            raise Skipped(f"ctrloop/exploration.py is not there ({e}): Thompson sampling "
+            raise Skipped(f"ctrloop/core/exploration.py is not there ({e}): Thompson sampling "
                           "needs the service's sampler (issue 5, service side)") from None
         if not all(hasattr(exploration, n) for n in ("thompson_rank", "JointPosterior")):
-            raise Skipped("ctrloop.exploration has no thompson_rank / JointPosterior")
+            raise Skipped("ctrloop.core.exploration has no thompson_rank / JointPosterior")
         self.exploration = exploration
         self.gen = torch.Generator().manual_seed(int(self.rng.integers(2**62)))
 

@@ -1,7 +1,8 @@
 """What Thompson sampling adds to one /v1/score request, in-process (no HTTP, no wrk).
 
 Times the service's own request path — `SCORE_REQUEST.validate_json`, the feature-name check
-and `service.app._score` (encode, model, posterior variances, ranking, propensities, response
+and `ctrloop.service.app._score`
+(encode, model, posterior variances, ranking, propensities, response
 bytes) — on one simulated 100-candidate request, alternating explore off / on request by
 request, so a busy machine slows both alike and their ratio stays meaningful. Then sweeps the
 number of posterior draws: time per explored request, and how far its propensities are from
@@ -24,15 +25,15 @@ from typing import Any
 import numpy as np
 import orjson
 import torch
+from ctrloop.service.app import _score, create_app
+from ctrloop.service.schemas import SCORE_REQUEST, check_feature_names
+from ctrloop.service.settings import ServiceSettings
 
 from benchmarks.serving import score_body, sim_spec, with_posterior
-from ctrloop.exploration import JointPosterior, generator, rank_propensities, thompson_rank
-from ctrloop.models import build_model
-from ctrloop.registry import InMemoryRegistry
-from ctrloop.snapshot import encode_snapshot
-from service.app import _score, create_app
-from service.schemas import SCORE_REQUEST, check_feature_names
-from service.settings import ServiceSettings
+from ctrloop.core.exploration import JointPosterior, generator, rank_propensities, thompson_rank
+from ctrloop.core.models import build_model
+from ctrloop.core.snapshot import encode_snapshot
+from ctrloop.io.registry import InMemoryRegistry
 
 
 class NullSink:

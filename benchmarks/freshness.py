@@ -31,8 +31,8 @@ import httpx
 import numpy as np
 
 from benchmarks.serving import _wait_http, child
-from ctrloop.kafkaio import create_topics
-from ctrloop.localservers import KafkaBroker, RedisServer, free_port
+from ctrloop.dev.localservers import KafkaBroker, RedisServer, free_port
+from ctrloop.io.kafka import create_topics
 from ctrloop.sim import World, WorldConfig
 
 THRESHOLD = 0.02

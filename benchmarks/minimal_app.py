@@ -17,8 +17,8 @@ import torch
 from fastapi import FastAPI, Request
 from fastapi.responses import Response
 
-from ctrloop.features import FeatureEncoder
-from ctrloop.snapshot import build_from_snapshot, decode_snapshot
+from ctrloop.core.features import FeatureEncoder
+from ctrloop.core.snapshot import build_from_snapshot, decode_snapshot
 
 torch.set_num_threads(1)
 _snap = decode_snapshot(Path(os.environ["CTRLOOP_BENCH_SNAPSHOT"]).read_bytes())

@@ -10,7 +10,7 @@ scores the served pCVR of every click, per type, against the truth:
 - `shared`: one model, shared embeddings, per-type linear weights, field-pair weights and bias
   (STEM with task_dim 0);
 - `stem`: shared plus task-specific embeddings, all forward / task-specific backward
-  (ctrloop/models/stem.py).
+  (ctrloop/core/models/stem.py).
 
     python -m benchmarks.multitask --days 30 --rate 0.3 --advertisers 50 \
         --publish-interval 300 --jobs 2 --out runs/multitask
@@ -29,13 +29,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from ctrloop.trainer.pipeline import Pipeline, PipelineConfig
+from ctrloop.trainer.replay import PredictionWriter, infer_spec, load_converted_by_type, read_events
 
-from ctrloop.evaluate import evaluate_cvr
-from ctrloop.events import Conversion, Event
-from ctrloop.learner import LearnerConfig
+from ctrloop.core.evaluate import evaluate_cvr
+from ctrloop.core.events import Conversion, Event
+from ctrloop.core.learner import LearnerConfig
 from ctrloop.sim import WorldConfig, write_files
-from trainer.pipeline import Pipeline, PipelineConfig
-from trainer.replay import PredictionWriter, infer_spec, load_converted_by_type, read_events
 
 TYPES = ("signup", "purchase")
 VARIANTS = ("separate", "shared", "stem")

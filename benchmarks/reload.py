@@ -26,10 +26,10 @@ import numpy as np
 import torch
 
 from benchmarks.serving import LUA, _wait_http, child, run_wrk, score_body, sim_spec
-from ctrloop.localservers import RedisServer, free_port
-from ctrloop.models import build_model
-from ctrloop.registry import RedisRegistry
-from ctrloop.snapshot import encode_snapshot
+from ctrloop.core.models import build_model
+from ctrloop.core.snapshot import encode_snapshot
+from ctrloop.dev.localservers import RedisServer, free_port
+from ctrloop.io.registry import RedisRegistry
 
 
 def publisher(registry: RedisRegistry, blobs: list[tuple[int, bytes]], every_s: float,

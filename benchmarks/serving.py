@@ -13,7 +13,7 @@ no logging), `service+log` (also logs the top k, default 3, as impressions to Ka
 exploration pair `explore-off` / `explore-on`: the same logged request with `options.explore`
 false / true (Thompson sampling plus Monte Carlo propensities of the top k; the service runs
 with CTRLOOP_EXPLORE_COST_CAP=1 so every explore-on request explores). The published model
-carries a GP posterior (ctrloop/posterior.py) that learned from simulated impressions, so
+carries a GP posterior (ctrloop/core/posterior.py) that learned from simulated impressions, so
 every target also pays for the posterior variances it reports.
 """
 
@@ -36,15 +36,15 @@ import httpx
 import numpy as np
 import torch
 
-from ctrloop.events import parse_event
-from ctrloop.features import FeatureEncoder, FeatureSpec
-from ctrloop.kafkaio import create_topics
-from ctrloop.localservers import KafkaBroker, RedisServer, free_port
-from ctrloop.models import CTRModel, build_model
-from ctrloop.posterior import LogitPosterior
-from ctrloop.registry import RedisRegistry
+from ctrloop.core.events import parse_event
+from ctrloop.core.features import FeatureEncoder, FeatureSpec
+from ctrloop.core.models import CTRModel, build_model
+from ctrloop.core.posterior import LogitPosterior
+from ctrloop.core.snapshot import encode_snapshot
+from ctrloop.dev.localservers import KafkaBroker, RedisServer, free_port
+from ctrloop.io.kafka import create_topics
+from ctrloop.io.registry import RedisRegistry
 from ctrloop.sim import World, WorldConfig, generate
-from ctrloop.snapshot import encode_snapshot
 
 LUA = """
 wrk.method = "POST"

@@ -14,12 +14,13 @@ import time
 from pathlib import Path
 
 import orjson
+from ctrloop.trainer.settings import TrainerSettings
+from ctrloop.trainer.streaming import StreamingTrainer
 
-from ctrloop.kafkaio import create_topics, make_producer, raw_consume_rate
-from ctrloop.localservers import KafkaBroker, RedisServer
+from benchmarks.kafka_client import raw_consume_rate
+from ctrloop.dev.localservers import KafkaBroker, RedisServer
+from ctrloop.io.kafka import create_topics, make_producer
 from ctrloop.sim import WorldConfig, write_files
-from trainer.settings import TrainerSettings
-from trainer.streaming import StreamingTrainer
 
 
 def main() -> None:

@@ -41,7 +41,7 @@ import numpy as np
 import orjson
 from vowpalwabbit import Workspace
 
-from ctrloop.metrics import auc, logloss
+from ctrloop.core.metrics import auc, logloss
 
 NumericEncoding = Literal["log_bin", "raw"]
 

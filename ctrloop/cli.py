@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from ctrloop import __version__
-from ctrloop.errors import ConfigError, CtrloopError, RegistryError
+from ctrloop.core.errors import ConfigError, CtrloopError, RegistryError
 
 DEFAULT_CLICK_WINDOW = 120.0
 
@@ -73,9 +73,9 @@ def cmd_simulate(args: argparse.Namespace) -> int:
 
 
 def cmd_replay(args: argparse.Namespace) -> int:
-    from ctrloop.features import FeatureSpec
-    from trainer.replay import outputs_for, print_progress, replay
-    from trainer.settings import LearningSettings
+    from ctrloop.core.features import FeatureSpec
+    from ctrloop.trainer.replay import outputs_for, print_progress, replay
+    from ctrloop.trainer.settings import LearningSettings
 
     settings = LearningSettings(**_overrides(args, _LEARNING_KEYS))
     outputs = outputs_for(args.predictions_out, args.rejects_out, args.spec_out)
@@ -87,7 +87,7 @@ def cmd_replay(args: argparse.Namespace) -> int:
         print(f"feature spec inferred from the first impressions, saved to "
               f"{outputs.spec} (edit it and pass --feature-spec to reuse)", file=sys.stderr)
     if args.truth is not None:
-        from ctrloop.evaluate import evaluate
+        from ctrloop.core.evaluate import evaluate
 
         summary["evaluation"] = evaluate(args.predictions_out, args.truth,
                                          settings.click_window)
@@ -109,7 +109,7 @@ def cmd_replay(args: argparse.Namespace) -> int:
 
 
 def cmd_ope(args: argparse.Namespace) -> int:
-    from ctrloop.offpolicy import evaluate_file, render
+    from ctrloop.core.offpolicy import evaluate_file, render
 
     result = evaluate_file(args.events, args.target, args.target_file, args.max_weight,
                            args.click_window, args.confidence)
@@ -122,8 +122,8 @@ def cmd_ope(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from trainer.settings import TrainerSettings
-    from trainer.streaming import run_trainer
+    from ctrloop.trainer.settings import TrainerSettings
+    from ctrloop.trainer.streaming import run_trainer
 
     keys = (*_LEARNING_KEYS, "kafka_bootstrap", "redis_url", "group_id", "checkpoint_dir",
             "checkpoint_interval_s", "max_events", "stop_when_idle_s")
@@ -134,7 +134,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from trainer.demo import run_demo
+    from ctrloop.dev.demo import run_demo
 
     out = run_demo(args.workdir, args.impressions, args.stream_events, args.seed)
     (args.workdir / "demo.json").write_text(json.dumps(out, indent=2, default=str))
@@ -152,7 +152,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     import uvicorn
 
-    from service.settings import ServiceSettings
+    from ctrloop.service.settings import ServiceSettings
 
     # Validate here (a bad setting fails with a message before any worker starts), then hand
     # the values to the workers through the environment, where each worker's app reads them.
@@ -171,7 +171,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="ctrloop-metrics-")
     print(f"serving on http://{settings.host}:{settings.port} ({settings.workers} worker(s)); "
           f"API docs at http://{settings.host}:{settings.port}/docs", file=sys.stderr)
-    uvicorn.run("service.app:app_from_env", factory=True, host=settings.host, port=settings.port,
+    uvicorn.run("ctrloop.service.app:app_from_env", factory=True, host=settings.host,
+                port=settings.port,
                 workers=settings.workers, log_level="warning", access_log=False,
                 loop=args.loop, http=args.http, timeout_graceful_shutdown=10)
     return 0
@@ -248,7 +249,7 @@ def _drive_line(snap: dict[str, Any], rates: dict[str, float], as_json: bool) ->
 
 
 def cmd_stack(args: argparse.Namespace) -> int:
-    from ctrloop.stack import StackConfig, run_stack
+    from ctrloop.dev.stack import StackConfig, run_stack
 
     logging.getLogger("httpx").setLevel(logging.WARNING)  # a line per request otherwise
     # `kill -USR1 <pid>` prints where every thread is: for a stack that does not stop.
@@ -264,21 +265,21 @@ def cmd_stack(args: argparse.Namespace) -> int:
 
 
 def cmd_delay_report(args: argparse.Namespace) -> int:
-    from ctrloop.delay_report import render_report
+    from ctrloop.core.delay_report import render_report
 
     if (args.checkpoint_dir is None) == (args.redis_url is None):
         raise CtrloopError("delay-report reads one source: --checkpoint-dir (the trainer's "
                            "checkpoint) or --redis-url (the latest published pCVR record)")
     if args.checkpoint_dir is not None:
-        from ctrloop.delay_report import report_from_pipeline_state
-        from trainer.checkpoint import load_checkpoint
+        from ctrloop.core.delay_report import report_from_pipeline_state
+        from ctrloop.trainer.checkpoint import load_checkpoint
 
         state = load_checkpoint(args.checkpoint_dir)
         if state is None:
             raise CtrloopError(f"no checkpoint in {args.checkpoint_dir}")
         report = report_from_pipeline_state(state["pipeline"], args.top, args.conversion_type)
     else:
-        from ctrloop.registry import RedisRegistry
+        from ctrloop.io.registry import RedisRegistry
 
         try:
             record = RedisRegistry.from_url(args.redis_url,

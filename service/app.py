@@ -27,6 +27,23 @@ from typing import Any, TypeVar
 import numpy as np
 import orjson
 import torch
+from ctrloop.service.metrics import CONTENT_TYPE, Metrics, render
+from ctrloop.service.reloader import ModelHolder, Reloader
+from ctrloop.service.schemas import (
+    SCORE_REQUEST,
+    ErrorBody,
+    EventsAccepted,
+    EventsRequest,
+    PinRequest,
+    ScoreRequest,
+    ScoreResponse,
+    check_feature_names,
+    duplicate_key,
+    fast_score_request,
+)
+from ctrloop.service.scoring import Prediction, ServedModel
+from ctrloop.service.settings import ServiceSettings
+from ctrloop.service.sink import EventSink, SinkUnavailable
 from fastapi import FastAPI, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
@@ -39,8 +56,8 @@ from starlette.staticfiles import StaticFiles
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from ctrloop import __version__
-from ctrloop.errors import InvalidEvent, RegistryError, SnapshotError
-from ctrloop.events import (
+from ctrloop.core.errors import InvalidEvent, RegistryError, SnapshotError
+from ctrloop.core.events import (
     MAX_FEATURES,
     check_encoded_size,
     check_not_ahead,
@@ -50,7 +67,7 @@ from ctrloop.events import (
     parse_event,
     parse_impression,
 )
-from ctrloop.exploration import (
+from ctrloop.core.exploration import (
     ExplorationBudget,
     JointPosterior,
     expected_pctr,
@@ -58,24 +75,7 @@ from ctrloop.exploration import (
     generator,
     thompson_rank,
 )
-from ctrloop.registry import ModelRegistry, RedisRegistry, VersionNotFound
-from service.metrics import CONTENT_TYPE, Metrics, render
-from service.reloader import ModelHolder, Reloader
-from service.schemas import (
-    SCORE_REQUEST,
-    ErrorBody,
-    EventsAccepted,
-    EventsRequest,
-    PinRequest,
-    ScoreRequest,
-    ScoreResponse,
-    check_feature_names,
-    duplicate_key,
-    fast_score_request,
-)
-from service.scoring import Prediction, ServedModel
-from service.settings import ServiceSettings
-from service.sink import EventSink, SinkUnavailable
+from ctrloop.io.registry import ModelRegistry, RedisRegistry, VersionNotFound
 
 log = logging.getLogger(__name__)
 
@@ -276,7 +276,7 @@ class ServiceState:
         self.metrics = metrics
         expected = None
         if settings.feature_spec is not None:
-            from ctrloop.features import FeatureSpec
+            from ctrloop.core.features import FeatureSpec
 
             expected = FeatureSpec.load(settings.feature_spec)
         self.holder = ModelHolder(settings.prior_ctr, expected)

@@ -1,7 +1,7 @@
 """HTTP request and response bodies of the scoring service, with the examples OpenAPI shows.
 
 Limits (id lengths, feature counts, value bounds) come from the event contract in
-`ctrloop/events.py`, so a request the service accepts always yields impressions the trainer
+`ctrloop/core/events.py`, so a request the service accepts always yields impressions the trainer
 accepts. Requests are parsed straight from bytes with `model_validate_json` (4x faster than
 FastAPI's default json.loads + validate, ../shared/docs/measured-here.md).
 """
@@ -28,7 +28,7 @@ from pydantic import (
 )
 from typing_extensions import TypedDict
 
-from ctrloop.events import (
+from ctrloop.core.events import (
     MAX_ABS_NUMBER,
     MAX_CONVERSION_TYPE_LEN,
     MAX_FEATURE_NAME_LEN,

@@ -18,11 +18,11 @@ from typing import Any, Literal, Protocol
 import numpy as np
 import torch
 
-from ctrloop.errors import SnapshotError
-from ctrloop.features import FeatureEncoder, FeatureSpec
-from ctrloop.models import CTRModel
-from ctrloop.registry import ModelRecord
-from ctrloop.snapshot import build_from_snapshot, checksum, decode_snapshot
+from ctrloop.core.errors import SnapshotError
+from ctrloop.core.features import FeatureEncoder, FeatureSpec
+from ctrloop.core.models import CTRModel
+from ctrloop.core.snapshot import build_from_snapshot, checksum, decode_snapshot
+from ctrloop.io.registry import ModelRecord
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +37,7 @@ _nonfinite_logged: set[tuple[str, str]] = set()
 
 
 class RowPosterior(Protocol):
-    """What the service needs of ctrloop.posterior.LogitPosterior."""
+    """What the service needs of ctrloop.core.posterior.LogitPosterior."""
 
     def row_variance(self, rows: torch.Tensor) -> torch.Tensor:
         """[B, F] posterior variance of each embedding row a candidate uses."""

@@ -8,7 +8,7 @@ from pathlib import Path
 from pydantic import Field, field_validator
 from pydantic_settings import SettingsConfigDict
 
-from ctrloop.settings import ConnectionSettings
+from ctrloop.io.settings import ConnectionSettings
 
 
 class ServiceSettings(ConnectionSettings):
@@ -31,12 +31,12 @@ class ServiceSettings(ConnectionSettings):
         None, min_length=8, description="bearer token of /v1/admin/*; unset: admin disabled")
     log_impressions: bool = Field(True, description="allow options.log (needs Kafka)")
     explore: bool = Field(True, description="allow options.explore (global switch)")
-    # 128 = ctrloop.exploration.DEFAULT_DRAWS (a test keeps them equal); importing it here
+    # 128 = ctrloop.core.exploration.DEFAULT_DRAWS (a test keeps them equal); importing it here
     # would import torch into every reader of the settings.
     explore_draws: int = Field(
         128, ge=16, le=10_000,
         description="posterior draws per explored request for the propensities of its top_k")
-    # 0.025 = ctrloop.exploration.DEFAULT_TEMPERATURE (a test keeps them equal).
+    # 0.025 = ctrloop.core.exploration.DEFAULT_TEMPERATURE (a test keeps them equal).
     explore_temperature: float = Field(
         0.025, gt=0, le=10,
         description="Thompson sampling draws from the posterior with its variance times this "

@@ -37,8 +37,8 @@ from typing import Any
 from kafka import KafkaProducer
 from kafka.errors import KafkaError
 
-from ctrloop.errors import CtrloopError
-from ctrloop.kafkaio import TopicsMissing, make_producer
+from ctrloop.core.errors import CtrloopError
+from ctrloop.io.kafka import TopicsMissing, make_producer
 
 log = logging.getLogger(__name__)
 
@@ -185,7 +185,7 @@ class EventSink:
         self.timeout_s = produce_timeout_s
         self.stats = SinkStats()
         # `topics`: what the service writes to; a producer is built only once they exist, so
-        # the service never creates one (ctrloop.kafkaio.make_producer).
+        # the service never creates one (ctrloop.io.kafka.make_producer).
         topics = tuple(dict.fromkeys((log_topic, *topics)))
         self._acked = _Producer(bootstrap, produce_timeout_s, "ctrloop-service-events",
                                 topics=topics)

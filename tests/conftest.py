@@ -13,7 +13,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from ctrloop.localservers import BinaryNotFoundError, KafkaBroker, RedisServer
+from ctrloop.dev.localservers import BinaryNotFoundError, KafkaBroker, RedisServer
 
 _SERVER_FIXTURES = frozenset({"kafka_broker", "redis_server"})
 

@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from ctrloop.errors import ConfigError
+from ctrloop.core.errors import ConfigError
 
 CHECKPOINT_FORMAT = 1
 FILENAME = "checkpoint.pt"

@@ -33,16 +33,16 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 
-from ctrloop.delay_report import DEFAULT_TOP_N, CvrMonitor, MonitorConfig, delay_report
-from ctrloop.delays import CvrSample, DelayPolicy, PolicyConfig, build_policy
-from ctrloop.errors import ConfigError
-from ctrloop.events import Click, Conversion, Event, Impression
-from ctrloop.features import FeatureEncoder, FeatureSpec
-from ctrloop.joining import Joiner, JoinerConfig, Sample, WatermarkTracker
-from ctrloop.learner import LearnerConfig, OnlineLearner
-from ctrloop.metrics import ProgressiveMetrics
-from ctrloop.models import build_model
-from ctrloop.posterior import LogitPosterior, PosteriorConfig
+from ctrloop.core.delay_report import DEFAULT_TOP_N, CvrMonitor, MonitorConfig, delay_report
+from ctrloop.core.delays import CvrSample, DelayPolicy, PolicyConfig, build_policy
+from ctrloop.core.errors import ConfigError
+from ctrloop.core.events import Click, Conversion, Event, Impression
+from ctrloop.core.features import FeatureEncoder, FeatureSpec
+from ctrloop.core.joining import Joiner, JoinerConfig, Sample, WatermarkTracker
+from ctrloop.core.learner import LearnerConfig, OnlineLearner
+from ctrloop.core.metrics import ProgressiveMetrics
+from ctrloop.core.models import build_model
+from ctrloop.core.posterior import LogitPosterior, PosteriorConfig
 
 PRIOR_VERSION = "0"
 
@@ -54,19 +54,19 @@ class PipelineConfig:
     warmup: bool = True
     joiner: JoinerConfig = field(default_factory=JoinerConfig)
     learner: LearnerConfig = field(default_factory=LearnerConfig)
-    # pCVR: which clicks become samples when (ctrloop/delays.py), and its learner (None: the
+    # pCVR: which clicks become samples when (ctrloop/core/delays.py), and its learner (None: the
     # pCTR learner's configuration).
     delay_policy: str = "variance"
     policy: PolicyConfig = field(default_factory=PolicyConfig)
     cvr_learner: LearnerConfig | None = None
-    # Conversion types learned as tasks of one pCVR model (STEM, ctrloop/models/stem.py), each
+    # Conversion types learned as tasks of one pCVR model (STEM, ctrloop/core/models/stem.py), each
     # with its own delay policy and statistics. Empty: one task fed by every conversion,
     # whatever its type, with the pCVR learner's own architecture.
     conversion_types: tuple[str, ...] = ()
-    # The GP posterior over the pCTR logit (ctrloop/posterior.py; None: no posterior). The
+    # The GP posterior over the pCTR logit (ctrloop/core/posterior.py; None: no posterior). The
     # pCVR head has none: exploration ranks by pCTR.
     posterior: PosteriorConfig | None = field(default_factory=PosteriorConfig)
-    # Per-advertiser calibration over matured clicks (ctrloop/delay_report.py).
+    # Per-advertiser calibration over matured clicks (ctrloop/core/delay_report.py).
     monitor: MonitorConfig = field(default_factory=MonitorConfig)
     # A source's event-time frontier moves more than this on one event only when a second
     # event confirms it (WatermarkTracker.max_jump). None: off, as in replay, whose file is
@@ -445,7 +445,7 @@ class Pipeline:
         is a standard ctrloop snapshot (`decode_snapshot` + `build_from_snapshot` load it) of
         the same version, with meta["head"] = "pcvr", the delay policy and the pCVR metrics,
         so a reader that loaded pCTR version v loads pCVR version v next to it."""
-        from ctrloop.snapshot import encode_snapshot  # publication only; keeps import light
+        from ctrloop.core.snapshot import encode_snapshot  # publication only; keeps import light
 
         cvr = self.cvr_learner
         head_meta = {**meta, "head": "pcvr", "delay_policy": self.cvr_policy.name,

@@ -2,8 +2,8 @@
 
 Writes one prediction per impression — the pCTR and pCVR of the last snapshot published before
 the impression's ts, i.e. what the served models would have said, and the standard deviation of
-that snapshot's posterior over the pCTR logit (`pctr_std`, ctrloop/posterior.py) — and a rejects
-file for lines that break the contract. Deterministic for a given seed and configuration.
+that snapshot's posterior over the pCTR logit (`pctr_std`, ctrloop/core/posterior.py) — and a
+rejects file for lines that break the contract. Deterministic for a given seed and configuration.
 """
 
 from __future__ import annotations
@@ -19,11 +19,11 @@ from typing import IO, Any
 import numpy as np
 import orjson
 import torch
+from ctrloop.trainer.pipeline import Pipeline, PipelineConfig
 
-from ctrloop.errors import ConfigError, InvalidEvent
-from ctrloop.events import Event, Impression, decode_event
-from ctrloop.features import FeatureSpec
-from trainer.pipeline import Pipeline, PipelineConfig
+from ctrloop.core.errors import ConfigError, InvalidEvent
+from ctrloop.core.events import Event, Impression, decode_event
+from ctrloop.core.features import FeatureSpec
 
 INFER_FROM = 2000
 REJECT_PAYLOAD_BYTES = 4096

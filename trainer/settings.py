@@ -8,16 +8,16 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
+from ctrloop.trainer.pipeline import PipelineConfig
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from ctrloop.delays import validate_policy_name
-from ctrloop.errors import ConfigError
-from ctrloop.joining import JoinerConfig
-from ctrloop.learner import LearnerConfig
-from ctrloop.posterior import DEFAULT_SCALE, PosteriorConfig
-from ctrloop.settings import ConnectionSettings
-from trainer.pipeline import PipelineConfig
+from ctrloop.core.delays import validate_policy_name
+from ctrloop.core.errors import ConfigError
+from ctrloop.core.joining import JoinerConfig
+from ctrloop.core.learner import LearnerConfig
+from ctrloop.core.posterior import DEFAULT_SCALE, PosteriorConfig
+from ctrloop.io.settings import ConnectionSettings
 
 
 class LearningSettings(BaseSettings):
@@ -43,7 +43,7 @@ class LearningSettings(BaseSettings):
     metrics_window: int = Field(100_000, ge=1)
     feature_spec: Path | None = None
     seed: int = 0
-    # pCVR: when a click becomes a training sample (ctrloop/delays.py). `oracle` reads the
+    # pCVR: when a click becomes a training sample (ctrloop/core/delays.py). `oracle` reads the
     # simulator's truth and exists for replay measurements only.
     delay_policy: str = Field("variance", description="variance, fixed:SECONDS, naive, fnw, "
                               "oracle (replay with --truth only)")
@@ -53,7 +53,7 @@ class LearningSettings(BaseSettings):
                                   "tasks of one pCVR model, e.g. signup,purchase (empty: one "
                                   "task, any type)")
 
-    # The GP posterior over the pCTR logit (ctrloop/posterior.py, docs/exploration.md). The
+    # The GP posterior over the pCTR logit (ctrloop/core/posterior.py, docs/exploration.md). The
     # per-field prior variances of the simulator's id fields are built in (measured); the
     # prior here is for every other field.
     posterior: bool = Field(True, description="publish a posterior over the pCTR logit")

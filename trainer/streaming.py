@@ -25,10 +25,10 @@ Delivery guarantee: **exactly-once effect on the model** for every event in the 
   and a producer can forge the record timestamp (the record clock alone would pass that).
   Replay from a file has no receiving clock and checks neither. Behind that, the watermark
   tracker does not let one partition's frontier jump more than that bound on a single record
-  (ctrloop.joining.WatermarkTracker, `max_jump`).
+  (ctrloop.core.joining.WatermarkTracker, `max_jump`).
 
 Event time: the clock is the minimum over partitions of the newest ts each delivered, minus the
-allowed lateness for negatives (ctrloop.joining.WatermarkTracker). A partition that runs more
+allowed lateness for negatives (ctrloop.core.joining.WatermarkTracker). A partition that runs more
 than `align_slack` seconds ahead is paused until the others catch up, which keeps the joiner's
 state small when the trainer reads a backlog.
 
@@ -66,25 +66,25 @@ from typing import Any
 import orjson
 import redis
 import torch
+from ctrloop.trainer.checkpoint import load_checkpoint, save_checkpoint
+from ctrloop.trainer.pipeline import Pipeline
+from ctrloop.trainer.settings import TrainerSettings
 from kafka import KafkaConsumer, KafkaProducer, TopicPartition
 from kafka.consumer.subscription_state import ConsumerRebalanceListener
 from kafka.errors import KafkaError
 from kafka.structs import OffsetAndMetadata
 
-from ctrloop.errors import DependencyError, InvalidEvent
-from ctrloop.events import Impression, check_not_ahead, decode_event
-from ctrloop.features import FeatureSpec
-from ctrloop.kafkaio import (
+from ctrloop.core.errors import DependencyError, InvalidEvent
+from ctrloop.core.events import Impression, check_not_ahead, decode_event
+from ctrloop.core.features import FeatureSpec
+from ctrloop.core.snapshot import encode_snapshot
+from ctrloop.io.kafka import (
     create_topics,
     make_consumer,
     make_producer,
     release_parked_records,
 )
-from ctrloop.registry import ModelRegistry, RedisRegistry
-from ctrloop.snapshot import encode_snapshot
-from trainer.checkpoint import load_checkpoint, save_checkpoint
-from trainer.pipeline import Pipeline
-from trainer.settings import TrainerSettings
+from ctrloop.io.registry import ModelRegistry, RedisRegistry
 
 log = logging.getLogger("ctrloop.trainer")
 
@@ -393,7 +393,7 @@ class StreamingTrainer:
         idle: set[TopicPartition] = set()
         if candidates:
             try:
-                # Tansu answers the base offset of the last batch + 1 (ctrloop/kafkaio.py): a
+                # Tansu answers the base offset of the last batch + 1 (ctrloop/io/kafka.py): a
                 # batch appended after our position still shows; records we hold but have not
                 # processed (a batch split over polls) are caught by the highwater test above.
                 end = self.consumer.end_offsets(candidates, timeout_ms=5000)

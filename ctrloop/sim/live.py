@@ -37,7 +37,7 @@ import httpx
 import numpy as np
 import orjson
 
-from ctrloop.metrics import auc
+from ctrloop.core.metrics import auc
 from ctrloop.sim.world import (
     CONVERSION_MIXES,
     Ad,

@@ -28,8 +28,8 @@ from typing import Any, Literal
 import numpy as np
 import orjson
 
-from ctrloop.events import Event as ParsedEvent
-from ctrloop.events import parse_event
+from ctrloop.core.events import Event as ParsedEvent
+from ctrloop.core.events import parse_event
 from ctrloop.sim.world import (
     IntArray,
     RequestBatch,

@@ -15,7 +15,7 @@ from typing import Self
 
 import httpx
 
-from ctrloop.localservers import free_port
+from ctrloop.dev.localservers import free_port
 
 
 class ServiceProcess:

@@ -12,12 +12,12 @@ from pathlib import Path
 import orjson
 import pytest
 
-from ctrloop.kafkaio import create_topics, make_producer
-from ctrloop.localservers import KafkaBroker, RedisServer
-from ctrloop.registry import RedisRegistry
+from ctrloop.core.snapshot import build_from_snapshot, decode_snapshot
+from ctrloop.dev.localservers import KafkaBroker, RedisServer
+from ctrloop.io.kafka import create_topics, make_producer
+from ctrloop.io.registry import RedisRegistry
 from ctrloop.sim import CONVERSION_MIXES, ConversionType, WorldConfig
 from ctrloop.sim.stream import generate
-from ctrloop.snapshot import build_from_snapshot, decode_snapshot
 
 pytestmark = pytest.mark.integration
 

@@ -18,22 +18,22 @@ from typing import Any
 
 import orjson
 import pytest
+from ctrloop.trainer.settings import TrainerSettings
+from ctrloop.trainer.streaming import StreamingTrainer
 from kafka import TopicPartition
 from kafka.errors import KafkaTimeoutError
 
-from ctrloop.events import MAX_LINE_BYTES, Click, Conversion, Impression, to_dict
-from ctrloop.kafkaio import (
+from ctrloop.core.events import MAX_LINE_BYTES, Click, Conversion, Impression, to_dict
+from ctrloop.dev.localservers import KafkaBroker, RedisServer
+from ctrloop.io.kafka import (
     CONSUMER_DEFAULTS,
     PRODUCER_DEFAULTS,
     create_topics,
     make_consumer,
     make_producer,
 )
-from ctrloop.localservers import KafkaBroker, RedisServer
-from ctrloop.registry import InMemoryRegistry
+from ctrloop.io.registry import InMemoryRegistry
 from ctrloop.sim import WorldConfig, parsed_events
-from trainer.settings import TrainerSettings
-from trainer.streaming import StreamingTrainer
 
 pytestmark = pytest.mark.integration
 

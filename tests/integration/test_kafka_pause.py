@@ -3,7 +3,7 @@
 The streaming trainer pauses partitions that run ahead in event time. kafka-python 3.0.12
 parks records already fetched for a partition that gets paused, and puts them back on resume
 only if its "next records" slot is `None` — a drained slot is falsy but not `None`, so the
-partition stops for good (ctrloop/kafkaio.py, `release_parked_records`). The scenario below
+partition stops for good (ctrloop/io/kafka.py, `release_parked_records`). The scenario below
 builds exactly that state: records of A in the slot when A is paused, B read to its end (the
 slot drained), then A resumed.
 """
@@ -16,8 +16,8 @@ from collections.abc import Callable
 import pytest
 from kafka import KafkaConsumer, TopicPartition
 
-from ctrloop import kafkaio
-from ctrloop.localservers import KafkaBroker
+from ctrloop.dev.localservers import KafkaBroker
+from ctrloop.io import kafka as kafkaio
 
 pytestmark = pytest.mark.integration
 

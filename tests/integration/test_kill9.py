@@ -34,9 +34,9 @@ from typing import Any
 import orjson
 import pytest
 
-from ctrloop.events import Click, Conversion, Impression, to_dict
-from ctrloop.kafkaio import create_topics, make_producer
-from ctrloop.localservers import KafkaBroker, RedisServer
+from ctrloop.core.events import Click, Conversion, Impression, to_dict
+from ctrloop.dev.localservers import KafkaBroker, RedisServer
+from ctrloop.io.kafka import create_topics, make_producer
 from ctrloop.sim import WorldConfig, parsed_events
 
 pytestmark = pytest.mark.integration

@@ -1,4 +1,4 @@
-"""Round trips through the real broker and redis-server that `ctrloop.localservers` starts."""
+"""Round trips through the real broker and redis-server that `ctrloop.dev.localservers` starts."""
 
 from __future__ import annotations
 
@@ -13,8 +13,9 @@ from kafka import KafkaConsumer, TopicPartition
 from kafka.consumer.fetcher import ConsumerRecord
 from kafka.structs import OffsetAndMetadata
 
-from ctrloop import kafkaio
-from ctrloop.localservers import KafkaBroker, RedisServer, find_binary, free_port
+from benchmarks.kafka_client import raw_consume_rate
+from ctrloop.dev.localservers import KafkaBroker, RedisServer, find_binary, free_port
+from ctrloop.io import kafka as kafkaio
 
 pytestmark = pytest.mark.integration
 
@@ -124,7 +125,7 @@ def test_raw_consume_rate(kafka_broker: KafkaBroker, topic_prefix: str) -> None:
         producer.send(topic, json.dumps({"i": i, "pad": "x" * 250}).encode())
     producer.close()
     # Small fetches so the 3000 records span several polls and the rate is measurable.
-    rate = kafkaio.raw_consume_rate(
+    rate = raw_consume_rate(
         kafka_broker.bootstrap,
         [topic],
         3000,

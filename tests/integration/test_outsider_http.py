@@ -17,8 +17,8 @@ from typing import Any
 import httpx
 import pytest
 
-from ctrloop.kafkaio import create_topics
-from ctrloop.localservers import KafkaBroker, RedisServer, free_port
+from ctrloop.dev.localservers import KafkaBroker, RedisServer, free_port
+from ctrloop.io.kafka import create_topics
 
 from .service_process import ServiceProcess
 

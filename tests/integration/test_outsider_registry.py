@@ -20,19 +20,19 @@ from typing import Any
 import httpx
 import pytest
 import torch
+from ctrloop.service.app import create_app
+from ctrloop.service.settings import ServiceSettings
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
-from ctrloop.features import FeatureSpec, Field
-from ctrloop.localservers import KafkaBroker, RedisServer
-from ctrloop.models import CTRModel, build_model
-from ctrloop.posterior import LogitPosterior, PosteriorConfig
-from ctrloop.registry import ModelRecord, RedisRegistry
-from ctrloop.snapshot import checksum, encode_snapshot
-from service.app import create_app
-from service.settings import ServiceSettings
+from ctrloop.core.features import FeatureSpec, Field
+from ctrloop.core.models import CTRModel, build_model
+from ctrloop.core.posterior import LogitPosterior, PosteriorConfig
+from ctrloop.core.snapshot import checksum, encode_snapshot
+from ctrloop.dev.localservers import KafkaBroker, RedisServer
+from ctrloop.io.registry import ModelRecord, RedisRegistry
 
 from .service_process import ServiceProcess
 

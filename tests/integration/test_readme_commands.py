@@ -28,8 +28,8 @@ from pathlib import Path
 
 import pytest
 
-from ctrloop.errors import CtrloopError
-from ctrloop.stack import check_binaries
+from ctrloop.core.errors import CtrloopError
+from ctrloop.dev.stack import check_binaries
 
 pytestmark = pytest.mark.integration
 

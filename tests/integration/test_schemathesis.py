@@ -12,13 +12,13 @@ import schemathesis
 import torch
 from hypothesis import HealthCheck, settings
 
-from ctrloop.features import NUMERIC_BUCKETS, FeatureSpec, Field
-from ctrloop.kafkaio import create_topics
-from ctrloop.localservers import KafkaBroker, RedisServer
-from ctrloop.models import build_model
-from ctrloop.posterior import LogitPosterior
-from ctrloop.registry import RedisRegistry
-from ctrloop.snapshot import encode_snapshot
+from ctrloop.core.features import NUMERIC_BUCKETS, FeatureSpec, Field
+from ctrloop.core.models import build_model
+from ctrloop.core.posterior import LogitPosterior
+from ctrloop.core.snapshot import encode_snapshot
+from ctrloop.dev.localservers import KafkaBroker, RedisServer
+from ctrloop.io.kafka import create_topics
+from ctrloop.io.registry import RedisRegistry
 
 from .service_process import ServiceProcess
 

@@ -18,16 +18,16 @@ import httpx
 import orjson
 import pytest
 import torch
+from ctrloop.service.sink import EventSink, SinkUnavailable
 from kafka import TopicPartition
 
-from ctrloop.events import Impression, decode_event
-from ctrloop.features import FeatureEncoder, FeatureSpec, Field
-from ctrloop.kafkaio import create_topics, make_consumer, missing_topics
-from ctrloop.localservers import KafkaBroker, RedisServer, free_port
-from ctrloop.models import build_model
-from ctrloop.registry import RedisRegistry
-from ctrloop.snapshot import encode_snapshot
-from service.sink import EventSink, SinkUnavailable
+from ctrloop.core.events import Impression, decode_event
+from ctrloop.core.features import FeatureEncoder, FeatureSpec, Field
+from ctrloop.core.models import build_model
+from ctrloop.core.snapshot import encode_snapshot
+from ctrloop.dev.localservers import KafkaBroker, RedisServer, free_port
+from ctrloop.io.kafka import create_topics, make_consumer, missing_topics
+from ctrloop.io.registry import RedisRegistry
 
 from .service_process import ServiceProcess
 

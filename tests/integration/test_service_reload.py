@@ -20,11 +20,11 @@ import orjson
 import pytest
 import torch
 
-from ctrloop.features import FeatureEncoder, FeatureSpec, Field
-from ctrloop.localservers import KafkaBroker, RedisServer
-from ctrloop.models import CTRModel, build_model
-from ctrloop.registry import ModelRecord, RedisRegistry
-from ctrloop.snapshot import build_from_snapshot, checksum, decode_snapshot, encode_snapshot
+from ctrloop.core.features import FeatureEncoder, FeatureSpec, Field
+from ctrloop.core.models import CTRModel, build_model
+from ctrloop.core.snapshot import build_from_snapshot, checksum, decode_snapshot, encode_snapshot
+from ctrloop.dev.localservers import KafkaBroker, RedisServer
+from ctrloop.io.registry import ModelRecord, RedisRegistry
 
 from .service_process import ServiceProcess
 

@@ -34,9 +34,9 @@ from typing import Any
 import httpx
 import pytest
 
-from ctrloop.errors import CtrloopError
-from ctrloop.localservers import KafkaBroker
-from ctrloop.stack import Stack, StackConfig, StopRequest, check_binaries
+from ctrloop.core.errors import CtrloopError
+from ctrloop.dev.localservers import KafkaBroker
+from ctrloop.dev.stack import Stack, StackConfig, StopRequest, check_binaries
 
 pytestmark = pytest.mark.integration
 

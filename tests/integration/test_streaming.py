@@ -16,10 +16,10 @@ from pathlib import Path
 import orjson
 import pytest
 
-from ctrloop.events import Click, Conversion, Impression, to_dict
-from ctrloop.kafkaio import create_topics, make_consumer, make_producer
-from ctrloop.localservers import KafkaBroker, RedisServer
-from ctrloop.registry import RedisRegistry
+from ctrloop.core.events import Click, Conversion, Impression, to_dict
+from ctrloop.dev.localservers import KafkaBroker, RedisServer
+from ctrloop.io.kafka import create_topics, make_consumer, make_producer
+from ctrloop.io.registry import RedisRegistry
 from ctrloop.sim import WorldConfig, parsed_events
 
 pytestmark = pytest.mark.integration

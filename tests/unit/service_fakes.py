@@ -1,17 +1,17 @@
-"""A stand-in for service.sink.EventSink in unit tests of the service (integration tests use
+"""A stand-in for ctrloop.service.sink.EventSink in unit tests of the service (integration tests use
 the real Kafka sink)."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 
-from service.sink import SinkUnavailable
+from ctrloop.service.sink import SinkUnavailable
 
 Record = tuple[str, bytes, bytes]
 
 
 class RecordingSink:
-    """Stands in for service.sink.EventSink: keeps what it is given; `down` makes produce()
+    """Stands in for ctrloop.service.sink.EventSink: keeps what it is given; `down` makes produce()
     raise SinkUnavailable and log() refuse, as the Kafka sink does while Kafka is down."""
 
     def __init__(self) -> None:

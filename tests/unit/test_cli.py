@@ -144,8 +144,8 @@ class _Started(Exception):
 @pytest.fixture
 def nothing_starts(monkeypatch: pytest.MonkeyPatch) -> None:
     """`ctrloop stack` may not start anything: every way to start a process raises."""
-    from ctrloop import stack
-    from ctrloop.localservers import KafkaBroker, RedisServer
+    from ctrloop.dev import stack
+    from ctrloop.dev.localservers import KafkaBroker, RedisServer
 
     def started(*_: object, **__: object) -> None:
         raise _Started("a server or child was started")
@@ -184,7 +184,7 @@ def test_a_second_stack_in_the_same_workdir_is_refused_naming_the_first(
     holder = subprocess.Popen(
         [sys.executable, "-c", "import sys, time\n"
          "from pathlib import Path\n"
-         "from ctrloop.stack import WorkdirLock\n"
+         "from ctrloop.dev.stack import WorkdirLock\n"
          "lock = WorkdirLock(Path(sys.argv[1]))\n"
          "lock.acquire()\n"
          "print('locked', flush=True)\n"
@@ -201,7 +201,7 @@ def test_a_second_stack_in_the_same_workdir_is_refused_naming_the_first(
         holder.kill()
         holder.wait()
     # The holder is gone (kill -9 included): the kernel dropped its lock, no stale lock.
-    from ctrloop.stack import WorkdirLock
+    from ctrloop.dev.stack import WorkdirLock
 
     with WorkdirLock(workdir) as lock:
         assert lock.path.read_text().strip() == str(os.getpid())

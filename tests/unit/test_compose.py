@@ -29,7 +29,6 @@ import time
 import tomllib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from fnmatch import fnmatch
 from pathlib import Path
 from typing import Any, cast, get_args
 from urllib.parse import urlsplit
@@ -37,18 +36,18 @@ from urllib.parse import urlsplit
 import annotated_types
 import pytest
 import yaml
+from ctrloop.service.app import create_app
+from ctrloop.service.settings import ServiceSettings
+from ctrloop.trainer.checkpoint import save_checkpoint
+from ctrloop.trainer.settings import LearningSettings, TrainerSettings
 from packaging.specifiers import SpecifierSet
 from pydantic import ValidationError
 from pydantic_settings import BaseSettings
 
 from ctrloop.cli import build_parser
-from ctrloop.kafkaio import create_topics
-from ctrloop.registry import InMemoryRegistry
-from ctrloop.settings import ConnectionSettings
-from service.app import create_app
-from service.settings import ServiceSettings
-from trainer.checkpoint import save_checkpoint
-from trainer.settings import LearningSettings, TrainerSettings
+from ctrloop.io.kafka import create_topics
+from ctrloop.io.registry import InMemoryRegistry
+from ctrloop.io.settings import ConnectionSettings
 
 ROOT = Path(__file__).resolve().parents[2]
 COMPOSE_FILE = ROOT / "docker-compose.yml"
@@ -598,9 +597,18 @@ def _copied() -> set[str]:
 
 
 def _packages() -> set[str]:
-    patterns = _pyproject()["tool"]["setuptools"]["packages"]["find"]["include"]
-    return {p.name for p in ROOT.iterdir() if (p / "__init__.py").exists()
-            and any(fnmatch(p.name, pat) for pat in patterns)}
+    """The top-level folders `pip install .` reads: each listed package's folder, through
+    package-dir (ctrloop.service lives in service/)."""
+    tool = _pyproject()["tool"]["setuptools"]
+    mapped = tool.get("package-dir", {})
+    out = set()
+    for pkg in tool["packages"]:
+        top = max((m for m in mapped if pkg == m or pkg.startswith(m + ".")), key=len,
+                  default=None)
+        folder = (mapped[top] + pkg[len(top):].replace(".", "/") if top
+                  else pkg.replace(".", "/"))
+        out.add(folder.split("/")[0])
+    return out
 
 
 def test_dockerfile_copies_what_pip_install_needs() -> None:

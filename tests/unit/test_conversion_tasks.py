@@ -9,15 +9,15 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+from ctrloop.trainer.pipeline import Pipeline, PipelineConfig
 
-from ctrloop.errors import ConfigError
-from ctrloop.events import Conversion, Event, Impression
-from ctrloop.features import FeatureSpec
-from ctrloop.joining import JoinerConfig
-from ctrloop.learner import LearnerConfig
+from ctrloop.core.errors import ConfigError
+from ctrloop.core.events import Conversion, Event, Impression
+from ctrloop.core.features import FeatureSpec
+from ctrloop.core.joining import JoinerConfig
+from ctrloop.core.learner import LearnerConfig
+from ctrloop.core.snapshot import build_from_snapshot, decode_snapshot
 from ctrloop.sim import CONVERSION_MIXES, ConversionType, WorldConfig, parsed_events
-from ctrloop.snapshot import build_from_snapshot, decode_snapshot
-from trainer.pipeline import Pipeline, PipelineConfig
 
 # A funnel fast enough for a unit test: signups reported live within a minute, purchases
 # after minutes and uploaded in bursts by bursty advertisers.
@@ -203,7 +203,7 @@ def test_bad_type_lists_are_refused() -> None:
 
 
 def test_delay_report_per_type_from_a_checkpoint(events: list[Event], spec: FeatureSpec) -> None:
-    from ctrloop.delay_report import report_from_pipeline_state
+    from ctrloop.core.delay_report import report_from_pipeline_state
 
     pipe = Pipeline(spec, config("variance"))
     for e in events:

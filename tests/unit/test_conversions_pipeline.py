@@ -9,13 +9,13 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+from ctrloop.trainer.pipeline import Pipeline, PipelineConfig
 
-from ctrloop.events import Event, Impression
-from ctrloop.features import FeatureSpec
-from ctrloop.joining import JoinerConfig
-from ctrloop.learner import LearnerConfig
+from ctrloop.core.events import Event, Impression
+from ctrloop.core.features import FeatureSpec
+from ctrloop.core.joining import JoinerConfig
+from ctrloop.core.learner import LearnerConfig
 from ctrloop.sim import WorldConfig, parsed_events
-from trainer.pipeline import Pipeline, PipelineConfig
 
 FAST = WorldConfig(seed=4, impressions_per_second=20.0, base_ctr=0.2, base_cvr=0.3,
                    conversion_delay_median_min_s=20.0, conversion_delay_median_max_s=300.0,
@@ -109,7 +109,7 @@ def test_oracle_needs_the_truth(spec: FeatureSpec) -> None:
 
 def test_head_snapshot_loads_as_a_standard_snapshot(events: list[Event],
                                                     spec: FeatureSpec) -> None:
-    from ctrloop.snapshot import build_from_snapshot, decode_snapshot
+    from ctrloop.core.snapshot import build_from_snapshot, decode_snapshot
 
     pipe, _, _ = run(events[:800], spec, "fixed:60")
     blob = pipe.head_snapshots(7, {"event_time": 1.0})["pcvr"]

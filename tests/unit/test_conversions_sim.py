@@ -8,7 +8,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from ctrloop.metrics import auc
+from ctrloop.core.metrics import auc
 from ctrloop.sim.stream import generate
 from ctrloop.sim.world import World, WorldConfig
 

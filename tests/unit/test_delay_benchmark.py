@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from benchmarks.delay_policies import dispersion_check, parse_policy, render_confusion
-from ctrloop.delays import PolicyConfig
+from ctrloop.core.delays import PolicyConfig
 
 
 @pytest.mark.parametrize(("label", "name", "overrides"), [

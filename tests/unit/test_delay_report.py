@@ -11,13 +11,18 @@ from typing import Any
 
 import pytest
 import torch
+from ctrloop.service.app import create_app
+from ctrloop.service.settings import ServiceSettings
+from ctrloop.trainer.checkpoint import load_checkpoint, save_checkpoint
+from ctrloop.trainer.pipeline import Pipeline, PipelineConfig
+from ctrloop.trainer.streaming import RegistryPublisher
 from fastapi.testclient import TestClient
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from service_fakes import RecordingSink
 
 from ctrloop.cli import main
-from ctrloop.delay_report import (
+from ctrloop.core.delay_report import (
     OTHER,
     TOTAL,
     CvrMonitor,
@@ -25,19 +30,14 @@ from ctrloop.delay_report import (
     delay_report,
     render_report,
 )
-from ctrloop.delays import PolicyConfig, VariancePolicy, build_policy
-from ctrloop.errors import ConfigError
-from ctrloop.events import Event, Impression
-from ctrloop.features import FeatureSpec, Field
-from ctrloop.models import build_model
-from ctrloop.registry import InMemoryRegistry
+from ctrloop.core.delays import PolicyConfig, VariancePolicy, build_policy
+from ctrloop.core.errors import ConfigError
+from ctrloop.core.events import Event, Impression
+from ctrloop.core.features import FeatureSpec, Field
+from ctrloop.core.models import build_model
+from ctrloop.core.snapshot import encode_snapshot
+from ctrloop.io.registry import InMemoryRegistry
 from ctrloop.sim import parsed_events
-from ctrloop.snapshot import encode_snapshot
-from service.app import create_app
-from service.settings import ServiceSettings
-from trainer.checkpoint import load_checkpoint, save_checkpoint
-from trainer.pipeline import Pipeline, PipelineConfig
-from trainer.streaming import RegistryPublisher
 
 T0 = 1767225600.0
 HOUR = 3600.0
@@ -362,7 +362,7 @@ def test_cli_reads_the_trainer_checkpoint(events: list[Event], spec: FeatureSpec
 
 def test_cli_reads_the_registry(monkeypatch: pytest.MonkeyPatch,
                                 capsys: pytest.CaptureFixture[str]) -> None:
-    from ctrloop.registry import RedisRegistry
+    from ctrloop.io.registry import RedisRegistry
 
     registry = InMemoryRegistry()
     monkeypatch.setattr(RedisRegistry, "from_url", classmethod(lambda cls, *a: registry))

@@ -12,7 +12,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from ctrloop.delays import (
+from ctrloop.core.delays import (
     CvrSample,
     DelayPolicy,
     PolicyConfig,
@@ -20,7 +20,7 @@ from ctrloop.delays import (
     build_policy,
     validate_policy_name,
 )
-from ctrloop.errors import ConfigError
+from ctrloop.core.errors import ConfigError
 
 T0 = 1767225600.0
 ROW = [1, 2, 3]

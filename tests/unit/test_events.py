@@ -11,8 +11,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from ctrloop.errors import CtrloopError, InvalidEvent
-from ctrloop.events import (
+from ctrloop.core.errors import CtrloopError, InvalidEvent
+from ctrloop.core.events import (
     MAX_FEATURES,
     MAX_LINE_BYTES,
     MAX_TS,

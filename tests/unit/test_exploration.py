@@ -1,4 +1,4 @@
-"""Thompson sampling from the per-row posterior (ctrloop/exploration.py): the joint draws have
+"""Thompson sampling from the per-row posterior (ctrloop/core/exploration.py): the joint draws have
 the posterior's mean and covariance, seeded draws repeat, propensities are probabilities that
 match how often the sampler really ranks each ad first, and wide posteriors get explored."""
 
@@ -7,8 +7,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from ctrloop.service.settings import ServiceSettings
 
-from ctrloop.exploration import (
+from ctrloop.core.exploration import (
     DEFAULT_DRAWS,
     DEFAULT_TEMPERATURE,
     ExplorationBudget,
@@ -21,7 +22,6 @@ from ctrloop.exploration import (
     rank_weights,
     thompson_rank,
 )
-from service.settings import ServiceSettings
 
 # Rows in the encoder's layout (each column its own range): column 0 is the request's user row
 # (every candidate), column 1 the advertiser (10 shared by candidates 0 and 1), column 2 the ad.

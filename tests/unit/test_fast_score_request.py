@@ -18,24 +18,24 @@ from typing import Any
 
 import orjson
 import pytest
+from ctrloop.service import schemas
+from ctrloop.service.schemas import (
+    HARD_MAX_CANDIDATES,
+    SCORE_REQUEST,
+    check_feature_names,
+    fast_score_request,
+)
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from benchmarks.serving import score_body
-from ctrloop.events import (
+from ctrloop.core.events import (
     MAX_FEATURE_NAME_LEN,
     MAX_FEATURES,
     MAX_ID_LEN,
     MAX_STRING_VALUE_LEN,
     MAX_TS,
     MIN_TS,
-)
-from service import schemas
-from service.schemas import (
-    HARD_MAX_CANDIDATES,
-    SCORE_REQUEST,
-    check_feature_names,
-    fast_score_request,
 )
 
 SLOW = settings(max_examples=400, deadline=None,

@@ -13,9 +13,9 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from ctrloop.errors import FeatureSpecError
-from ctrloop.events import Impression, parse_event
-from ctrloop.features import (
+from ctrloop.core.errors import FeatureSpecError
+from ctrloop.core.events import Impression, parse_event
+from ctrloop.core.features import (
     ID_FIELDS,
     NUMERIC_BUCKETS,
     NUMERIC_MAX_BIN,

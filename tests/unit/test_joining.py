@@ -11,8 +11,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from ctrloop.errors import ConfigError
-from ctrloop.joining import Joiner, JoinerConfig, Sample, WatermarkTracker
+from ctrloop.core.errors import ConfigError
+from ctrloop.core.joining import Joiner, JoinerConfig, Sample, WatermarkTracker
 
 # --- table-driven cases ---------------------------------------------------------------------
 

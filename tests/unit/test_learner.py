@@ -8,11 +8,11 @@ import numpy as np
 import pytest
 import torch
 
-from ctrloop.errors import ConfigError
-from ctrloop.features import FeatureEncoder, FeatureSpec, Field
-from ctrloop.learner import LearnerConfig, OnlineLearner
-from ctrloop.metrics import logloss
-from ctrloop.models import MODELS, build_model
+from ctrloop.core.errors import ConfigError
+from ctrloop.core.features import FeatureEncoder, FeatureSpec, Field
+from ctrloop.core.learner import LearnerConfig, OnlineLearner
+from ctrloop.core.metrics import logloss
+from ctrloop.core.models import MODELS, build_model
 
 SPEC = FeatureSpec((
     Field("user.segment", "categorical", "user", 32),

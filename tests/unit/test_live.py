@@ -15,8 +15,9 @@ import httpx
 import numpy as np
 import orjson
 import pytest
+from ctrloop.service.schemas import SCORE_REQUEST, EventsRequest
 
-from ctrloop.metrics import auc
+from ctrloop.core.metrics import auc
 from ctrloop.sim.live import (
     DriverConfig,
     DriverStats,
@@ -31,7 +32,6 @@ from ctrloop.sim.live import (
     score_body,
 )
 from ctrloop.sim.world import World, WorldConfig
-from service.schemas import SCORE_REQUEST, EventsRequest
 
 PB = (1.0, 0.7, 0.5)
 
@@ -263,9 +263,9 @@ def test_driver_retries_refused_event_batches_and_never_drops_a_click() -> None:
 
 def test_stack_without_binaries_says_what_to_install(
         monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
-    from ctrloop import stack
     from ctrloop.cli import main
-    from ctrloop.localservers import BinaryNotFoundError
+    from ctrloop.dev import stack
+    from ctrloop.dev.localservers import BinaryNotFoundError
 
     def missing(name: str) -> Path:
         raise BinaryNotFoundError(f"cannot find the {name!r} executable")
@@ -278,7 +278,7 @@ def test_stack_without_binaries_says_what_to_install(
 
 def test_busy_port_is_refused_when_asked_for_and_replaced_by_default(
         monkeypatch: pytest.MonkeyPatch) -> None:
-    from ctrloop import stack
+    from ctrloop.dev import stack
 
     with socket.socket() as busy:
         busy.bind(("127.0.0.1", 0))
@@ -293,7 +293,7 @@ def test_busy_port_is_refused_when_asked_for_and_replaced_by_default(
 
 
 def test_live_view_line_handles_a_prior_and_missing_numbers() -> None:
-    from ctrloop.stack import model_line, view_line
+    from ctrloop.dev.stack import model_line, view_line
 
     st = DriverStats(started_at=0.0)
     snap = st.snapshot(now=5.0)

@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from ctrloop.metrics import ProgressiveMetrics, auc, calibration, logloss
+from ctrloop.core.metrics import ProgressiveMetrics, auc, calibration, logloss
 
 
 def brute_auc(labels: list[int], preds: list[float]) -> float:

@@ -1,14 +1,14 @@
-"""Contract tests run over every architecture in ctrloop.models.MODELS."""
+"""Contract tests run over every architecture in ctrloop.core.models.MODELS."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from ctrloop.errors import ConfigError
-from ctrloop.features import NUMERIC_BUCKETS, FeatureSpec, Field
-from ctrloop.models import MODELS, CTRModel, build_model
-from ctrloop.models.base import HashEmbedding, prior_logit
+from ctrloop.core.errors import ConfigError
+from ctrloop.core.features import NUMERIC_BUCKETS, FeatureSpec, Field
+from ctrloop.core.models import MODELS, CTRModel, build_model
+from ctrloop.core.models.base import HashEmbedding, prior_logit
 
 SPEC = FeatureSpec((
     Field("user.age", "categorical", "user", 16),

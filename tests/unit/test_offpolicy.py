@@ -10,7 +10,7 @@ import orjson
 import pytest
 
 from ctrloop.cli import main
-from ctrloop.offpolicy import (
+from ctrloop.core.offpolicy import (
     LoggedData,
     OffPolicyInputError,
     estimate,

@@ -12,14 +12,14 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+from ctrloop.trainer.pipeline import PRIOR_VERSION, CountingPublisher, Pipeline, PipelineConfig
 
-from ctrloop.errors import ConfigError
-from ctrloop.events import Click, Conversion, Event, Impression
-from ctrloop.features import FeatureSpec
-from ctrloop.joining import JoinerConfig
-from ctrloop.learner import LearnerConfig
+from ctrloop.core.errors import ConfigError
+from ctrloop.core.events import Click, Conversion, Event, Impression
+from ctrloop.core.features import FeatureSpec
+from ctrloop.core.joining import JoinerConfig
+from ctrloop.core.learner import LearnerConfig
 from ctrloop.sim import WorldConfig, parsed_events
-from trainer.pipeline import PRIOR_VERSION, CountingPublisher, Pipeline, PipelineConfig
 
 WINDOW = 10.0
 CONFIG = PipelineConfig(

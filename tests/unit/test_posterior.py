@@ -14,22 +14,22 @@ import numpy as np
 import orjson
 import pytest
 import torch
+from ctrloop.trainer.pipeline import Pipeline, PipelineConfig
+from ctrloop.trainer.replay import outputs_for, replay
+from ctrloop.trainer.streaming import RegistryPublisher
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
-from ctrloop.errors import ConfigError, SnapshotError
-from ctrloop.events import Event, Impression, parse_event
-from ctrloop.features import FeatureSpec, Field
-from ctrloop.joining import JoinerConfig
-from ctrloop.learner import LearnerConfig, OnlineLearner
-from ctrloop.models import build_model
-from ctrloop.posterior import LogitPosterior, PosteriorConfig
-from ctrloop.registry import InMemoryRegistry
+from ctrloop.core.errors import ConfigError, SnapshotError
+from ctrloop.core.events import Event, Impression, parse_event
+from ctrloop.core.features import FeatureSpec, Field
+from ctrloop.core.joining import JoinerConfig
+from ctrloop.core.learner import LearnerConfig, OnlineLearner
+from ctrloop.core.models import build_model
+from ctrloop.core.posterior import LogitPosterior, PosteriorConfig
+from ctrloop.core.snapshot import build_from_snapshot, decode_snapshot, encode_snapshot
+from ctrloop.io.registry import InMemoryRegistry
 from ctrloop.sim import WorldConfig, generate, parsed_events, write_files
-from ctrloop.snapshot import build_from_snapshot, decode_snapshot, encode_snapshot
-from trainer.pipeline import Pipeline, PipelineConfig
-from trainer.replay import outputs_for, replay
-from trainer.streaming import RegistryPublisher
 
 SPEC = FeatureSpec((
     Field("user.segment", "categorical", "user", 8),

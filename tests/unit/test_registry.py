@@ -10,11 +10,11 @@ from dataclasses import dataclass
 import pytest
 import torch
 
-from ctrloop.errors import RegistryError
-from ctrloop.features import FeatureSpec, Field
-from ctrloop.models import build_model
-from ctrloop.registry import InMemoryRegistry, ModelRecord, RegistryCorrupt
-from ctrloop.snapshot import build_from_snapshot, checksum, decode_snapshot, encode_snapshot
+from ctrloop.core.errors import RegistryError
+from ctrloop.core.features import FeatureSpec, Field
+from ctrloop.core.models import build_model
+from ctrloop.core.snapshot import build_from_snapshot, checksum, decode_snapshot, encode_snapshot
+from ctrloop.io.registry import InMemoryRegistry, ModelRecord, RegistryCorrupt
 
 
 class FakeClock:

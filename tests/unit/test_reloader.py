@@ -1,4 +1,4 @@
-"""Verification of snapshots before they are served (service.scoring.load_verified), the
+"""Verification of snapshots before they are served (ctrloop.service.scoring.load_verified), the
 Reloader that follows the registry, and ModelHolder's swap rules."""
 
 from __future__ import annotations
@@ -10,15 +10,15 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+from ctrloop.service.reloader import ModelHolder, Reloader
+from ctrloop.service.scoring import ServedModel, load_verified, prior_model, warmup_rows
 
-from ctrloop.errors import RegistryError, SnapshotError
-from ctrloop.features import FeatureEncoder, FeatureSpec, Field
-from ctrloop.models import CTRModel, build_model
-from ctrloop.posterior import LogitPosterior, PosteriorConfig
-from ctrloop.registry import InMemoryRegistry, ModelRecord, RegistryCorrupt
-from ctrloop.snapshot import checksum, encode_snapshot
-from service.reloader import ModelHolder, Reloader
-from service.scoring import ServedModel, load_verified, prior_model, warmup_rows
+from ctrloop.core.errors import RegistryError, SnapshotError
+from ctrloop.core.features import FeatureEncoder, FeatureSpec, Field
+from ctrloop.core.models import CTRModel, build_model
+from ctrloop.core.posterior import LogitPosterior, PosteriorConfig
+from ctrloop.core.snapshot import checksum, encode_snapshot
+from ctrloop.io.registry import InMemoryRegistry, ModelRecord, RegistryCorrupt
 
 SPEC = FeatureSpec((
     Field("user.id", "categorical", "user", 1 << 16),
@@ -547,7 +547,7 @@ def test_a_damaged_registry_is_counted_and_logged_once_and_serving_goes_on(
     reg.put_model(1)
     assert r.check()
     reg.bad_current = "registry key ctrloop:current holds b'abc', not a version number"
-    with caplog.at_level(logging.INFO, logger="service.reloader"):
+    with caplog.at_level(logging.INFO, logger="ctrloop.service.reloader"):
         for _ in range(5):
             assert not r.check()
         assert r.holder.served.version == "1"

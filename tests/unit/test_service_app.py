@@ -11,16 +11,16 @@ import numpy as np
 import orjson
 import pytest
 import torch
+from ctrloop.service.app import create_app
+from ctrloop.service.settings import ServiceSettings
 from fastapi.testclient import TestClient
 from service_fakes import RecordingSink
 
-from ctrloop.events import Impression, decode_event
-from ctrloop.features import NUMERIC_BUCKETS, FeatureEncoder, FeatureSpec, Field
-from ctrloop.models import CTRModel, build_model
-from ctrloop.registry import InMemoryRegistry
-from ctrloop.snapshot import encode_snapshot
-from service.app import create_app
-from service.settings import ServiceSettings
+from ctrloop.core.events import Impression, decode_event
+from ctrloop.core.features import NUMERIC_BUCKETS, FeatureEncoder, FeatureSpec, Field
+from ctrloop.core.models import CTRModel, build_model
+from ctrloop.core.snapshot import encode_snapshot
+from ctrloop.io.registry import InMemoryRegistry
 
 TOKEN = "s3cret-admin-token"
 

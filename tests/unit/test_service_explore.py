@@ -11,19 +11,19 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+from ctrloop.service import scoring
 from fastapi.testclient import TestClient
 from service_fakes import RecordingSink
 from test_service_app import SPEC, contract, make_client, publish, random_model, score_request
 
-from ctrloop.errors import SnapshotError
-from ctrloop.events import Impression, decode_event
-from ctrloop.exploration import expected_pctr
-from ctrloop.features import FeatureEncoder
-from ctrloop.models import CTRModel
-from ctrloop.posterior import LogitPosterior, PosteriorConfig
-from ctrloop.registry import InMemoryRegistry
-from ctrloop.snapshot import encode_snapshot
-from service import scoring
+from ctrloop.core.errors import SnapshotError
+from ctrloop.core.events import Impression, decode_event
+from ctrloop.core.exploration import expected_pctr
+from ctrloop.core.features import FeatureEncoder
+from ctrloop.core.models import CTRModel
+from ctrloop.core.posterior import LogitPosterior, PosteriorConfig
+from ctrloop.core.snapshot import encode_snapshot
+from ctrloop.io.registry import InMemoryRegistry
 
 NEW_AD = "a0"  # its ad.id row was never learned: wide posterior; every other row is narrow
 
@@ -296,8 +296,8 @@ def test_a_posterior_with_bad_variances_is_refused(monkeypatch: pytest.MonkeyPat
 
 
 def test_snapshot_round_trip_keeps_the_posterior(model: CTRModel) -> None:
-    from ctrloop.registry import ModelRecord
-    from ctrloop.snapshot import checksum
+    from ctrloop.core.snapshot import checksum
+    from ctrloop.io.registry import ModelRecord
 
     data = encode_snapshot(model, 1, {})
     record = ModelRecord(1, checksum(data), len(data), 0.0, {})

@@ -17,6 +17,8 @@ import orjson
 import pytest
 import schemathesis
 import torch
+from ctrloop.service.app import create_app
+from ctrloop.service.settings import ServiceSettings
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
 from hypothesis import HealthCheck, given, settings
@@ -24,13 +26,11 @@ from hypothesis import strategies as st
 from schemathesis.config import SchemathesisConfig
 from schemathesis.python.asgi import shutdown_lifespans
 
-from ctrloop.features import NUMERIC_BUCKETS, FeatureSpec, Field
-from ctrloop.models import build_model
-from ctrloop.posterior import LogitPosterior
-from ctrloop.registry import InMemoryRegistry
-from ctrloop.snapshot import encode_snapshot
-from service.app import create_app
-from service.settings import ServiceSettings
+from ctrloop.core.features import NUMERIC_BUCKETS, FeatureSpec, Field
+from ctrloop.core.models import build_model
+from ctrloop.core.posterior import LogitPosterior
+from ctrloop.core.snapshot import encode_snapshot
+from ctrloop.io.registry import InMemoryRegistry
 
 Record = tuple[str, bytes, bytes]
 TOKEN = "fuzz-admin-token"
@@ -51,7 +51,7 @@ SPEC = FeatureSpec((
 
 
 class CountingSink:
-    """Stands in for service.sink.EventSink; counts what it would have sent to Kafka."""
+    """Stands in for ctrloop.service.sink.EventSink; counts what it would have sent to Kafka."""
 
     def __init__(self) -> None:
         self.logged = 0

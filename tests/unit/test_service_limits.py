@@ -16,6 +16,11 @@ from typing import Any
 
 import orjson
 import pytest
+from ctrloop.service import sink as sink_module
+from ctrloop.service.app import create_app
+from ctrloop.service.schemas import duplicate_key
+from ctrloop.service.settings import ServiceSettings
+from ctrloop.service.sink import EventSink
 from fastapi.testclient import TestClient
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -23,14 +28,9 @@ from kafka.errors import KafkaTimeoutError
 from service_fakes import RecordingSink
 
 import ctrloop
-from ctrloop.events import MAX_FEATURES, MAX_LINE_BYTES, Click, Impression, decode_event
-from ctrloop.localservers import free_port
-from ctrloop.registry import InMemoryRegistry
-from service import sink as sink_module
-from service.app import create_app
-from service.schemas import duplicate_key
-from service.settings import ServiceSettings
-from service.sink import EventSink
+from ctrloop.core.events import MAX_FEATURES, MAX_LINE_BYTES, Click, Impression, decode_event
+from ctrloop.dev.localservers import free_port
+from ctrloop.io.registry import InMemoryRegistry
 
 ROOT = Path(__file__).resolve().parents[2]
 FAR_FUTURE = 4070908800.0  # 2099-01-01: inside the contract's 2000-2100, far ahead of now
@@ -283,7 +283,7 @@ def test_docs_load_swagger_ui_from_the_service_itself(client: TestClient) -> Non
 
 def test_the_assets_are_package_data() -> None:
     pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())
-    patterns = pyproject["tool"]["setuptools"]["package-data"]["service"]
+    patterns = pyproject["tool"]["setuptools"]["package-data"]["ctrloop.service"]
     assets = ROOT / "service" / "static" / "swagger-ui"
     for name in ("swagger-ui-bundle.js", "swagger-ui.css", "favicon-32x32.png", "LICENSE"):
         assert (assets / name).is_file(), name
@@ -326,7 +326,7 @@ def test_closing_a_producer_kafka_cannot_flush_never_raises() -> None:
 def test_without_kafka_nothing_is_called_logged_and_the_outage_is_said_once(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    caplog.set_level(logging.INFO, logger="service.sink")
+    caplog.set_level(logging.INFO, logger="ctrloop.service.sink")
     failed: list[int] = []
     states: list[bool] = []
     sink = EventSink(f"127.0.0.1:{free_port()}", "impressions", produce_timeout_s=0.3,
@@ -346,7 +346,7 @@ def test_without_kafka_nothing_is_called_logged_and_the_outage_is_said_once(
     # kafka-python's own reconnect chatter is silenced by the service (app_from_env); what
     # the service itself says is one line.
     warnings = [r for r in caplog.records
-                if r.name == "service.sink" and r.levelno >= logging.WARNING]
+                if r.name == "ctrloop.service.sink" and r.levelno >= logging.WARNING]
     assert len(warnings) == 1, [r.getMessage() for r in warnings]
     msg = warnings[0].getMessage()
     assert "unavailable" in msg and "CTRLOOP_KAFKA_BOOTSTRAP" in msg and "logged:false" in msg

@@ -4,15 +4,15 @@ from __future__ import annotations
 
 import pytest
 import torch
+from ctrloop.service.app import create_app
+from ctrloop.service.settings import ServiceSettings
 from fastapi.testclient import TestClient
 from service_fakes import RecordingSink
 
-from ctrloop.features import FeatureSpec, Field
-from ctrloop.models import build_model
-from ctrloop.registry import InMemoryRegistry
-from ctrloop.snapshot import encode_snapshot
-from service.app import create_app
-from service.settings import ServiceSettings
+from ctrloop.core.features import FeatureSpec, Field
+from ctrloop.core.models import build_model
+from ctrloop.core.snapshot import encode_snapshot
+from ctrloop.io.registry import InMemoryRegistry
 
 SPEC = FeatureSpec((Field("user.id", "categorical", "user", 256),
                     Field("ad.id", "categorical", "ad", 256),
@@ -80,8 +80,8 @@ def test_a_corrupt_pcvr_head_refuses_the_whole_version() -> None:
 
 
 def test_the_trainer_publishes_the_pcvr_head_before_the_model() -> None:
-    from trainer.pipeline import Pipeline
-    from trainer.streaming import RegistryPublisher
+    from ctrloop.trainer.pipeline import Pipeline
+    from ctrloop.trainer.streaming import RegistryPublisher
 
     registry = InMemoryRegistry()
     publisher = RegistryPublisher(registry, min_interval_s=0.0)

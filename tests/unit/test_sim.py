@@ -11,7 +11,7 @@ import numpy as np
 import orjson
 import pytest
 
-from ctrloop.metrics import auc
+from ctrloop.core.metrics import auc
 from ctrloop.sim.stream import generate, uniform_policy, write_files
 from ctrloop.sim.world import World, WorldConfig, feature_table
 

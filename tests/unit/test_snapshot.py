@@ -16,10 +16,10 @@ from hypothesis import strategies as st
 from safetensors.torch import load as safetensors_load
 from safetensors.torch import save as st_save
 
-from ctrloop.errors import SnapshotError
-from ctrloop.features import NUMERIC_BUCKETS, FeatureSpec, Field
-from ctrloop.models import MODELS, CTRModel, build_model
-from ctrloop.snapshot import (
+from ctrloop.core.errors import SnapshotError
+from ctrloop.core.features import NUMERIC_BUCKETS, FeatureSpec, Field
+from ctrloop.core.models import MODELS, CTRModel, build_model
+from ctrloop.core.snapshot import (
     FORMAT,
     build_from_snapshot,
     checksum,
@@ -268,7 +268,7 @@ def test_format_constant() -> None:
 
 
 def _with_posterior(model: CTRModel) -> CTRModel:
-    from ctrloop.posterior import LogitPosterior, PosteriorConfig
+    from ctrloop.core.posterior import LogitPosterior, PosteriorConfig
 
     model.posterior = LogitPosterior(SPEC, PosteriorConfig(field_prior_var={}))
     return model

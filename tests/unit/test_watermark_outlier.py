@@ -11,7 +11,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from ctrloop.joining import WatermarkTracker
+from ctrloop.core.joining import WatermarkTracker
 
 JUMP = 600.0
 T0 = 1_767_225_600.0

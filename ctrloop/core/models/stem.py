@@ -32,9 +32,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from ctrloop.errors import ConfigError
-from ctrloop.features import FeatureSpec
-from ctrloop.models.base import CTRModel, HashEmbedding, prior_logit
+from ctrloop.core.errors import ConfigError
+from ctrloop.core.features import FeatureSpec
+from ctrloop.core.models.base import CTRModel, HashEmbedding, prior_logit
 
 
 class StemFwFM(CTRModel):

@@ -16,10 +16,10 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from ctrloop.features import FeatureSpec
+from ctrloop.core.features import FeatureSpec
 
 if TYPE_CHECKING:
-    from ctrloop.posterior import LogitPosterior
+    from ctrloop.core.posterior import LogitPosterior
 
 _inference_only: ContextVar[bool] = ContextVar("inference_only", default=False)
 
@@ -89,7 +89,7 @@ class CTRModel(nn.Module):
         super().__init__()
         self.spec = spec
         self.hparams = hparams
-        # The GP posterior over the logit (ctrloop/posterior.py) travels with the model it was
+        # The GP posterior over the logit (ctrloop/core/posterior.py) travels with the model it was
         # learned next to: snapshots carry it, and a served model exposes it. Not a module, so
         # it stays out of state_dict and old snapshots load unchanged.
         self.posterior: LogitPosterior | None = None

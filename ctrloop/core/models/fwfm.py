@@ -13,8 +13,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ctrloop.features import FeatureSpec
-from ctrloop.models.base import CTRModel, HashEmbedding, prior_logit
+from ctrloop.core.features import FeatureSpec
+from ctrloop.core.models.base import CTRModel, HashEmbedding, prior_logit
 
 
 class FwFM(CTRModel):

@@ -48,8 +48,8 @@ import numpy as np
 import orjson
 from numpy.typing import NDArray
 
-from ctrloop.errors import CtrloopError, InvalidEvent
-from ctrloop.events import MAX_LINE_BYTES, parse_click, parse_impression
+from ctrloop.core.errors import CtrloopError, InvalidEvent
+from ctrloop.core.events import MAX_LINE_BYTES, parse_click, parse_impression
 
 FloatArray = NDArray[np.float64]
 IntArray = NDArray[np.int64]

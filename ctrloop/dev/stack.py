@@ -39,8 +39,8 @@ from typing import IO, Any
 
 import httpx
 
-from ctrloop.errors import ConfigError, CtrloopError
-from ctrloop.localservers import (
+from ctrloop.core.errors import ConfigError, CtrloopError
+from ctrloop.dev.localservers import (
     HOST,
     BinaryNotFoundError,
     KafkaBroker,
@@ -50,7 +50,7 @@ from ctrloop.localservers import (
     find_binary,
     free_port,
 )
-from ctrloop.settings import ConnectionSettings
+from ctrloop.io.settings import ConnectionSettings
 from ctrloop.sim.live import (
     DriverConfig,
     LiveDriver,
@@ -373,7 +373,7 @@ class Stack:
             shutil.rmtree(ckpt)
 
     def _create_topics(self) -> None:
-        from ctrloop.kafkaio import create_topics
+        from ctrloop.io.kafka import create_topics
 
         assert self.kafka is not None
         c = ConnectionSettings()

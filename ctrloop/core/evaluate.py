@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 import orjson
 
-from ctrloop.metrics import auc, calibration, logloss
+from ctrloop.core.metrics import auc, calibration, logloss
 
 
 def load_truth(path: Path, click_window: float = 120.0) -> dict[str, tuple[float, int]]:

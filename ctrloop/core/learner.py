@@ -8,7 +8,7 @@ Embedding tables (HashEmbedding) update only the rows a minibatch touches, with 
 (per-coordinate learning rates, the standard choice for online CTR since FTRL-Proximal); the few
 dense parameters (field-pair weights, bias) use Adam.
 
-Given a `LogitPosterior` (ctrloop/posterior.py), every minibatch learned also adds its
+Given a `LogitPosterior` (ctrloop/core/posterior.py), every minibatch learned also adds its
 curvature to the posterior, from the same pre-update predictions and sample weights; the
 posterior is attached to the model (`model.posterior`) so that a snapshot of the model carries
 it, and it is part of the learner's checkpoint state.
@@ -23,10 +23,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from ctrloop.errors import ConfigError
-from ctrloop.metrics import ProgressiveMetrics
-from ctrloop.models import MODELS, CTRModel
-from ctrloop.posterior import LogitPosterior
+from ctrloop.core.errors import ConfigError
+from ctrloop.core.metrics import ProgressiveMetrics
+from ctrloop.core.models import MODELS, CTRModel
+from ctrloop.core.posterior import LogitPosterior
 
 
 @dataclass(frozen=True)
@@ -71,7 +71,7 @@ class OnlineLearner:
         """One pass over the samples in minibatches; returns the pre-update predictions.
 
         `weights` (optional) scale each sample's loss: importance weights, or -1 to retract a
-        sample learned before (pCVR delay corrections, ctrloop/delays.py). Labels may be soft
+        sample learned before (pCVR delay corrections, ctrloop/core/delays.py). Labels may be soft
         (in [0, 1]). Metrics count only samples of positive weight, as hard labels (>= 0.5).
         With a multi-task model (`model.tasks`), `tasks` gives each sample's task index (all 0
         when omitted): a sample's loss and returned prediction are its task's output only.

@@ -10,7 +10,7 @@ from __future__ import annotations
 from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from ctrloop.events import DEFAULT_MAX_AHEAD_S
+from ctrloop.core.events import DEFAULT_MAX_AHEAD_S
 
 
 class ConnectionSettings(BaseSettings):

@@ -34,8 +34,8 @@ from collections.abc import Callable, Hashable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from ctrloop.delays import DelayPolicy, PolicyConfig, build_policy
-from ctrloop.errors import ConfigError
+from ctrloop.core.delays import DelayPolicy, PolicyConfig, build_policy
+from ctrloop.core.errors import ConfigError
 
 DEFAULT_TOP_N = 20
 OTHER = "_other"

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 from typing import Any
 
-from ctrloop.errors import ConfigError
-from ctrloop.features import FeatureSpec
-from ctrloop.models.base import CTRModel
-from ctrloop.models.fwfm import FwFM
-from ctrloop.models.lr import LogisticRegression
-from ctrloop.models.stem import StemFwFM
+from ctrloop.core.errors import ConfigError
+from ctrloop.core.features import FeatureSpec
+from ctrloop.core.models.base import CTRModel
+from ctrloop.core.models.fwfm import FwFM
+from ctrloop.core.models.lr import LogisticRegression
+from ctrloop.core.models.stem import StemFwFM
 
 MODELS: dict[str, type[CTRModel]] = {m.name: m for m in (FwFM, LogisticRegression, StemFwFM)}
 

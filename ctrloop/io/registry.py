@@ -24,8 +24,8 @@ from typing import Any, Protocol
 
 import redis
 
-from ctrloop.errors import RegistryError
-from ctrloop.snapshot import checksum
+from ctrloop.core.errors import RegistryError
+from ctrloop.core.snapshot import checksum
 
 FETCH_CHUNK = 1 << 20
 

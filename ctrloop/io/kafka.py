@@ -1,6 +1,6 @@
 """Thin kafka-python helpers shared by the trainer and the scoring service.
 
-Settings here are tuned against the Tansu broker that `ctrloop.localservers` starts, on a
+Settings here are tuned against the Tansu broker that `ctrloop.dev.localservers` starts, on a
 2-core machine; every helper takes `**overrides` for anything else.
 
 What works against Tansu 0.6.0 with kafka-python 3.0.12 (checked by hand and in
@@ -50,17 +50,14 @@ tests/integration/test_localservers.py):
 
 from __future__ import annotations
 
-import json
 import logging
-import time
-import uuid
 from collections.abc import Iterable, Mapping
 from typing import Any
 
 from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer
 from kafka.errors import TopicAlreadyExistsError, for_code
 
-from ctrloop.errors import DependencyError
+from ctrloop.core.errors import DependencyError
 
 log = logging.getLogger(__name__)
 
@@ -192,7 +189,7 @@ def make_producer(bootstrap: str, *, require_topics: Iterable[str] = (),
     auto-creates (after a broker restart the service's producer made `clicks` with 4 partitions
     before the topics job ran, so keyed topics no longer co-partitioned).
 
-    Measured here with `python -m ctrloop.kafkaio` (2 cores shared with the broker and with
+    Measured here with `python -m ctrloop.io.kafka` (2 cores shared with the broker and with
     other work, 313-byte JSON values, keyed, one partition, 200k records): median ~35k msg/s,
     21–42k across runs; the pure-Python producer is the bottleneck, not the broker. With
     kafka-python's defaults (linger 0, batch 16 KiB) ~14k msg/s; batch 64 KiB ~20k; batch
@@ -252,138 +249,3 @@ def release_parked_records(consumer: KafkaConsumer) -> None:
     slot = getattr(fetcher, "_next_partition_records", None)
     if slot is not None and not slot and getattr(fetcher, "_paused_partition_records", None):
         fetcher._next_partition_records = None  # type: ignore[union-attr]
-
-
-def raw_consume_rate(
-    bootstrap: str,
-    topics: Iterable[str],
-    n: int,
-    *,
-    decode_json: bool = False,
-    timeout_s: float = 120.0,
-    **overrides: Any,
-) -> float:
-    """Consume `n` records with a fresh consumer group and return records per second.
-
-    This is the "raw kafka-python rate" the trainer is benchmarked against: no processing
-    beyond `json.loads` of each value when `decode_json` is set. The clock starts at the first
-    non-empty poll, so the group join (~3 s) is not counted; the records of that first poll
-    are not counted either. Raises TimeoutError if fewer than `n` records arrive in time.
-
-    Measured here with `python -m ctrloop.kafkaio` (313-byte JSON, one partition, 200k
-    records, CONSUMER_DEFAULTS): ~80k msg/s raw (77–83k), ~55k msg/s with `json.loads`
-    (43–68k); this shared 2-core machine varies by up to ±30% run to run.
-    """
-    consumer = make_consumer(
-        bootstrap, f"ctrloop-rate-{uuid.uuid4().hex[:12]}", topics, **overrides
-    )
-    try:
-        deadline = time.monotonic() + timeout_s
-        seen = 0
-        counted = 0
-        started: float | None = None
-        while seen < n:
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"consumed {seen} of {n} records in {timeout_s:.0f} s")
-            batches = consumer.poll(timeout_ms=500)
-            if not batches:
-                continue
-            got = 0
-            for records in batches.values():
-                if decode_json:
-                    for record in records:
-                        json.loads(record.value)
-                got += len(records)
-            seen += got
-            if started is None:
-                started = time.perf_counter()
-            else:
-                counted += got
-        if started is None or counted == 0:
-            return float("nan")  # everything came in the first poll: too few records to time
-        return counted / (time.perf_counter() - started)
-    finally:
-        consumer.close(autocommit=False)
-
-
-def _example_event(i: int) -> bytes:
-    """A ~300-byte impression like docs/events.md's example."""
-    return json.dumps(
-        {
-            "impression_id": f"r{i:09d}",
-            "ts": 1767225600.25 + i * 0.001,
-            "user_id": f"u{i % 100_000}",
-            "ad_id": f"a{i % 5000}",
-            "advertiser_id": f"adv{i % 300}",
-            "features": {
-                "user.age": "25-34",
-                "user.sessions_7d": 12,
-                "ctx.device": "ios",
-                "ctx.hour": "14",
-                "ad.category": "games",
-                "ad.bid": 1.8,
-            },
-            "position": 1,
-            "model_version": "17",
-            "propensity": 0.42,
-        }
-    ).encode()
-
-
-def _bench(bootstrap: str, n: int) -> dict[str, float]:
-    """Produce n events, then time a group join and the raw consume rate with/without JSON."""
-    topic = f"bench-{uuid.uuid4().hex[:8]}"
-    create_topics(bootstrap, [topic])
-    values = [_example_event(i) for i in range(n)]
-    producer = make_producer(bootstrap)
-    try:
-        producer.send(topic, values[0]).get(timeout=10)  # connect + producer id outside timing
-        start = time.perf_counter()
-        for i, value in enumerate(values):
-            producer.send(topic, value, key=b"%d" % i)
-        producer.flush()
-        produce_s = time.perf_counter() - start
-    finally:
-        producer.close()
-
-    consumer = make_consumer(bootstrap, f"ctrloop-join-{uuid.uuid4().hex[:12]}", [topic])
-    try:
-        start = time.perf_counter()
-        while not consumer.assignment():
-            consumer.poll(timeout_ms=100)
-        join_s = time.perf_counter() - start
-    finally:
-        consumer.close(autocommit=False)
-
-    return {
-        "value_bytes": float(sum(map(len, values)) / n),
-        "produce_msgs_per_s": n / produce_s,
-        "group_join_s": join_s,
-        "consume_raw_msgs_per_s": raw_consume_rate(bootstrap, [topic], n + 1),
-        "consume_json_msgs_per_s": raw_consume_rate(bootstrap, [topic], n + 1, decode_json=True),
-    }
-
-
-def main(argv: list[str] | None = None) -> None:
-    """`python -m ctrloop.kafkaio [--bootstrap HOST:PORT] [-n N]`: the numbers quoted above."""
-    import argparse
-    import tempfile
-
-    from ctrloop.localservers import KafkaBroker
-
-    parser = argparse.ArgumentParser(description=main.__doc__)
-    parser.add_argument("--bootstrap", help="an existing broker (default: start a local Tansu)")
-    parser.add_argument("-n", type=int, default=200_000, help="records (default 200000)")
-    args = parser.parse_args(argv)
-    if args.bootstrap:
-        print(json.dumps(_bench(args.bootstrap, args.n), indent=1))
-        return
-    with (
-        tempfile.TemporaryDirectory(prefix="ctrloop-bench-") as log_dir,
-        KafkaBroker(log_dir) as broker,
-    ):
-        print(json.dumps(_bench(broker.bootstrap, args.n), indent=1))
-
-
-if __name__ == "__main__":
-    main()

@@ -15,7 +15,7 @@ from typing import Any
 
 import orjson
 
-from ctrloop.errors import InvalidEvent
+from ctrloop.core.errors import InvalidEvent
 
 SCHEMA_VERSION = 1
 MIN_TS = 946_684_800.0  # 2000-01-01

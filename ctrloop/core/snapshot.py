@@ -4,7 +4,7 @@ safetensors holds only tensors and a string map, so loading a snapshot can never
 (unlike pickle); the spec, architecture and metadata travel as JSON in that map. A snapshot is
 identified by its version and verified by the SHA-256 of its bytes.
 
-A pCTR snapshot may also carry the GP posterior over the logit (ctrloop/posterior.py): one
+A pCTR snapshot may also carry the GP posterior over the logit (ctrloop/core/posterior.py): one
 float32 per embedding row under `posterior.*` and its priors in the header's "posterior". A
 snapshot without one still loads (`model.posterior is None`). A reader from before the
 posterior refuses a snapshot with one (unexpected weights) and keeps serving what it had.
@@ -26,11 +26,11 @@ from safetensors import SafetensorError
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
-from ctrloop.errors import ConfigError, FeatureSpecError, SnapshotError
-from ctrloop.features import FeatureSpec
-from ctrloop.models import CTRModel, build_model
-from ctrloop.models.base import inference_only
-from ctrloop.posterior import LogitPosterior
+from ctrloop.core.errors import ConfigError, FeatureSpecError, SnapshotError
+from ctrloop.core.features import FeatureSpec
+from ctrloop.core.models import CTRModel, build_model
+from ctrloop.core.models.base import inference_only
+from ctrloop.core.posterior import LogitPosterior
 
 FORMAT = "ctrloop-snapshot/1"
 

@@ -16,14 +16,14 @@ from typing import Any
 
 import orjson
 
-from ctrloop.evaluate import evaluate
-from ctrloop.kafkaio import create_topics, make_producer
-from ctrloop.localservers import KafkaBroker, RedisServer
-from ctrloop.registry import RedisRegistry
+from ctrloop.core.evaluate import evaluate
+from ctrloop.dev.localservers import KafkaBroker, RedisServer
+from ctrloop.io.kafka import create_topics, make_producer
+from ctrloop.io.registry import RedisRegistry
 from ctrloop.sim import WorldConfig, write_files
-from trainer.replay import outputs_for, print_progress, replay
-from trainer.settings import LearningSettings, TrainerSettings
-from trainer.streaming import StreamingTrainer
+from ctrloop.trainer.replay import outputs_for, print_progress, replay
+from ctrloop.trainer.settings import LearningSettings, TrainerSettings
+from ctrloop.trainer.streaming import StreamingTrainer
 
 
 def _say(msg: str) -> None:

@@ -29,8 +29,8 @@ from typing import Any, Literal
 
 import numpy as np
 
-from ctrloop.errors import FeatureSpecError
-from ctrloop.events import FeatureValue, Impression
+from ctrloop.core.errors import FeatureSpecError
+from ctrloop.core.events import FeatureValue, Impression
 
 Kind = Literal["categorical", "numeric"]
 Part = Literal["user", "context", "ad"]

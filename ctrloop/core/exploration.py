@@ -1,7 +1,7 @@
 """Thompson sampling from a per-row Gaussian posterior of the CTR logit, and the propensities
 of the rankings it produces (paper §6.4; docs/exploration.md).
 
-The posterior (ctrloop/posterior.py) is additive over embedding rows and diagonal:
+The posterior (ctrloop/core/posterior.py) is additive over embedding rows and diagonal:
 
     f(x) = mu(x) + sum_f w[row_f(x)],   w[r] ~ N(0, v[r]) independent per row r.
 

@@ -37,7 +37,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
-from ctrloop.errors import ConfigError
+from ctrloop.core.errors import ConfigError
 
 # Joiner._done's value for an id released as a positive (a negative's is its forget time).
 _POSITIVE = float("-inf")

@@ -80,7 +80,7 @@ Orphan conversions (before their click) wait `orphan_ttl` seconds, at most `max_
 
 **Observability.** `key_view(key)` gives a key's current wait and, for `variance`, the statistic
 raw and shrunk and the reports in its window, without side effects; `pool_view()` the pooled
-statistic. `ctrloop/delay_report.py` joins them with the model's calibration over matured
+statistic. `ctrloop/core/delay_report.py` joins them with the model's calibration over matured
 clicks into a bounded per-advertiser report (published with every pCVR snapshot, exported on
 the service's /metrics, printed by `ctrloop delay-report`).
 
@@ -90,7 +90,7 @@ With them, the pipeline holds one policy per type, so the policy key is in effec
 type): each type has its own statistic and wait (a purchase uploaded in bursts waits, a signup
 reported live does not). A click is a pending sample per type, released per type with that
 type's label, and the retraction pairs are per type too; samples carry the type's index
-(`CvrSample.task`), and the pCVR model is the multi-task STEM FwFM (ctrloop/models/stem.py,
+(`CvrSample.task`), and the pCVR model is the multi-task STEM FwFM (ctrloop/core/models/stem.py,
 one output per type, a sample's loss touching only its type's output). Conversions of a type
 not listed are counted (`cvr_other_types`) and not learned. Memory: the pending and remembered
 clicks are held once per type (`max_clicks` is per type).
@@ -107,8 +107,8 @@ from typing import Any
 
 import numpy as np
 
-from ctrloop.errors import ConfigError
-from ctrloop.joining import expire
+from ctrloop.core.errors import ConfigError
+from ctrloop.core.joining import expire
 
 POLICY_NAMES = ("variance", "fixed:SECONDS", "naive", "fnw", "oracle")
 
@@ -440,7 +440,7 @@ class DelayPolicy:
     def _restore_extra(self, extra: dict[str, Any]) -> None:
         pass
 
-    # --- observability (ctrloop/delay_report.py builds the bounded report) --------------
+    # --- observability (ctrloop/core/delay_report.py builds the bounded report) --------------
     def stat_keys(self) -> list[Hashable]:
         """Keys the policy keeps statistics for (none but the variance policy's)."""
         return []

@@ -26,7 +26,7 @@ time costs O(1), not a pass over the table: evidence_r = stored_r * decay.
 
 Why this approximation, the measured coverage and the defaults: docs/exploration.md.
 
->>> from ctrloop.features import FeatureSpec, Field
+>>> from ctrloop.core.features import FeatureSpec, Field
 >>> spec = FeatureSpec((Field("ad.id", "categorical", "ad", 8),))
 >>> post = LogitPosterior(spec, PosteriorConfig(prior_var=1.0, field_prior_var={}, scale=1.0))
 >>> rows = torch.tensor([[1], [2]])
@@ -44,8 +44,8 @@ from typing import Any
 
 import torch
 
-from ctrloop.errors import ConfigError, SnapshotError
-from ctrloop.features import FeatureSpec
+from ctrloop.core.errors import ConfigError, SnapshotError
+from ctrloop.core.features import FeatureSpec
 
 # Below this the stored evidence is folded back (stored * decay, decay = 1); far from float32's
 # range even for rows with 1e9 samples' worth of evidence.
