@@ -34,12 +34,12 @@ from typing import Any
 import numpy as np
 import orjson
 import torch
-from ctrloop.trainer.pipeline import Pipeline, PipelineConfig
-from ctrloop.trainer.replay import PredictionWriter, infer_spec, read_events
 
 from ctrloop.core.evaluate import AGE_COHORTS, interval_coverage
 from ctrloop.core.posterior import PosteriorConfig
 from ctrloop.sim import WorldConfig, write_files
+from ctrloop.trainer.pipeline import Pipeline, PipelineConfig
+from ctrloop.trainer.replay import PredictionWriter, infer_spec, read_events
 
 
 def simulate(args: argparse.Namespace, out: Path) -> tuple[WorldConfig, dict[str, Any]]:

@@ -50,7 +50,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from ctrloop.trainer.pipeline import Pipeline, PipelineConfig
 from numpy.typing import NDArray
 
 from ctrloop.core.events import Click, Impression
@@ -59,6 +58,7 @@ from ctrloop.core.joining import JoinerConfig
 from ctrloop.core.models import CTRModel
 from ctrloop.core.snapshot import build_from_snapshot, decode_snapshot, encode_snapshot
 from ctrloop.sim.world import RequestBatch, World, WorldConfig, seed_sequence
+from ctrloop.trainer.pipeline import Pipeline, PipelineConfig
 
 FloatArray = NDArray[np.float64]
 IntArray = NDArray[np.int64]

@@ -29,13 +29,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from ctrloop.trainer.pipeline import Pipeline, PipelineConfig
-from ctrloop.trainer.replay import PredictionWriter, infer_spec, load_converted_by_type, read_events
 
 from ctrloop.core.evaluate import evaluate_cvr
 from ctrloop.core.events import Conversion, Event
 from ctrloop.core.learner import LearnerConfig
 from ctrloop.sim import WorldConfig, write_files
+from ctrloop.trainer.pipeline import Pipeline, PipelineConfig
+from ctrloop.trainer.replay import PredictionWriter, infer_spec, load_converted_by_type, read_events
 
 TYPES = ("signup", "purchase")
 VARIANTS = ("separate", "shared", "stem")

@@ -56,16 +56,16 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import ctrloop.trainer.replay as replay_mod
 import numpy as np
 import orjson
-from ctrloop.trainer.pipeline import Pipeline
-from ctrloop.trainer.replay import outputs_for, replay
-from ctrloop.trainer.settings import LearningSettings
 
+import ctrloop.trainer.replay as replay_mod
 from ctrloop.core.evaluate import evaluate
 from ctrloop.core.metrics import auc, calibration, logloss
 from ctrloop.sim import WorldConfig, write_files
+from ctrloop.trainer.pipeline import Pipeline
+from ctrloop.trainer.replay import outputs_for, replay
+from ctrloop.trainer.settings import LearningSettings
 
 # The two VW settings compared (vw_baseline.DEFAULT_SETTINGS sweeps more): the best linear and the
 # best overall found on this data.

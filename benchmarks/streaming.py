@@ -14,13 +14,13 @@ import time
 from pathlib import Path
 
 import orjson
-from ctrloop.trainer.settings import TrainerSettings
-from ctrloop.trainer.streaming import StreamingTrainer
 
 from benchmarks.kafka_client import raw_consume_rate
 from ctrloop.dev.localservers import KafkaBroker, RedisServer
 from ctrloop.io.kafka import create_topics, make_producer
 from ctrloop.sim import WorldConfig, write_files
+from ctrloop.trainer.settings import TrainerSettings
+from ctrloop.trainer.streaming import StreamingTrainer
 
 
 def main() -> None:

@@ -18,8 +18,6 @@ from typing import Any
 
 import orjson
 import pytest
-from ctrloop.trainer.settings import TrainerSettings
-from ctrloop.trainer.streaming import StreamingTrainer
 from kafka import TopicPartition
 from kafka.errors import KafkaTimeoutError
 
@@ -34,6 +32,8 @@ from ctrloop.io.kafka import (
 )
 from ctrloop.io.registry import InMemoryRegistry
 from ctrloop.sim import WorldConfig, parsed_events
+from ctrloop.trainer.settings import TrainerSettings
+from ctrloop.trainer.streaming import StreamingTrainer
 
 pytestmark = pytest.mark.integration
 

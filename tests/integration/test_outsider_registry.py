@@ -20,8 +20,6 @@ from typing import Any
 import httpx
 import pytest
 import torch
-from ctrloop.service.app import create_app
-from ctrloop.service.settings import ServiceSettings
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
 from safetensors.torch import load as st_load
@@ -33,6 +31,8 @@ from ctrloop.core.posterior import LogitPosterior, PosteriorConfig
 from ctrloop.core.snapshot import checksum, encode_snapshot
 from ctrloop.dev.localservers import KafkaBroker, RedisServer
 from ctrloop.io.registry import ModelRecord, RedisRegistry
+from ctrloop.service.app import create_app
+from ctrloop.service.settings import ServiceSettings
 
 from .service_process import ServiceProcess
 

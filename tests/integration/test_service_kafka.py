@@ -18,7 +18,6 @@ import httpx
 import orjson
 import pytest
 import torch
-from ctrloop.service.sink import EventSink, SinkUnavailable
 from kafka import TopicPartition
 
 from ctrloop.core.events import Impression, decode_event
@@ -28,6 +27,7 @@ from ctrloop.core.snapshot import encode_snapshot
 from ctrloop.dev.localservers import KafkaBroker, RedisServer, free_port
 from ctrloop.io.kafka import create_topics, make_consumer, missing_topics
 from ctrloop.io.registry import RedisRegistry
+from ctrloop.service.sink import EventSink, SinkUnavailable
 
 from .service_process import ServiceProcess
 

@@ -36,10 +36,6 @@ from urllib.parse import urlsplit
 import annotated_types
 import pytest
 import yaml
-from ctrloop.service.app import create_app
-from ctrloop.service.settings import ServiceSettings
-from ctrloop.trainer.checkpoint import save_checkpoint
-from ctrloop.trainer.settings import LearningSettings, TrainerSettings
 from packaging.specifiers import SpecifierSet
 from pydantic import ValidationError
 from pydantic_settings import BaseSettings
@@ -48,6 +44,10 @@ from ctrloop.cli import build_parser
 from ctrloop.io.kafka import create_topics
 from ctrloop.io.registry import InMemoryRegistry
 from ctrloop.io.settings import ConnectionSettings
+from ctrloop.service.app import create_app
+from ctrloop.service.settings import ServiceSettings
+from ctrloop.trainer.checkpoint import save_checkpoint
+from ctrloop.trainer.settings import LearningSettings, TrainerSettings
 
 ROOT = Path(__file__).resolve().parents[2]
 COMPOSE_FILE = ROOT / "docker-compose.yml"

@@ -9,7 +9,6 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from ctrloop.trainer.pipeline import Pipeline, PipelineConfig
 
 from ctrloop.core.errors import ConfigError
 from ctrloop.core.events import Conversion, Event, Impression
@@ -18,6 +17,7 @@ from ctrloop.core.joining import JoinerConfig
 from ctrloop.core.learner import LearnerConfig
 from ctrloop.core.snapshot import build_from_snapshot, decode_snapshot
 from ctrloop.sim import CONVERSION_MIXES, ConversionType, WorldConfig, parsed_events
+from ctrloop.trainer.pipeline import Pipeline, PipelineConfig
 
 # A funnel fast enough for a unit test: signups reported live within a minute, purchases
 # after minutes and uploaded in bursts by bursty advertisers.

@@ -9,13 +9,13 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from ctrloop.trainer.pipeline import Pipeline, PipelineConfig
 
 from ctrloop.core.events import Event, Impression
 from ctrloop.core.features import FeatureSpec
 from ctrloop.core.joining import JoinerConfig
 from ctrloop.core.learner import LearnerConfig
 from ctrloop.sim import WorldConfig, parsed_events
+from ctrloop.trainer.pipeline import Pipeline, PipelineConfig
 
 FAST = WorldConfig(seed=4, impressions_per_second=20.0, base_ctr=0.2, base_cvr=0.3,
                    conversion_delay_median_min_s=20.0, conversion_delay_median_max_s=300.0,

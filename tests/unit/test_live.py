@@ -15,9 +15,9 @@ import httpx
 import numpy as np
 import orjson
 import pytest
-from ctrloop.service.schemas import SCORE_REQUEST, EventsRequest
 
 from ctrloop.core.metrics import auc
+from ctrloop.service.schemas import SCORE_REQUEST, EventsRequest
 from ctrloop.sim.live import (
     DriverConfig,
     DriverStats,

@@ -14,9 +14,6 @@ import numpy as np
 import orjson
 import pytest
 import torch
-from ctrloop.trainer.pipeline import Pipeline, PipelineConfig
-from ctrloop.trainer.replay import outputs_for, replay
-from ctrloop.trainer.streaming import RegistryPublisher
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
@@ -30,6 +27,9 @@ from ctrloop.core.posterior import LogitPosterior, PosteriorConfig
 from ctrloop.core.snapshot import build_from_snapshot, decode_snapshot, encode_snapshot
 from ctrloop.io.registry import InMemoryRegistry
 from ctrloop.sim import WorldConfig, generate, parsed_events, write_files
+from ctrloop.trainer.pipeline import Pipeline, PipelineConfig
+from ctrloop.trainer.replay import outputs_for, replay
+from ctrloop.trainer.streaming import RegistryPublisher
 
 SPEC = FeatureSpec((
     Field("user.segment", "categorical", "user", 8),

@@ -10,8 +10,6 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from ctrloop.service.reloader import ModelHolder, Reloader
-from ctrloop.service.scoring import ServedModel, load_verified, prior_model, warmup_rows
 
 from ctrloop.core.errors import RegistryError, SnapshotError
 from ctrloop.core.features import FeatureEncoder, FeatureSpec, Field
@@ -19,6 +17,8 @@ from ctrloop.core.models import CTRModel, build_model
 from ctrloop.core.posterior import LogitPosterior, PosteriorConfig
 from ctrloop.core.snapshot import checksum, encode_snapshot
 from ctrloop.io.registry import InMemoryRegistry, ModelRecord, RegistryCorrupt
+from ctrloop.service.reloader import ModelHolder, Reloader
+from ctrloop.service.scoring import ServedModel, load_verified, prior_model, warmup_rows
 
 SPEC = FeatureSpec((
     Field("user.id", "categorical", "user", 1 << 16),

@@ -9,12 +9,12 @@ from __future__ import annotations
 from typing import Any
 
 import orjson
-from ctrloop.trainer.settings import TrainerSettings
-from ctrloop.trainer.streaming import StreamingTrainer
 from kafka import TopicPartition
 from kafka.errors import KafkaTimeoutError
 
 from ctrloop.core.joining import WatermarkTracker
+from ctrloop.trainer.settings import TrainerSettings
+from ctrloop.trainer.streaming import StreamingTrainer
 
 
 class _Consumer:
