@@ -27,12 +27,12 @@ from typing import Any
 
 import numpy as np
 import torch
-from ctrloop.trainer.pipeline import Pipeline, PipelineConfig
-from ctrloop.trainer.replay import PredictionWriter, infer_spec, load_converted, read_events
 
 from ctrloop.core.delays import CvrSample, PolicyConfig, VariancePolicy
 from ctrloop.core.evaluate import evaluate_cvr
 from ctrloop.sim import World, WorldConfig, write_files
+from ctrloop.trainer.pipeline import Pipeline, PipelineConfig
+from ctrloop.trainer.replay import PredictionWriter, infer_spec, load_converted, read_events
 
 POLICIES = ("oracle", "variance", "naive", "fnw", "fixed:3600", "fixed:86400")
 COLORS = {"oracle": "#000000", "variance": "#d62728", "naive": "#1f77b4", "fnw": "#2ca02c",

@@ -11,11 +11,6 @@ from typing import Any
 
 import pytest
 import torch
-from ctrloop.service.app import create_app
-from ctrloop.service.settings import ServiceSettings
-from ctrloop.trainer.checkpoint import load_checkpoint, save_checkpoint
-from ctrloop.trainer.pipeline import Pipeline, PipelineConfig
-from ctrloop.trainer.streaming import RegistryPublisher
 from fastapi.testclient import TestClient
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -37,7 +32,12 @@ from ctrloop.core.features import FeatureSpec, Field
 from ctrloop.core.models import build_model
 from ctrloop.core.snapshot import encode_snapshot
 from ctrloop.io.registry import InMemoryRegistry
+from ctrloop.service.app import create_app
+from ctrloop.service.settings import ServiceSettings
 from ctrloop.sim import parsed_events
+from ctrloop.trainer.checkpoint import load_checkpoint, save_checkpoint
+from ctrloop.trainer.pipeline import Pipeline, PipelineConfig
+from ctrloop.trainer.streaming import RegistryPublisher
 
 T0 = 1767225600.0
 HOUR = 3600.0
