@@ -74,7 +74,7 @@ def test_empty_batch() -> None:
 
 def test_one_bad_event_does_not_spoil_its_batch() -> None:
     good = [encode_event(e, with_type=True) for e in _stream(50)]
-    batch = assert_same(good[:20] + [HOSTILE[0]] + good[20:])
+    batch = assert_same([*good[:20], HOSTILE[0], *good[20:]])
     assert len(batch.events) == len(good) and [r for r, _ in batch.rejects] == [20]
 
 
