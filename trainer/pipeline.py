@@ -11,6 +11,20 @@ Event time is cut into publication ticks of `publish_interval` seconds. At each 
 Learning only at ticks is what makes the replay's served predictions exact, and makes a replay
 of a Kafka stream reproduce what the streaming trainer learned.
 
+Lazy ticks. Step 1 costs one forward pass per tick, however few impressions arrived; on a sparse
+stream (an impression every few event seconds) that, and one optimizer step per tick, is all
+the replay does. So impressions are scored only when the weights are about to change (or at the
+end): every impression since the last change in one forward pass, each with the version that
+was current at its tick. The predictions are byte-identical to per-tick scoring
+(`OnlineLearner.predict_parts`; tests/unit/test_lazy_ticks.py checks it against the per-tick
+reference).
+
+Learning cadence. Released samples are learned at the first tick at which at least
+`min_learn_samples` of them wait, or the oldest has waited `max_learn_wait` event seconds, or at
+the end of a finite stream. The default (1) learns every tick's samples at that tick: exactly
+the semantics above. A larger value trades a slightly staler served model for fewer, larger
+optimizer steps (docs/benchmarks.md, "Learning cadence").
+
 Warm-up. Positives are learned at click time but negatives only when their window closes, so in
 steady state every tick learns positives of recent impressions and negatives of impressions one
 window older — the same mix, as long as traffic is steady. A *fresh* trainer has no negatives at
@@ -72,6 +86,10 @@ class PipelineConfig:
     # event confirms it (WatermarkTracker.max_jump). None: off, as in replay, whose file is
     # trusted and must stay byte-identical; the streaming trainer sets max_event_ahead_s.
     watermark_max_jump: float | None = None
+    # Learning cadence (module docstring): per head, learn the waiting samples once this many
+    # wait or the oldest has waited `max_learn_wait` event seconds. 1: every tick (exact).
+    min_learn_samples: int = 1
+    max_learn_wait: float = 60.0
 
     def __post_init__(self) -> None:
         if not self.publish_interval > 0:
@@ -80,6 +98,10 @@ class PipelineConfig:
             raise ConfigError("allowed_lateness must be >= 0 seconds")
         if self.watermark_max_jump is not None and not self.watermark_max_jump > 0:
             raise ConfigError("watermark_max_jump must be > 0 seconds (or None: off)")
+        if self.min_learn_samples < 1:
+            raise ConfigError("min_learn_samples must be >= 1 (1: learn at every tick)")
+        if not self.max_learn_wait >= 0:
+            raise ConfigError("max_learn_wait must be >= 0 event seconds")
         # Fail at configuration time on a bad name (oracle is checked when its truth is given).
         build_policy(self.delay_policy, self.policy, converted=())
         types = self.conversion_types
@@ -185,8 +207,16 @@ class Pipeline:
         self.model_version = PRIOR_VERSION
         self.stats = PipelineStats()
         self._ready: list[Sample] = []
+        # Impressions not yet scored, oldest first. The first sum(count) of them arrived
+        # before a tick that has passed: `_score_groups` holds (count, model version) per such
+        # tick; they are scored together when the weights are about to change.
         self._unscored_ids: list[str] = []
         self._unscored_rows: list[list[int]] = []
+        self._score_groups: list[tuple[int, str]] = []
+        self._grouped = 0
+        # Event time since which a head's released samples wait (learning cadence); None: none.
+        self._ctr_waiting_since: float | None = None
+        self._cvr_waiting_since: float | None = None
         self._next_tick = -math.inf
         self._learned_since_publish = False
         self._warmup_until: float | None = None  # set from the first event's ts
@@ -237,7 +267,9 @@ class Pipeline:
                 s.task = task
         self._cvr_ready.extend(samples)
 
-    def process(self, event: Event, source: Any = "0") -> None:
+    def process(self, event: Event, source: Any = "0", row: list[int] | None = None) -> None:
+        """`row`: the impression's encoded features if the caller already has them (a columnar
+        reader); None: encoded here. Ignored for other events."""
         # The default source is a str so that state()/restore() with their default str
         # mapping give it back as the same key (an int 0 came back as "0": a second source
         # that held event time at the checkpoint forever).
@@ -253,7 +285,8 @@ class Pipeline:
             self.tick(clock)
         if type(event) is Impression:
             self.stats.impressions += 1
-            row = self.encoder.encode(event)
+            if row is None:
+                row = self.encoder.encode(event)
             if self._adv_slot is not None and row[self._adv_slot] not in self.advertiser_names:
                 self._name_advertiser(row[self._adv_slot], event.advertiser_id)
             if self.served is not None:
@@ -326,10 +359,12 @@ class Pipeline:
         self.tracker.force(clock)
         if self.tracker.clock >= self._next_tick and self.tracker.clock > -math.inf:
             self.tick(self.tracker.clock)
+        # A quiet stream: hand out the scores due so far rather than wait for the next change.
+        self._flush_scores()
 
     def tick(self, clock: float) -> None:
         self.stats.ticks += 1
-        self._score_unscored()
+        self._close_score_group()
         watermark = clock - self.config.allowed_lateness
         self._ready.extend(self.joiner.advance(watermark))
         for task, policy in enumerate(self.cvr_policies):
@@ -337,39 +372,78 @@ class Pipeline:
         self._score_clicks()
         for monitor in self.cvr_monitors:
             monitor.advance(watermark)
-        self._learn_ready()
-        self._learn_cvr_ready()
+        if self._learn_due(len(self._ready), "_ctr_waiting_since", clock):
+            self._learn_ready()
+        if self._learn_due(len(self._cvr_ready), "_cvr_waiting_since", clock):
+            self._learn_cvr_ready()
         self._publish(clock)
         interval = self.config.publish_interval
         self._next_tick = (math.floor(clock / interval) + 1) * interval
 
     def finish(self) -> None:
         """End of a finite stream: score what is left, close every window, learn, publish."""
-        self._score_unscored()
+        self._close_score_group()
+        self._flush_scores()
         self._ready.extend(self.joiner.flush())
         for task, policy in enumerate(self.cvr_policies):
             self._extend_cvr(policy.flush(), task)
         self._score_clicks()
         self._learn_ready()
         self._learn_cvr_ready()
+        self._ctr_waiting_since = self._cvr_waiting_since = None
         self._publish(self.tracker.clock)
 
-    def _score_unscored(self) -> None:
-        if not self._unscored_ids:
+    def _learn_due(self, waiting: int, since_attr: str, clock: float) -> bool:
+        """The learning cadence of one head: learn its `waiting` samples at this tick?"""
+        if not waiting:
+            setattr(self, since_attr, None)
+            return False
+        since = getattr(self, since_attr)
+        if since is None:
+            since = clock
+        config = self.config
+        if waiting >= config.min_learn_samples or clock - since >= config.max_learn_wait:
+            setattr(self, since_attr, None)
+            return True
+        setattr(self, since_attr, since)
+        return False
+
+    def _close_score_group(self) -> None:
+        """A tick: the impressions that arrived since the previous one get today's version."""
+        n = len(self._unscored_ids) - self._grouped
+        if n:
+            self._score_groups.append((n, self.model_version))
+            self._grouped += n
+
+    def _flush_scores(self) -> None:
+        """Score every grouped impression with the current weights, which are those of every
+        group's tick (called before the weights change): one forward pass for all groups."""
+        groups = self._score_groups
+        if not groups:
             return
-        rows = np.asarray(self._unscored_rows, dtype=np.int64)
-        preds = self.learner.predict(rows)
-        assert self.served is not None
-        if self.served_cvr is not None:
-            self.served_cvr(self._unscored_ids, self.cvr_learner.predict(rows),
-                            self.model_version)
+        n = self._grouped
+        ids, rows = self._unscored_ids[:n], np.asarray(self._unscored_rows[:n], dtype=np.int64)
+        del self._unscored_ids[:n], self._unscored_rows[:n]
+        self._score_groups, self._grouped = [], 0
+        sizes = [c for c, _ in groups]
+        preds = self.learner.predict_parts(rows, sizes)
+        cvr = (self.cvr_learner.predict_parts(rows, sizes) if self.served_cvr is not None
+               else None)
         posterior = self.learner.posterior
-        if self.served_var is not None and posterior is not None:
-            self.served_var(self._unscored_ids, posterior.row_variance(
-                torch.from_numpy(rows)).numpy(), self.model_version)
-        self.served(self._unscored_ids, preds, self.model_version)
-        self._unscored_ids = []
-        self._unscored_rows = []
+        var = (posterior.row_variance(torch.from_numpy(rows)).numpy()
+               if self.served_var is not None and posterior is not None else None)
+        assert self.served is not None
+        start = 0
+        for i, (count, version) in enumerate(groups):
+            part = ids[start:start + count]
+            if cvr is not None:
+                assert self.served_cvr is not None
+                self.served_cvr(part, cvr[i], version)
+            if var is not None:
+                assert self.served_var is not None
+                self.served_var(part, var[start:start + count], version)
+            self.served(part, preds[i], version)
+            start += count
 
     def _learn_ready(self) -> None:
         ready = self._ready
@@ -385,6 +459,7 @@ class Pipeline:
                 self._warm = True  # no click of the first window can still come
             if not ready:
                 return
+        self._flush_scores()  # the weights change below
         rows = np.asarray([s.payload for s in ready], dtype=np.int64)
         labels = np.fromiter((s.label for s in ready), dtype=np.float32, count=len(ready))
         if self.learner.posterior is not None:
@@ -419,6 +494,7 @@ class Pipeline:
             if tasks is not None:
                 preds = preds[np.arange(len(ready)), tasks]
         weights = policy.weights(ready, preds)
+        self._flush_scores()  # the weights change below
         learned = self.cvr_learner.learn(rows, labels, weights, tasks)
         if tasks is not None:
             keep = weights > 0
@@ -509,6 +585,7 @@ class Pipeline:
     # weights_only=True)` can read it back and a checkpoint can never execute code.
 
     def state(self, source_name: Callable[[Any], str] = str) -> dict[str, Any]:
+        self._flush_scores()  # impressions of past ticks: their weights are still current
         if self._unscored_ids:
             raise RuntimeError("checkpoint between ticks with unscored impressions")
         joiner = self.joiner.snapshot()
@@ -533,6 +610,8 @@ class Pipeline:
             "next_tick": self._next_tick,
             "warm": self._warm,
             "warmup_until": self._warmup_until,
+            "ctr_waiting_since": self._ctr_waiting_since,
+            "cvr_waiting_since": self._cvr_waiting_since,
             **self._cvr_state(),
         }
 
@@ -630,4 +709,8 @@ class Pipeline:
         else:  # older checkpoints: restored as warm
             self._warm = bool(state["warm"])
             self._warmup_until = None if not self._warm else -math.inf
+        # Older checkpoints: the waiting samples' clock starts at the next tick.
+        for key in ("ctr_waiting_since", "cvr_waiting_since"):
+            since = state.get(key)
+            setattr(self, f"_{key}", None if since is None else float(since))
         self._restore_cvr(state)

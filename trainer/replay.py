@@ -19,11 +19,11 @@ from typing import IO, Any
 import numpy as np
 import orjson
 import torch
-from ctrloop.trainer.pipeline import Pipeline, PipelineConfig
 
 from ctrloop.core.errors import ConfigError, InvalidEvent
 from ctrloop.core.events import Event, Impression, decode_event
 from ctrloop.core.features import FeatureSpec
+from ctrloop.trainer.pipeline import Pipeline, PipelineConfig
 
 INFER_FROM = 2000
 REJECT_PAYLOAD_BYTES = 4096

@@ -8,7 +8,6 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from ctrloop.trainer.pipeline import PipelineConfig
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
@@ -18,6 +17,7 @@ from ctrloop.core.joining import JoinerConfig
 from ctrloop.core.learner import LearnerConfig
 from ctrloop.core.posterior import DEFAULT_SCALE, PosteriorConfig
 from ctrloop.io.settings import ConnectionSettings
+from ctrloop.trainer.pipeline import PipelineConfig
 
 
 class LearningSettings(BaseSettings):

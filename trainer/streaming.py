@@ -66,9 +66,6 @@ from typing import Any
 import orjson
 import redis
 import torch
-from ctrloop.trainer.checkpoint import load_checkpoint, save_checkpoint
-from ctrloop.trainer.pipeline import Pipeline
-from ctrloop.trainer.settings import TrainerSettings
 from kafka import KafkaConsumer, KafkaProducer, TopicPartition
 from kafka.consumer.subscription_state import ConsumerRebalanceListener
 from kafka.errors import KafkaError
@@ -85,6 +82,9 @@ from ctrloop.io.kafka import (
     release_parked_records,
 )
 from ctrloop.io.registry import ModelRegistry, RedisRegistry
+from ctrloop.trainer.checkpoint import load_checkpoint, save_checkpoint
+from ctrloop.trainer.pipeline import Pipeline
+from ctrloop.trainer.settings import TrainerSettings
 
 log = logging.getLogger("ctrloop.trainer")
 

@@ -145,6 +145,23 @@ class OnlineLearner:
         x = torch.from_numpy(np.ascontiguousarray(idx, dtype=np.int64))
         return torch.sigmoid(self.model(x)).numpy().astype(np.float32, copy=False)
 
+    @torch.inference_mode()
+    def predict_parts(self, idx: np.ndarray, sizes: list[int]) -> list[np.ndarray]:
+        """`predict` of each consecutive part of `idx` (`sizes` rows each), byte for byte, in
+        one forward pass. The logits of a row do not depend on the batch around it (tested:
+        tests/unit/test_lazy_ticks.py) but torch's vectorised sigmoid rounds a row by its
+        position in the batch, so the sigmoid runs per part, as `predict` of that part did."""
+        if len(idx) == 0:
+            return [self.predict(idx) for _ in sizes]
+        self.model.eval()
+        logits = self.model(torch.from_numpy(np.ascontiguousarray(idx, dtype=np.int64)))
+        out, start = [], 0
+        for n in sizes:
+            out.append(torch.sigmoid(logits[start:start + n]).numpy()
+                       .astype(np.float32, copy=False))
+            start += n
+        return out
+
     def state_dict(self) -> dict[str, Any]:
         """A copy: learning on afterwards does not change it (torch's state dicts alias the
         live tensors, which the in-place updates of `learn` would then rewrite)."""

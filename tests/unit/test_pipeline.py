@@ -12,7 +12,6 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from ctrloop.trainer.pipeline import PRIOR_VERSION, CountingPublisher, Pipeline, PipelineConfig
 
 from ctrloop.core.errors import ConfigError
 from ctrloop.core.events import Click, Conversion, Event, Impression
@@ -20,6 +19,7 @@ from ctrloop.core.features import FeatureSpec
 from ctrloop.core.joining import JoinerConfig
 from ctrloop.core.learner import LearnerConfig
 from ctrloop.sim import WorldConfig, parsed_events
+from ctrloop.trainer.pipeline import PRIOR_VERSION, CountingPublisher, Pipeline, PipelineConfig
 
 WINDOW = 10.0
 CONFIG = PipelineConfig(

@@ -9,14 +9,14 @@ from typing import Any
 
 import orjson
 import pytest
-from ctrloop.trainer.pipeline import PipelineConfig
-from ctrloop.trainer.replay import REJECT_PAYLOAD_BYTES, outputs_for, read_events, replay
 
 from ctrloop.core.errors import ConfigError
 from ctrloop.core.features import FeatureSpec
 from ctrloop.core.joining import JoinerConfig
 from ctrloop.core.learner import LearnerConfig
 from ctrloop.sim import WorldConfig, write_files
+from ctrloop.trainer.pipeline import PipelineConfig
+from ctrloop.trainer.replay import REJECT_PAYLOAD_BYTES, outputs_for, read_events, replay
 
 N_IMPRESSIONS = 3000
 CONFIG = PipelineConfig(
