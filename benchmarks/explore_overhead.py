@@ -1,12 +1,11 @@
 """What Thompson sampling adds to one /v1/score request, in-process (no HTTP, no wrk).
 
-Times the service's own request path — `SCORE_REQUEST.validate_json`, the feature-name check
-and `ctrloop.service.app._score`
-(encode, model, posterior variances, ranking, propensities, response
-bytes) — on one simulated 100-candidate request, alternating explore off / on request by
-request, so a busy machine slows both alike and their ratio stays meaningful. Then sweeps the
-number of posterior draws: time per explored request, and how far its propensities are from
-a 200,000-draw reference (the accuracy the draws buy).
+Times the service's own request path — `ctrloop.service.routes.scoring.read_request`
+(validation) and `score` (encode, model, posterior variances, ranking, propensities, logged
+impressions, response bytes) — on one simulated 100-candidate request, alternating explore
+off / on request by request, so a busy machine slows both alike and their ratio stays
+meaningful. Then sweeps the number of posterior draws: time per explored request, and how far
+its propensities are from a 200,000-draw reference (the accuracy the draws buy).
 
     python -m benchmarks.explore_overhead --requests 3000 --out runs/bench/explore_overhead.json
 
@@ -25,15 +24,15 @@ from typing import Any
 import numpy as np
 import orjson
 import torch
-from ctrloop.service.app import _score, create_app
-from ctrloop.service.schemas import SCORE_REQUEST, check_feature_names
-from ctrloop.service.settings import ServiceSettings
 
 from benchmarks.serving import score_body, sim_spec, with_posterior
 from ctrloop.core.exploration import JointPosterior, generator, rank_propensities, thompson_rank
 from ctrloop.core.models import build_model
 from ctrloop.core.snapshot import encode_snapshot
 from ctrloop.io.registry import InMemoryRegistry
+from ctrloop.service.app import create_app
+from ctrloop.service.routes.scoring import read_request, score
+from ctrloop.service.settings import ServiceSettings
 
 
 class NullSink:
@@ -91,9 +90,9 @@ def main() -> None:
     def one(body: bytes, mode_settings: ServiceSettings) -> tuple[float, float]:
         state.settings = mode_settings
         t0, c0 = time.perf_counter(), time.thread_time()
-        req = SCORE_REQUEST.validate_json(body)
-        assert check_feature_names(req) is None
-        r = _score(state, req, "impressions", by_status)
+        req = read_request(body)
+        assert isinstance(req, dict), req
+        r = score(state, req, "impressions", by_status)
         wall, cpu = time.perf_counter() - t0, time.thread_time() - c0
         assert r.status_code == 200, r.body
         return wall, cpu

@@ -9,13 +9,8 @@ FastAPI's default json.loads + validate, ../shared/docs/measured-here.md).
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Sequence
-from itertools import repeat
-from operator import itemgetter
-from typing import Annotated, Any, Literal, NotRequired, cast, get_args
+from typing import Annotated, Any, Literal, NotRequired
 
-import numpy as np
-import orjson
 from pydantic import (
     AfterValidator,
     BaseModel,
@@ -151,288 +146,23 @@ def check_feature_names(req: ScoreRequest) -> str | None:
     return None
 
 
-# --- Fast path for /v1/score --------------------------------------------------------------
-# `SCORE_REQUEST.validate_json` plus `check_feature_names` costs ~3x `orjson.loads` on a
-# 100-candidate body, mostly pydantic's own JSON parsing (validating against `Any` costs about
-# as much). `fast_score_request` parses with orjson and checks the common shapes with C-level
-# passes over columns of values: ~2.2x orjson.loads, 0.75-0.85x the pydantic path in a hot
-# loop (thread time, interleaved; the checks touch ~1000 objects, about one more
-# orjson.loads). With caches flushed between calls both get ~3x slower and the gain shrinks
-# to ~0.95x, so what it saves a server is for an end-to-end run to say. Whatever it is not
-# sure about goes back to pydantic, which also words the 4xx. Pydantic's strict-mode
-# semantics it mirrors (each verified against pydantic 2.13, see
-# tests/unit/test_fast_score_request.py):
-# - strict float (ts, bid) takes a JSON integer and returns it as a float; rejects true/false;
-# - strict int (top_k, seed) rejects 3.0 and true; bool (explore, log) only takes true/false;
-# - FeatureValue (left to right): true/false -> "true"/"false", 1 -> int, 1.0 -> float;
-#   ints and floats share the +-1e12 bound, so an out-of-range int also fails the float member;
-# - NaN/Infinity literals and overflowing floats (1e400) are rejected by both parsers;
-# - integers beyond 64 bits come out of orjson as floats of magnitude >= 2**63: outside every
-#   numeric bound here and not an int, so they can only fail, as they do in pydantic;
-# - lengths count code points (Python's len);
-# - duplicate keys: orjson and pydantic's TypedDicts keep the last value, but pydantic's dicts
-#   (features) validate every pair, so {"x": [], "x": 1} is rejected. Duplicates are ruled out
-#   by counting colons (see _request_ok).
-# Key order may differ from pydantic's (TypedDicts come back in declaration order); values,
-# types and equality do not.
-
-_REQUEST_KEYS = frozenset({"request_id", "user_id", "ts", "features", "candidates", "options"})
-_CANDIDATE_ROW = itemgetter("ad_id", "advertiser_id", "features", "bid")
-_AD_ID = itemgetter("ad_id")
-_ADVERTISER_ID = itemgetter("advertiser_id")
-_OPTION_KEYS = frozenset({"explore", "seed", "top_k", "log", "rank_by", "conversion_type"})
-_RANK_BY = frozenset(get_args(RankBy))
-_MAX_SEED = 2**63 - 1
-_MAX_OPTION_CONVERSION_TYPE_LEN = 64  # ScoreOptions.conversion_type's bound
-_NUMBERS = frozenset({int, float})
-_FEATURE_VALUE_TYPES = frozenset({str, bool, int, float, type(None)})
-_BID_TYPES = frozenset({int, float, type(None)})
-_COLON = ord(":")
-_DICT_ONLY = frozenset({dict})
-_STR_OR_NONE = frozenset({str, type(None)})
-
-
-class _SlowPath(Exception):
-    """Not certain the request is valid (or certain it is not): let pydantic decide."""
-
-
-def fast_score_request(body: bytes) -> ScoreRequest | None:
-    """`SCORE_REQUEST.validate_json(body)` for the common valid requests, with feature names
-    already checked as `check_feature_names` does; None means "use the pydantic path" (the body
-    may still be valid, or is invalid and pydantic words the error)."""
-    try:
-        req = orjson.loads(body)
-        if type(req) is dict and _request_ok(req, body):
-            return cast(ScoreRequest, req)
-    except Exception:  # any surprise (bad JSON, an odd shape) is pydantic's to judge
-        pass
-    return None
-
-
-def _request_ok(req: dict[str, Any], body: bytes) -> bool:
-    """Checks (and, as pydantic would, converts) `req` in place; raises _SlowPath, or returns
-    whether `req` has no keys left unchecked and `body` had no duplicate keys."""
-    if not _REQUEST_KEYS.issuperset(req):
-        raise _SlowPath
-    # Colons inside the strings checked, each string counted once (see the end)
-    inside: list[int] = [_check_id(req["user_id"])]
-    if (rid := req.get("request_id")) is not None:
-        inside.append(_check_id(rid))
-    if (ts := req.get("ts")) is not None:
-        if (type(ts) is not float and type(ts) is not int) or not MIN_TS <= ts <= MAX_TS:
-            raise _SlowPath
-        req["ts"] = float(ts)  # strict float takes a JSON integer but returns a float
-    checked = len(req)  # keys checked, counted as the body's colons are
-    if "features" in req:
-        user_feats = req["features"]
-        if type(user_feats) is not dict:
-            raise _SlowPath
-        _check_feature_dict(user_feats, inside)
-        checked += len(user_feats)
-    if "options" in req:
-        checked += _check_options(req["options"], inside)
+def _key_count(req: ScoreRequest) -> int:
+    """How many keys the validated request holds (every object in it)."""
     cands = req["candidates"]
-    if type(cands) is not list or not 0 < len(cands) <= HARD_MAX_CANDIDATES:
-        raise _SlowPath
-    checked += _check_candidates(cands, inside)
-    # The body has a colon per key it holds, duplicates included, plus the colons written
-    # inside its strings, and `req` holds at least the keys checked: so at least `checked`
-    # colons, exactly that many only if no key went unchecked and none was a dropped duplicate.
-    # With colons inside strings: the strings checked appear in the body as written unless a
-    # \u escape spells a colon, so then the body has at least `checked + inside` colons, with
-    # the same exactly-if.
-    colons = int(np.count_nonzero(np.frombuffer(body, np.uint8) == _COLON))  # 2x bytes.count
-    return colons == checked or (colons == checked + sum(inside)
-                                 and (b"\\" not in body or b"\\u" not in body))  # memchr first
+    return (len(req) + len(req.get("features") or ()) + len(req.get("options") or ())
+            + sum(map(len, cands)) + sum([len(c.get("features") or ()) for c in cands]))
 
 
-def _check_id(value: Any) -> int:
-    """An id's colon count, once checked."""
-    if type(value) is not str or not 0 < len(value) <= MAX_ID_LEN:
-        raise _SlowPath
-    return value.count(":")
+def duplicate_key_in_request(body: bytes, req: ScoreRequest) -> str | None:
+    """`duplicate_key` for a /v1/score body that validated as `req`, cheap when no key repeats.
 
-
-def _check_ids(ids: Sequence[Any], inside: list[int]) -> None:
-    """A column of ids: all strings (join type-checks in C), none empty, none too long."""
-    joined = "".join(ids)
-    lengths = set(map(len, ids))  # one pass for both bounds; ids come in a few lengths
-    if min(lengths) < 1 or max(lengths) > MAX_ID_LEN:
-        raise _SlowPath
-    if ":" in joined:  # memchr; counting is rarely needed
-        inside.append(joined.count(":"))
-
-
-def _check_options(opts: Any, inside: list[int]) -> int:
-    """The options' key count; ScoreOptions has no nested values, so a few branches do."""
-    if type(opts) is not dict or not _OPTION_KEYS.issuperset(opts):
-        raise _SlowPath
-    for key, value in opts.items():
-        kind = type(value)
-        if key == "explore" or key == "log":
-            ok = kind is bool
-        elif key == "top_k":
-            ok = value is None or (kind is int and 1 <= value <= HARD_MAX_CANDIDATES)
-        elif key == "seed":
-            ok = value is None or (kind is int and 0 <= value <= _MAX_SEED)
-        elif key == "rank_by":
-            ok = kind is str and value in _RANK_BY
-        else:  # conversion_type
-            ok = kind is str and 0 < len(value) <= _MAX_OPTION_CONVERSION_TYPE_LEN
-            if ok:
-                inside.append(value.count(":"))
-        if not ok:
-            raise _SlowPath
-    return len(opts)
-
-
-def _check_candidates(cands: list[Any], inside: list[int]) -> int:
-    """The number of keys checked in the candidates and their features."""
-    # No dict check for the candidates themselves: each goes through a str-key lookup, which
-    # raises TypeError on any other JSON value (list, string, number, null).
-    try:
-        # The common shape, all four keys in every candidate: columns in one pass. An unknown
-        # fifth key is left to the colon count in _request_ok.
-        ad_ids, advertiser_ids, feats, bids = zip(*map(_CANDIDATE_ROW, cands), strict=False)
-        checked = 4 * len(cands)
-    except KeyError:
-        ad_ids = tuple(map(_AD_ID, cands))
-        advertiser_ids = tuple(map(_ADVERTISER_ID, cands))
-        feats = tuple([c["features"] for c in cands if "features" in c])
-        bids = tuple([c["bid"] for c in cands if "bid" in c])
-        checked = 2 * len(cands) + len(feats) + len(bids)
-    _check_ids(ad_ids + advertiser_ids, inside)
-    if bids:
-        _check_bids(cands, bids)
-    if not feats:
-        return checked
-    if set(map(type, feats)) != _DICT_ONLY:
-        raise _SlowPath
-    pairs = sum(map(len, feats))
-    names = tuple(feats[0])
-    try:
-        uniform = len(names) * len(feats) == pairs and _check_uniform_features(feats, names,
-                                                                               inside)
-    except KeyError:  # same sizes, different names
-        uniform = False
-    if not uniform:
-        _check_mixed_features(feats, inside)
-    return checked + pairs
-
-
-def _check_bids(cands: list[dict[str, Any]], bids: Sequence[Any]) -> None:
-    kinds = set(map(type, bids))
-    if kinds != {float}:
-        if not kinds <= _BID_TYPES:
-            raise _SlowPath
-        bids = [b for b in bids if b is not None]
-        if not bids:
-            return
-    if not (min(bids) > 0 and max(bids) <= 1e9):
-        raise _SlowPath
-    if int in kinds:  # strict float takes a JSON integer but returns a float
-        for c in cands:
-            if type(c.get("bid")) is int:
-                c["bid"] = float(c["bid"])
-
-
-def _check_uniform_features(feats: Sequence[dict[str, Any]], names: tuple[str, ...],
-                            inside: list[int]) -> bool:
-    """Every dict in `feats` has exactly `names` (the sizes add up, and a missing name raises
-    KeyError): check the names once and the values a column per name."""
-    k = len(names)
-    if not k:
-        return True
-    if k > MAX_FEATURES:
-        raise _SlowPath
-    _check_names(names)
-    get = itemgetter(*names)
-    # Rows all have k values, so zip's strict check would only cost time.
-    columns = zip(*map(get, feats), strict=False) if k > 1 else [tuple(map(get, feats))]
-    if any([_check_values(col, inside) for col in columns]):  # a list: checks every column
-        _strings_for_bools(feats)
-    if ":" in (joined := "".join(names)):
-        inside.append(joined.count(":") * len(feats))  # every dict holds every name
-    return True
-
-
-def _check_mixed_features(feats: Sequence[dict[str, Any]], inside: list[int]) -> None:
-    """Feature dicts of differing names, as when some ads lack a feature: a column per name,
-    None where a dict lacks it (a valid value, so it changes no outcome)."""
-    if max(map(len, feats)) > MAX_FEATURES:
-        raise _SlowPath
-    names = set().union(*feats)  # dicts' stored hashes: 2x set(chain(...))
-    _check_names(names)
-    if any([_check_values(tuple(map(dict.get, feats, repeat(name))), inside)
-            for name in names]):
-        _strings_for_bools(feats)
-    for name in names:
-        if ":" in name:  # rare: count it once per dict holding it
-            inside.append(name.count(":") * sum(map(dict.__contains__, feats, repeat(name))))
-
-
-def _check_feature_dict(feats: dict[str, Any], inside: list[int]) -> None:
-    """The request's own features: one dict, usually a few mixed values."""
-    if len(feats) > MAX_FEATURES:
-        raise _SlowPath
-    _check_names(feats)
-    if _check_values(list(feats.values()), inside):
-        _strings_for_bools([feats])
-    inside.append("".join(feats).count(":"))
-
-
-def _check_names(names: Iterable[str]) -> None:
-    """`check_feature_names`' rule, sharing its cache of names already seen."""
-    if _checked_names.issuperset(names):
-        return
-    for name in names:
-        if name not in _checked_names:
-            if not 0 < len(name) <= MAX_FEATURE_NAME_LEN:
-                raise _SlowPath
-            if len(_checked_names) < 100_000:
-                _checked_names.add(name)
-
-
-def _check_values(values: Sequence[Any], inside: list[int]) -> bool:
-    """Feature values (a column, usually of one type); returns whether any is a bool, and
-    adds the colons inside its strings to `inside`."""
-    if values and type(values[0]) is str:
-        try:
-            joined = "".join(values)  # all strings, the common column: type-checked in C
-        except TypeError:
-            pass
-        else:
-            if (len(joined) > MAX_STRING_VALUE_LEN
-                    and max(map(len, values)) > MAX_STRING_VALUE_LEN):
-                raise _SlowPath
-            if ":" in joined:
-                inside.append(joined.count(":"))
-            return False
-    kinds = set(map(type, values))
-    if not kinds <= _NUMBERS:
-        if not kinds <= _FEATURE_VALUE_TYPES:
-            raise _SlowPath
-        if kinds <= _STR_OR_NONE:  # a string column some dicts lack (None): filter in C
-            strings: Sequence[str] = tuple(filter(None, values))
-            values = ()
-        else:
-            strings = [v for v in values if type(v) is str]
-            values = [v for v in values if type(v) is int or type(v) is float]
-        if strings and max(map(len, strings)) > MAX_STRING_VALUE_LEN:
-            raise _SlowPath
-        inside.append("".join(strings).count(":"))
-    # orjson yields no NaN (it rejects NaN, Infinity and 1e400), so min/max see every value.
-    if values and not (min(values) >= -MAX_ABS_NUMBER and max(values) <= MAX_ABS_NUMBER):
-        raise _SlowPath
-    return bool in kinds
-
-
-def _strings_for_bools(feats: Sequence[dict[str, Any]]) -> None:
-    """As FeatureValue's AfterValidator: booleans become "true"/"false"."""
-    for f in feats:
-        for name, value in list(f.items()):
-            if type(value) is bool:
-                f[name] = "true" if value else "false"
+    The body holds a colon per key it writes, repeats included, plus those written inside its
+    strings; `req` holds every key but a repeat's (the schema forbids unknown keys). So a body
+    with exactly as many colons as `req` has keys repeats none; otherwise (colons in strings,
+    or a repeat) the full check decides."""
+    if body.count(b":") == _key_count(req):
+        return None
+    return duplicate_key(body, req)
 
 
 def duplicate_key(body: bytes, doc: Any) -> str | None:
@@ -459,7 +189,9 @@ def duplicate_key(body: bytes, doc: Any) -> str | None:
             stack.extend(v)
         elif t is str:
             inside += v.count(":")
-    if keys + inside == colons:
+    if keys + inside == colons and b"\\u" not in body:
+        # (A \u003a escape is a colon once parsed but not in the body: it could make up for
+        # a repeated key's colon, so bodies with escapes get the full parse.)
         return None
 
     def pairs(items: list[tuple[str, Any]]) -> dict[str, Any]:

@@ -288,6 +288,7 @@ class ThompsonRanking:
     # (so at least 1/draws); None when no ranks were asked for.
     propensities: np.ndarray | None
     draws: int
+    pctr: np.ndarray  # [C] sigmoid of `logits`: the sampled click probabilities
 
 
 def thompson_rank(post: JointPosterior, *, weights: np.ndarray | None = None,
@@ -313,7 +314,7 @@ def thompson_rank(post: JointPosterior, *, weights: np.ndarray | None = None,
     logits = f[:, 0].double()
     pctr = torch.sigmoid(logits).numpy()
     scores = pctr if weights is None else pctr * weights
-    return ThompsonRanking(logits.numpy(), scores, order, props, m)
+    return ThompsonRanking(logits.numpy(), scores, order, props, m, pctr)
 
 
 def exploration_cost(mean_scores: np.ndarray, served: np.ndarray, k: int) -> float:
