@@ -431,3 +431,64 @@ def test_encoder_works_on_parsed_events() -> None:
     row = FeatureEncoder(SPEC).encode(ev)  # type: ignore[arg-type]
     assert row[0] == 1 + zlib.crc32(b"user.age=true") % 63
     assert row[2] == 80 + numeric_bin(2)
+
+
+# --- encode_batch: B encode calls at once -----------------------------------------------------
+
+BATCH_SPEC = FeatureSpec((
+    Field("user.id", "categorical", "user", 1 << 10), Field("user.age", "categorical", "user", 64),
+    Field("user.n", "numeric", "user", 40), Field("ad.id", "numeric", "ad", 16),
+    Field("ad.bid", "numeric", "ad", NUMERIC_BUCKETS), Field("ctx.x", "categorical", "context", 7),
+))
+batch_names = st.sampled_from(["user.id", "user.age", "user.n", "ad.id", "ad.bid", "ctx.x",
+                               "unknown.a", "unknown.b"])
+batch_values = st.one_of(st.none(), st.sampled_from(["a", "b", "25-34", ""]),
+                         st.integers(-3, 3), st.sampled_from([0.5, 1.0, -2.0, 1e12]))
+batch_imps = st.builds(
+    lambda feats, user, ad: Impression("i", TS, user, ad, "adv", feats),
+    st.dictionaries(batch_names, batch_values, max_size=8),
+    st.sampled_from(["u1", "u2"]), st.sampled_from(["a1", "a2"]))
+
+
+def assert_batch_is_encode(imps: list[Impression]) -> None:
+    one, many = FeatureEncoder(BATCH_SPEC), FeatureEncoder(BATCH_SPEC)
+    got = many.encode_batch(imps)
+    want = np.asarray([one.encode(i) for i in imps], dtype=np.int64).reshape(
+        len(imps), BATCH_SPEC.num_fields)
+    assert got.dtype == np.int64
+    np.testing.assert_array_equal(got, want)
+    assert many.stats() == one.stats()
+    assert many.unknown_names == one.unknown_names
+
+
+@given(st.lists(batch_imps, max_size=12))
+def test_encode_batch_is_encode_for_any_rows(imps: list[Impression]) -> None:
+    assert_batch_is_encode(imps)
+
+
+@given(st.lists(batch_names, unique=True, max_size=8), st.data())
+def test_encode_batch_is_encode_for_uniform_rows(names: list[str], data: st.DataObject) -> None:
+    # The column-wise path: every row has the same names in the same order.
+    rows = data.draw(st.lists(st.lists(batch_values, min_size=len(names),
+                                       max_size=len(names)), max_size=12))
+    ids = data.draw(st.lists(st.sampled_from(["u1", "u2", "u3"]), min_size=len(rows),
+                             max_size=len(rows)))
+    assert_batch_is_encode([Impression("i", TS, u, "a1", "adv", dict(zip(names, r, strict=True)))
+                            for u, r in zip(ids, rows, strict=True)])
+
+
+def test_encode_batch_keeps_unknown_names_bounded_as_encode_does() -> None:
+    imps = [Impression("i", TS, "u", "a", "adv", {f"new{k}": 1, "zz": 2, "user.age": "x"})
+            for k in range(3)]
+    one, many = FeatureEncoder(BATCH_SPEC), FeatureEncoder(BATCH_SPEC)
+    for enc in (one, many):
+        enc.unknown_names.update({f"old{k}": 1 for k in range(999)})
+    for imp in imps:
+        one.encode(imp)
+        many.encode_batch([imp, imp])
+        one.encode(imp)
+    assert many.unknown_names == one.unknown_names and many.stats() == one.stats()
+
+
+def test_encode_batch_of_nothing() -> None:
+    assert FeatureEncoder(BATCH_SPEC).encode_batch([]).shape == (0, BATCH_SPEC.num_fields)
