@@ -27,7 +27,6 @@ from ctrloop.core.events import (
     Impression,
     check_encoded_size,
     check_not_ahead,
-    parse_impression,
     to_dict,
 )
 from ctrloop.core.exploration import expected_pctr, generator, rank_weights
@@ -291,11 +290,12 @@ def _encoded(imp: Impression, request_id: str) -> bytes:
     """An impression's Kafka value by the contract's own code, plus the request it belongs to
     (off-policy evaluation groups impressions by it; the contract's parser ignores it).
 
-    parse_impression is the validator the trainer's decode_event runs on the decoded value,
-    and orjson gives back what it wrote, so parsing the dict and checking the encoded size is
-    the trainer's verdict without a decode per impression."""
+    Every field is already what the contract's parser accepts: ids, ts and feature values were
+    validated by the request's schema (its limits are the contract's constants), the merged
+    feature count by `_loggable`, and position, version and propensity are the service's own.
+    What remains is the encoded size (test_service_limits decodes whatever is logged with the
+    trainer's decode_event)."""
     d = to_dict(imp)
-    parse_impression(d)
     d["request_id"] = request_id
     return check_encoded_size(orjson.dumps(d))
 
