@@ -31,6 +31,10 @@ def _learning_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--allowed-lateness", type=float, help="watermark lag, seconds (default 30)")
     g.add_argument("--publish-interval", type=float,
                    help="event-time seconds between model snapshots (default 1)")
+    g.add_argument("--min-learn-samples", type=int, help="learning cadence: learn released "
+                   "samples once this many wait (default 1: every tick, exact)")
+    g.add_argument("--max-learn-wait", type=float, help="...or once the oldest waited this "
+                   "many event seconds (default 60)")
     g.add_argument("--model", help="architecture: fwfm (default) or lr")
     g.add_argument("--dim", type=int, help="embedding size (default 16)")
     g.add_argument("--batch-size", type=int, help="minibatch size (default 1024)")
@@ -48,7 +52,7 @@ def _learning_flags(p: argparse.ArgumentParser) -> None:
 
 _LEARNING_KEYS = ("feature_spec", "click_window", "allowed_lateness", "publish_interval",
                   "model", "dim", "batch_size", "sparse_lr", "dense_lr", "warmup", "seed",
-                  "delay_policy", "conversion_types")
+                  "delay_policy", "conversion_types", "min_learn_samples", "max_learn_wait")
 
 
 def _overrides(args: argparse.Namespace, keys: Sequence[str]) -> dict[str, Any]:

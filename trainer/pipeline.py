@@ -39,7 +39,6 @@ exactly what an uninterrupted run learns.
 from __future__ import annotations
 
 import math
-import zlib
 from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -47,16 +46,15 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 
-from ctrloop.core.delay_report import DEFAULT_TOP_N, CvrMonitor, MonitorConfig, delay_report
-from ctrloop.core.delays import CvrSample, DelayPolicy, PolicyConfig, build_policy
+from ctrloop.core.delay_report import DEFAULT_TOP_N, MonitorConfig
+from ctrloop.core.delays import PolicyConfig, build_policy
 from ctrloop.core.errors import ConfigError
 from ctrloop.core.events import Click, Conversion, Event, Impression
 from ctrloop.core.features import FeatureEncoder, FeatureSpec
-from ctrloop.core.joining import Joiner, JoinerConfig, Sample, WatermarkTracker
-from ctrloop.core.learner import LearnerConfig, OnlineLearner
-from ctrloop.core.metrics import ProgressiveMetrics
-from ctrloop.core.models import build_model
-from ctrloop.core.posterior import LogitPosterior, PosteriorConfig
+from ctrloop.core.joining import Joiner, JoinerConfig, WatermarkTracker
+from ctrloop.core.learner import LearnerConfig
+from ctrloop.core.posterior import PosteriorConfig
+from ctrloop.trainer.heads import CtrHead, CvrHead, Head
 
 PRIOR_VERSION = "0"
 
@@ -116,7 +114,6 @@ class Publisher(Protocol):
 
 
 ServedSink = Callable[[list[str], np.ndarray, str], None]
-ADVERTISER_FIELD = "ad.advertiser_id"
 
 
 class CountingPublisher:
@@ -169,44 +166,16 @@ class Pipeline:
         self.spec = spec
         self.encoder = FeatureEncoder(spec)
         self.joiner = Joiner(self.config.joiner)
-        lc = self.config.learner
-        posterior = (LogitPosterior(spec, self.config.posterior)
-                     if self.config.posterior is not None else None)
-        self.learner = OnlineLearner(build_model(lc.model, spec, **lc.hparams), lc, posterior)
-        if self.learner.model.tasks:
-            raise ConfigError(f"model {lc.model!r} is multi-task (pCVR per conversion type: "
-                              "set conversion types); pCTR needs a one-output model, e.g. fwfm")
-        self.served_var = served_var
+        self.stats = PipelineStats()
+        self.ctr = CtrHead(spec, self.config, self.stats)
         # Built after the pCTR model, so the pCTR initialisation is what it was without pCVR.
-        self.cvr_learner = self._build_cvr_learner(spec)
-        types = self.config.conversion_types
-        # Task names: what the snapshot and reports call each pCVR output.
-        self.cvr_tasks: tuple[str, ...] = types or ("default",)
-        self._type_index = {t: i for i, t in enumerate(types)} if types else None
-        self.cvr_policies: list[DelayPolicy] = [
-            build_policy(self.config.delay_policy, self.config.policy,
-                         self._truth_of(converted, t)) for t in self.cvr_tasks]
-        self.served_cvr = served_cvr
-        names = spec.names
-        self._adv_slot = names.index(ADVERTISER_FIELD) if ADVERTISER_FIELD in names else None
-        self.advertiser_names: dict[int, str] = {}  # policy key -> advertiser id(s), for reports
-        self._cvr_ready: list[CvrSample] = []
-        self.cvr_monitors = [CvrMonitor(self.config.monitor) for _ in self.cvr_tasks]
-        # Progressive metrics per task (the learner's own mix every task's samples).
-        window = (self.config.cvr_learner or lc).metrics_window
-        self.cvr_task_metrics = [ProgressiveMetrics(window) for _ in self.cvr_tasks]
-        # Clicks waiting for their served pCVR: scored in one batch at the next tick, with the
-        # weights of the last published snapshot (they only change at ticks).
-        self._unscored_clicks: list[tuple[str, int, float, list[int]]] = []
-        # Observability/benchmark hook: sees every pCVR sample as it is learned.
-        self.on_cvr_samples: Callable[[list[CvrSample]], None] | None = None
+        self.cvr = CvrHead(spec, self.config, self.stats, converted)
+        self.heads: tuple[Head, ...] = (self.ctr, self.cvr)  # learned in this order
+        self.served, self.served_cvr, self.served_var = served, served_cvr, served_var
         self.tracker = WatermarkTracker(self.config.allowed_lateness,
                                         max_jump=self.config.watermark_max_jump)
         self.publisher: Publisher = publisher or CountingPublisher()
-        self.served = served
         self.model_version = PRIOR_VERSION
-        self.stats = PipelineStats()
-        self._ready: list[Sample] = []
         # Impressions not yet scored, oldest first. The first sum(count) of them arrived
         # before a tick that has passed: `_score_groups` holds (count, model version) per such
         # tick; they are scored together when the weights are about to change.
@@ -214,58 +183,30 @@ class Pipeline:
         self._unscored_rows: list[list[int]] = []
         self._score_groups: list[tuple[int, str]] = []
         self._grouped = 0
-        # Event time since which a head's released samples wait (learning cadence); None: none.
-        self._ctr_waiting_since: float | None = None
-        self._cvr_waiting_since: float | None = None
+        # Per head: event time since which its released samples wait (learning cadence).
+        self._waiting_since: dict[str, float | None] = {h.name: None for h in self.heads}
         self._next_tick = -math.inf
         self._learned_since_publish = False
-        self._warmup_until: float | None = None  # set from the first event's ts
-        self._warm = False
+        self._started = False
 
-    def _build_cvr_learner(self, spec: FeatureSpec) -> OnlineLearner:
-        cc = self.config.cvr_learner or self.config.learner
-        hp = dict(cc.hparams)
-        types = self.config.conversion_types
-        if types:
-            # Several types: the multi-task model, sized like the configured one.
-            if cc.model != "stem":
-                hp = {k: v for k, v in hp.items() if k in ("dim", "init_std")}
-            hp["tasks"] = list(types)
-            name = "stem"
-        else:
-            name = cc.model
-        if name in ("fwfm", "stem"):
-            hp.setdefault("prior_ctr", 0.05)  # conversions per click, not clicks
-        return OnlineLearner(build_model(name, spec, **hp), cc)
+    # The heads' parts under the names they had before heads (tests, benchmarks, the CLI).
+    learner = property(lambda self: self.ctr.learner)
+    cvr_learner = property(lambda self: self.cvr.learner)
+    cvr_policies = property(lambda self: self.cvr.policies)
+    cvr_policy = property(lambda self: self.cvr.policies[0])
+    cvr_monitors = property(lambda self: self.cvr.monitors)
+    cvr_monitor = property(lambda self: self.cvr.monitors[0])
+    cvr_tasks = property(lambda self: self.cvr.tasks)
+    cvr_task_metrics = property(lambda self: self.cvr.task_metrics)
+    advertiser_names = property(lambda self: self.cvr.advertiser_names)
+    on_cvr_samples = property(lambda self: self.cvr.on_samples,
+                              lambda self, hook: setattr(self.cvr, "on_samples", hook))
 
-    def _truth_of(self, converted: Collection[str] | Mapping[str, Collection[str]] | None,
-                  task: str) -> Collection[str] | None:
-        if converted is None or not self.config.conversion_types:
-            return converted  # type: ignore[return-value]
-        if not isinstance(converted, Mapping) or task not in converted:
-            raise ConfigError(f"delay policy 'oracle' with conversion types needs the truth per "
-                              f"type (a truth file of a multi-type simulation); no {task!r}")
-        return converted[task]
-
-    @property
-    def cvr_policy(self) -> DelayPolicy:
-        """The first conversion type's policy (the only one without conversion types)."""
-        return self.cvr_policies[0]
-
-    @property
-    def cvr_monitor(self) -> CvrMonitor:
-        return self.cvr_monitors[0]
-
-    def _task_of(self, conversion_type: str) -> int | None:
-        if self._type_index is None:
-            return 0  # one task: every conversion counts, whatever its type
-        return self._type_index.get(conversion_type)
-
-    def _extend_cvr(self, samples: list[CvrSample], task: int) -> None:
-        if task:
-            for s in samples:
-                s.task = task
-        self._cvr_ready.extend(samples)
+    def delay_report(self, top_n: int = DEFAULT_TOP_N, task: int = 0) -> dict[str, Any]:
+        """Per advertiser (top `top_n` by recent clicks, the rest pooled): the policy's wait
+        and statistic, observed vs history CVR and the pCVR calibration over matured clicks,
+        for conversion type `task` (an index into `cvr_tasks`)."""
+        return self.cvr.delay_report(top_n, task)
 
     def process(self, event: Event, source: Any = "0", row: list[int] | None = None) -> None:
         """`row`: the impression's encoded features if the caller already has them (a columnar
@@ -274,11 +215,9 @@ class Pipeline:
         # mapping give it back as the same key (an int 0 came back as "0": a second source
         # that held event time at the checkpoint forever).
         self.stats.events += 1
-        if self._warmup_until is None:
-            # The first negatives come out when the watermark passes the first window, which
-            # is a window plus the allowed lateness after the first event.
-            self._warmup_until = (event.ts + self.config.joiner.click_window
-                                  + self.config.allowed_lateness)
+        if not self._started:
+            self._started = True
+            self.ctr.start(event.ts)
         self.tracker.observe(source, event.ts)
         clock = self.tracker.clock
         if clock >= self._next_tick and clock > -math.inf:
@@ -287,8 +226,7 @@ class Pipeline:
             self.stats.impressions += 1
             if row is None:
                 row = self.encoder.encode(event)
-            if self._adv_slot is not None and row[self._adv_slot] not in self.advertiser_names:
-                self._name_advertiser(row[self._adv_slot], event.advertiser_id)
+            self.cvr.on_impression(row, event.advertiser_id)
             if self.served is not None:
                 self._unscored_ids.append(event.impression_id)
                 self._unscored_rows.append(row)
@@ -298,61 +236,13 @@ class Pipeline:
             released = self.joiner.add_click(event.impression_id, event.ts)
         elif type(event) is Conversion:
             self.stats.conversions += 1
-            task = self._task_of(event.conversion_type)
-            if task is None:
-                self.stats.cvr_other_types += 1
-                return
-            self._extend_cvr(self.cvr_policies[task].add_conversion(event.impression_id,
-                                                                     event.ts), task)
-            self.cvr_monitors[task].add_conversion(event.impression_id, event.ts)
+            self.cvr.on_conversion(event)
             return
         else:
             raise TypeError(f"not an event: {event!r}")
         if released:
-            self._ready.extend(released)
-            self._clicks_to_policy(released)
-
-    def _clicks_to_policy(self, released: list[Sample]) -> None:
-        """Every attributed click (a pCTR positive) is a pCVR candidate; warm-up does not
-        apply to pCVR: its policy releases labelled samples, never positives alone."""
-        slot = self._adv_slot
-        for s in released:
-            if s.label:
-                key = s.payload[slot] if slot is not None else 0
-                # A pending sample per type: each type has its own wait (the policy key is
-                # (advertiser, type)) and its own label.
-                for task, policy in enumerate(self.cvr_policies):
-                    self._extend_cvr(policy.add_click(s.impression_id, key, s.label_ts,
-                                                      s.payload), task)
-                    self.cvr_monitors[task].add_click(s.impression_id, key, s.label_ts)
-                self._unscored_clicks.append((s.impression_id, key, s.label_ts, s.payload))
-
-    def _score_clicks(self) -> None:
-        """The monitor's pCVR of each click: what the served model said (before learning)."""
-        clicks = self._unscored_clicks
-        if not clicks:
-            return
-        self._unscored_clicks = []
-        preds = self.cvr_learner.predict(np.asarray([c[3] for c in clicks], dtype=np.int64))
-        if preds.ndim == 1:
-            preds = preds[:, None]
-        for task, monitor in enumerate(self.cvr_monitors):
-            for (_, key, ts, _), p in zip(clicks, preds[:, task].tolist(), strict=True):
-                monitor.add_pcvr(key, ts, p)
-
-    def delay_report(self, top_n: int = DEFAULT_TOP_N, task: int = 0) -> dict[str, Any]:
-        """Per advertiser (top `top_n` by recent clicks, the rest pooled): the policy's wait
-        and statistic, observed vs history CVR and the pCVR calibration over matured clicks,
-        for conversion type `task` (an index into `cvr_tasks`)."""
-        return delay_report(self.cvr_policies[task], self.cvr_monitors[task],
-                            lambda k: self.advertiser_names.get(k, str(k)),  # type: ignore
-                            top_n)
-
-    def _name_advertiser(self, key: int, advertiser_id: str) -> None:
-        # Keys are hashed advertiser ids (the model's own bucket, so colliding advertisers
-        # share statistics as they share an embedding); the first one seen names the key.
-        if len(self.advertiser_names) < 100_000:
-            self.advertiser_names[key] = advertiser_id
+            self.ctr.ready.extend(released)
+            self.cvr.on_released(released)
 
     def advance_idle(self, clock: float) -> None:
         """Move event time with no events (a quiet live stream), ticking if a boundary passed."""
@@ -366,16 +256,11 @@ class Pipeline:
         self.stats.ticks += 1
         self._close_score_group()
         watermark = clock - self.config.allowed_lateness
-        self._ready.extend(self.joiner.advance(watermark))
-        for task, policy in enumerate(self.cvr_policies):
-            self._extend_cvr(policy.advance(watermark), task)
-        self._score_clicks()
-        for monitor in self.cvr_monitors:
-            monitor.advance(watermark)
-        if self._learn_due(len(self._ready), "_ctr_waiting_since", clock):
-            self._learn_ready()
-        if self._learn_due(len(self._cvr_ready), "_cvr_waiting_since", clock):
-            self._learn_cvr_ready()
+        self.ctr.ready.extend(self.joiner.advance(watermark))
+        self.cvr.advance(watermark)
+        for head in self.heads:
+            if self._learn_due(head, clock):
+                self._learn(head, clock)
         self._publish(clock)
         interval = self.config.publish_interval
         self._next_tick = (math.floor(clock / interval) + 1) * interval
@@ -384,29 +269,27 @@ class Pipeline:
         """End of a finite stream: score what is left, close every window, learn, publish."""
         self._close_score_group()
         self._flush_scores()
-        self._ready.extend(self.joiner.flush())
-        for task, policy in enumerate(self.cvr_policies):
-            self._extend_cvr(policy.flush(), task)
-        self._score_clicks()
-        self._learn_ready()
-        self._learn_cvr_ready()
-        self._ctr_waiting_since = self._cvr_waiting_since = None
+        self.ctr.ready.extend(self.joiner.flush())
+        self.cvr.flush()
+        for head in self.heads:
+            self._learn(head, self.tracker.clock)
+            self._waiting_since[head.name] = None
         self._publish(self.tracker.clock)
 
-    def _learn_due(self, waiting: int, since_attr: str, clock: float) -> bool:
-        """The learning cadence of one head: learn its `waiting` samples at this tick?"""
-        if not waiting:
-            setattr(self, since_attr, None)
-            return False
-        since = getattr(self, since_attr)
-        if since is None:
-            since = clock
-        config = self.config
-        if waiting >= config.min_learn_samples or clock - since >= config.max_learn_wait:
-            setattr(self, since_attr, None)
-            return True
-        setattr(self, since_attr, since)
-        return False
+    def _learn(self, head: Head, clock: float) -> None:
+        if head.learn(clock, self._flush_scores):
+            self._learned_since_publish = True
+
+    def _learn_due(self, head: Head, clock: float) -> bool:
+        """The learning cadence of one head: learn its waiting samples at this tick?"""
+        waiting = head.waiting()
+        since = self._waiting_since[head.name]
+        due = waiting and (waiting >= self.config.min_learn_samples
+                           or clock - (clock if since is None else since)
+                           >= self.config.max_learn_wait)
+        self._waiting_since[head.name] = (None if due or not waiting else
+                                          clock if since is None else since)
+        return bool(due)
 
     def _close_score_group(self) -> None:
         """A tick: the impressions that arrived since the previous one get today's version."""
@@ -426,10 +309,10 @@ class Pipeline:
         del self._unscored_ids[:n], self._unscored_rows[:n]
         self._score_groups, self._grouped = [], 0
         sizes = [c for c, _ in groups]
-        preds = self.learner.predict_parts(rows, sizes)
-        cvr = (self.cvr_learner.predict_parts(rows, sizes) if self.served_cvr is not None
+        preds = self.ctr.learner.predict_parts(rows, sizes)
+        cvr = (self.cvr.learner.predict_parts(rows, sizes) if self.served_cvr is not None
                else None)
-        posterior = self.learner.posterior
+        posterior = self.ctr.learner.posterior
         var = (posterior.row_variance(torch.from_numpy(rows)).numpy()
                if self.served_var is not None and posterior is not None else None)
         assert self.served is not None
@@ -445,112 +328,23 @@ class Pipeline:
             self.served(part, preds[i], version)
             start += count
 
-    def _learn_ready(self) -> None:
-        ready = self._ready
-        if not ready:
-            return
-        self._ready = []
-        until = self._warmup_until
-        if not self._warm and until is not None and self.config.warmup:
-            kept = [s for s in ready if s.label == 0 or s.label_ts >= until]
-            self.stats.warmup_skipped += len(ready) - len(kept)
-            ready = kept
-            if self.tracker.clock > until + self.config.joiner.click_window:
-                self._warm = True  # no click of the first window can still come
-            if not ready:
-                return
-        self._flush_scores()  # the weights change below
-        rows = np.asarray([s.payload for s in ready], dtype=np.int64)
-        labels = np.fromiter((s.label for s in ready), dtype=np.float32, count=len(ready))
-        if self.learner.posterior is not None:
-            # Evidence fades with event time; a tick's samples all count as of its clock.
-            self.learner.posterior.advance(self.tracker.clock)
-        self.learner.learn(rows, labels)
-        st = self.stats
-        st.learned += len(ready)
-        st.learned_positives += int(labels.sum())
-        digest = st.learned_digest
-        for s in ready:
-            digest += zlib.crc32(s.impression_id.encode())
-        st.learned_digest = digest & 0xFFFFFFFFFFFFFFFF
-        self._learned_since_publish = True
+    # --- publication ---------------------------------------------------------------------
 
-    def _learn_cvr_ready(self) -> None:
-        ready = self._cvr_ready
-        if not ready:
-            return
-        self._cvr_ready = []
-        if self.on_cvr_samples is not None:
-            self.on_cvr_samples(ready)
-        rows = np.asarray([s.payload for s in ready], dtype=np.int64)
-        labels = np.fromiter((s.label for s in ready), dtype=np.float32, count=len(ready))
-        multi = bool(self.config.conversion_types)
-        tasks = (np.fromiter((s.task for s in ready), dtype=np.int64, count=len(ready))
-                 if multi else None)
-        policy = self.cvr_policy  # every type's policy is of the same kind: same weights
-        preds = None
-        if policy.needs_predictions:
-            preds = self.cvr_learner.predict(rows)
-            if tasks is not None:
-                preds = preds[np.arange(len(ready)), tasks]
-        weights = policy.weights(ready, preds)
-        self._flush_scores()  # the weights change below
-        learned = self.cvr_learner.learn(rows, labels, weights, tasks)
-        if tasks is not None:
-            keep = weights > 0
-            for task, metrics in enumerate(self.cvr_task_metrics):
-                mine = keep & (tasks == task)
-                metrics.add((labels[mine] >= 0.5).astype(np.float32), learned[mine])
-        st = self.stats
-        st.cvr_learned += len(ready)
-        st.cvr_label_sum += float(sum(s.label * s.weight for s in ready))
-        digest = st.cvr_digest
-        for s in ready:
-            # The task joins the key only past the first, so one-task digests stay as they were.
-            digest += zlib.crc32((f"{s.impression_id}/{s.kind}/{s.task}" if s.task
-                                  else f"{s.impression_id}/{s.kind}").encode())
-        st.cvr_digest = digest & 0xFFFFFFFFFFFFFFFF
-        self._learned_since_publish = True
-
-    def published_models(self) -> dict[str, Any]:
-        """What a snapshot carries: the pCTR model and the pCVR head (see `head_snapshots`)."""
-        return {"pctr": self.learner.model, "pcvr": self.cvr_learner.model}
+    def bundle(self, version: int, meta: dict[str, Any]) -> dict[str, tuple[bytes, dict[str, Any]]]:
+        """Every head as of `version`: name -> (snapshot blob, registry record meta). "pctr"
+        is the main model (its record meta is `meta`); the others are published under
+        `ModelRegistry.head(name)` with the same version, before the main one."""
+        return {h.name: (h.snapshot(version, meta), h.record_meta(meta)) for h in self.heads}
 
     def head_snapshots(self, version: int, meta: dict[str, Any]) -> dict[str, bytes]:
-        """The heads published with pCTR snapshot `version`: today {"pcvr": blob}. Each blob
-        is a standard ctrloop snapshot (`decode_snapshot` + `build_from_snapshot` load it) of
-        the same version, with meta["head"] = "pcvr", the delay policy and the pCVR metrics,
-        so a reader that loaded pCTR version v loads pCVR version v next to it."""
-        from ctrloop.core.snapshot import encode_snapshot  # publication only; keeps import light
-
-        cvr = self.cvr_learner
-        head_meta = {**meta, "head": "pcvr", "delay_policy": self.cvr_policy.name,
-                     "samples_seen": cvr.samples_seen, "positives_seen": cvr.positives_seen,
-                     "metrics": cvr.metrics.report().as_dict(), **self._task_meta()}
-        return {"pcvr": encode_snapshot(cvr.model, version, head_meta)}
-
-    def _task_meta(self) -> dict[str, Any]:
-        if not self.config.conversion_types:
-            return {}
-        return {"tasks": list(self.cvr_tasks),
-                "metrics_by_type": {t: m.report().as_dict() for t, m in
-                                    zip(self.cvr_tasks, self.cvr_task_metrics, strict=True)}}
+        """The heads published next to pCTR snapshot `version`: {"pcvr": blob}."""
+        return {h.name: h.snapshot(version, meta) for h in self.heads if h is not self.ctr}
 
     def head_record_meta(self, name: str, top_n: int = DEFAULT_TOP_N) -> dict[str, Any]:
-        """The registry record's meta of head `name`: small and readable without the blob
-        (the service exports the pCVR head's "delays" report on /metrics; `ctrloop
-        delay-report` prints it), bounded by `top_n` advertisers."""
-        if name != "pcvr":
-            return {"head": name}
-        meta = {"head": name, "delay_policy": self.cvr_policy.name,
-                "delays": self.delay_report(top_n)}
-        if self.config.conversion_types:
-            # "delays" stays the first type's report (what older readers expect).
-            meta.update(self._task_meta())
-            meta["delays_by_type"] = {t: meta["delays"] if i == 0 else
-                                      self.delay_report(top_n, i)
-                                      for i, t in enumerate(self.cvr_tasks)}
-        return meta
+        """The registry record's meta of head `name` (not the main model's)."""
+        head = {h.name: h for h in self.heads}.get(name)
+        return {"head": name} if head is None or head is self.ctr else head.record_meta({},
+                                                                                     top_n)
 
     def _publish(self, clock: float) -> None:
         if not self._learned_since_publish:
@@ -566,23 +360,16 @@ class Pipeline:
             "pipeline": self.stats.__dict__.copy(),
             "join": self.joiner.stats.__dict__.copy(),
             "features": self.encoder.stats(),
-            "metrics": self.learner.metrics.report().as_dict(),
+            "metrics": self.ctr.learner.metrics.report().as_dict(),
             "model_version": self.model_version,
             "pending": self.joiner.pending,
-            "cvr": {"delay_policy": self.cvr_policy.report(),
-                    "metrics": self.cvr_learner.metrics.report().as_dict(),
-                    "delays": self.delay_report(),
-                    **({"by_type": {
-                        t: {"delay_policy": self.cvr_policies[i].report(),
-                            "metrics": self.cvr_task_metrics[i].report().as_dict(),
-                            "other_type_conversions": self.stats.cvr_other_types}
-                        for i, t in enumerate(self.cvr_tasks)}}
-                       if self.config.conversion_types else {})},
+            "cvr": self.cvr.summary(),
         }
 
     # --- checkpointing -------------------------------------------------------------------
     # State is plain containers of tensors, numbers and strings, so `torch.load(...,
-    # weights_only=True)` can read it back and a checkpoint can never execute code.
+    # weights_only=True)` can read it back and a checkpoint can never execute code. The
+    # heads' keys are the ones the pipeline wrote before heads: older checkpoints restore.
 
     def state(self, source_name: Callable[[Any], str] = str) -> dict[str, Any]:
         self._flush_scores()  # impressions of past ticks: their weights are still current
@@ -591,126 +378,42 @@ class Pipeline:
         joiner = self.joiner.snapshot()
         pending = joiner.pop("pending")
         nf = self.spec.num_fields
-        ready = self._ready
-        return {
+        state = {
             "spec": self.spec.to_dict(),
-            "learner": self.learner.state_dict(),
-            "metrics": self.learner.metrics.state(),
             "joiner": joiner,
             "pending_ids": [r[0] for r in pending],
             "pending_ts": torch.tensor([r[1] for r in pending], dtype=torch.float64),
             "pending_rows": torch.tensor([r[2] for r in pending],
                                          dtype=torch.int64).reshape(-1, nf),
-            "ready": [[s.impression_id, s.ts, s.label, s.label_ts] for s in ready],
-            "ready_rows": torch.tensor([s.payload for s in ready],
-                                       dtype=torch.int64).reshape(-1, nf),
             "tracker": self.tracker.state(source_name),
             "stats": self.stats.__dict__.copy(),
             "model_version": self.model_version,
             "next_tick": self._next_tick,
-            "warm": self._warm,
-            "warmup_until": self._warmup_until,
-            "ctr_waiting_since": self._ctr_waiting_since,
-            "cvr_waiting_since": self._cvr_waiting_since,
-            **self._cvr_state(),
+            "started": self._started,
+            "waiting_since": dict(self._waiting_since),
         }
-
-    def _policy_state(self, task: int) -> tuple[dict[str, Any], torch.Tensor]:
-        policy = self.cvr_policies[task].state()
-        payloads = policy.pop("payloads")
-        rows = torch.tensor(payloads, dtype=torch.int64).reshape(-1, self.spec.num_fields)
-        return policy, rows
-
-    def _cvr_state(self) -> dict[str, Any]:
-        nf = self.spec.num_fields
-        policy, policy_rows = self._policy_state(0)
-        ready = self._cvr_ready
-        types: dict[str, Any] = {}
-        if self.config.conversion_types:
-            # Per type: [policy, its rows, monitor, progressive metrics]. The first type is
-            # also under the one-task keys, which `ctrloop delay-report` reads.
-            types["cvr_types"] = list(self.cvr_tasks)
-            types["cvr_task_state"] = [
-                [*self._policy_state(i), self.cvr_monitors[i].state(),
-                 self.cvr_task_metrics[i].state()] for i in range(len(self.cvr_tasks))]
-        return {
-            **types,
-            "cvr_learner": self.cvr_learner.state_dict(),
-            "cvr_metrics": self.cvr_learner.metrics.state(),
-            "cvr_policy": policy,
-            "cvr_policy_rows": policy_rows,
-            "cvr_ready": [[s.impression_id, s.click_ts, s.label, s.weight, s.release_ts, s.kind,
-                           s.key, s.task] for s in ready],
-            "cvr_ready_rows": torch.tensor([s.payload for s in ready],
-                                           dtype=torch.int64).reshape(-1, nf),
-            "advertiser_names": [[k, v] for k, v in self.advertiser_names.items()],
-            "cvr_monitor": self.cvr_monitor.state(),
-            "cvr_unscored_clicks": [[iid, key, ts] for iid, key, ts, _ in self._unscored_clicks],
-            "cvr_unscored_rows": torch.tensor([c[3] for c in self._unscored_clicks],
-                                              dtype=torch.int64).reshape(-1, nf),
-        }
-
-    def _restore_cvr(self, state: dict[str, Any]) -> None:
-        if "cvr_policy" not in state:  # a checkpoint from before pCVR: start it fresh
-            return
-        saved = tuple(state.get("cvr_types", ()))
-        if saved != self.config.conversion_types:
-            raise ConfigError(
-                f"the checkpoint's pCVR learns conversion types {list(saved) or 'any (one task)'}"
-                f", this trainer {list(self.config.conversion_types) or 'any (one task)'}: set "
-                f"the same CTRLOOP_CONVERSION_TYPES, or start from a new checkpoint directory")
-        self.cvr_learner.load_state_dict(state["cvr_learner"])
-        window = (self.config.cvr_learner or self.config.learner).metrics_window
-        self.cvr_learner.metrics = ProgressiveMetrics.from_state(state["cvr_metrics"], window)
-        if saved:
-            for i, (policy, rows, monitor, metrics) in enumerate(state["cvr_task_state"]):
-                self.cvr_policies[i].restore({**policy, "payloads": rows.tolist()})
-                self.cvr_monitors[i].restore(monitor)
-                self.cvr_task_metrics[i] = ProgressiveMetrics.from_state(metrics, window)
-        else:
-            self.cvr_policy.restore({**state["cvr_policy"],
-                                     "payloads": state["cvr_policy_rows"].tolist()})
-            if "cvr_monitor" in state:  # older checkpoints: the monitor starts fresh
-                self.cvr_monitor.restore(state["cvr_monitor"])
-        self._cvr_ready = [
-            CvrSample(iid, float(cts), float(label), float(w), row, float(rts), str(kind), key,
-                      int(rest[0]) if rest else 0)
-            for (iid, cts, label, w, rts, kind, key, *rest), row in
-            zip(state["cvr_ready"], state["cvr_ready_rows"].tolist(), strict=True)]
-        self.advertiser_names = {int(k): str(v) for k, v in state["advertiser_names"]}
-        if "cvr_monitor" in state:
-            self._unscored_clicks = [
-                (str(iid), key, float(ts), row) for (iid, key, ts), row in
-                zip(state["cvr_unscored_clicks"], state["cvr_unscored_rows"].tolist(),
-                    strict=True)]
+        for head in self.heads:
+            state.update(head.state())
+        return state
 
     def restore(self, state: dict[str, Any], source_key: Callable[[str], Any] = str) -> None:
         """Load `state()` output into this (fresh) pipeline; `source_key` maps the saved source
         names back to the objects the caller feeds as `source` (e.g. TopicPartitions)."""
-        self.learner.load_state_dict(state["learner"])
-        self.learner.metrics = ProgressiveMetrics.from_state(state["metrics"],
-                                                             self.config.learner.metrics_window)
         joiner = dict(state["joiner"])
         rows = state["pending_rows"].tolist()
         joiner["pending"] = [[k, ts, row] for k, ts, row in
                              zip(state["pending_ids"], state["pending_ts"].tolist(), rows,
                                  strict=True)]
         self.joiner = Joiner.restore(joiner, self.config.joiner)
-        self._ready = [Sample(k, ts, int(label), row, lts) for (k, ts, label, lts), row in
-                       zip(state["ready"], state["ready_rows"].tolist(), strict=True)]
         self.tracker.restore(state["tracker"], source_key)
-        self.stats = PipelineStats(**state["stats"])
+        # The heads count into the same stats object: update it in place.
+        self.stats.__dict__.update(PipelineStats(**state["stats"]).__dict__)
         self.model_version = str(state["model_version"])
         self._next_tick = float(state["next_tick"])
-        if "warmup_until" in state:  # the warm-up goes on where the checkpoint left it
-            self._warm = bool(state["warm"])
-            wu = state["warmup_until"]
-            self._warmup_until = None if wu is None else float(wu)
-        else:  # older checkpoints: restored as warm
-            self._warm = bool(state["warm"])
-            self._warmup_until = None if not self._warm else -math.inf
-        # Older checkpoints: the waiting samples' clock starts at the next tick.
-        for key in ("ctr_waiting_since", "cvr_waiting_since"):
-            since = state.get(key)
-            setattr(self, f"_{key}", None if since is None else float(since))
-        self._restore_cvr(state)
+        # Older checkpoints: started if the warm-up clock was set (or they predate it).
+        self._started = bool(state.get("started", state.get("warmup_until", 0) is not None))
+        for name, since in state.get("waiting_since", {}).items():
+            if name in self._waiting_since:
+                self._waiting_since[name] = None if since is None else float(since)
+        for head in self.heads:
+            head.restore(state)

@@ -185,6 +185,8 @@ def replay(events: Path, outputs: ReplayOutputs, spec: FeatureSpec | None = None
         "predictions": writer.count,
         "seconds": elapsed,
         "events_per_s": pipe.stats.events / elapsed if elapsed > 0 else float("nan"),
+        "learning_cadence": {"min_learn_samples": pipe.config.min_learn_samples,
+                             "max_learn_wait": pipe.config.max_learn_wait},
         "spec_inferred": inferred,
         "spec_path": str(outputs.spec) if inferred else None,
         "spec_hash": spec.hash,

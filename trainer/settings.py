@@ -32,6 +32,11 @@ class LearningSettings(BaseSettings):
     click_window: float = Field(120.0, gt=0, description="click-attribution window, seconds")
     allowed_lateness: float = Field(30.0, ge=0, description="watermark = max ts - this")
     publish_interval: float = Field(1.0, gt=0, description="event-time seconds between snapshots")
+    # Learning cadence (trainer/pipeline.py): 1 learns every tick's released samples at that
+    # tick; more trades a staler served model for fewer optimizer steps on sparse streams.
+    min_learn_samples: int = Field(1, ge=1, description="learn once this many samples wait")
+    max_learn_wait: float = Field(60.0, ge=0, description="...or the oldest waited this long, "
+                                  "event seconds")
     warmup: bool = Field(True, description="skip positives of a fresh trainer's first window")
     max_pending: int = Field(2_000_000, ge=1, description="impressions held by the joiner")
     evict: Literal["emit", "drop"] = "emit"
@@ -89,6 +94,8 @@ class LearningSettings(BaseSettings):
             publish_interval=self.publish_interval,
             allowed_lateness=self.allowed_lateness,
             warmup=self.warmup,
+            min_learn_samples=self.min_learn_samples,
+            max_learn_wait=self.max_learn_wait,
             delay_policy=self.delay_policy,
             posterior=PosteriorConfig(prior_var=self.posterior_prior_var,
                                       scale=self.posterior_scale,

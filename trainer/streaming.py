@@ -74,7 +74,6 @@ from kafka.structs import OffsetAndMetadata
 from ctrloop.core.errors import DependencyError, InvalidEvent
 from ctrloop.core.events import Impression, check_not_ahead, decode_event
 from ctrloop.core.features import FeatureSpec
-from ctrloop.core.snapshot import encode_snapshot
 from ctrloop.io.kafka import (
     create_topics,
     make_consumer,
@@ -121,13 +120,12 @@ class RegistryPublisher:
                 "positives_seen": learner.positives_seen, "metrics": report}
         if self._extra_meta is not None:
             meta["trainer"] = self._extra_meta()
-        data = encode_snapshot(learner.model, version, meta)
+        bundle = pipeline.bundle(version, meta)
+        main, main_meta = bundle.pop(pipeline.ctr.name)
         # Heads (pCVR) first: a reader that sees pCTR version v finds head version v too.
-        head_of = getattr(self.registry, "head", None)
-        if head_of is not None:
-            for name, blob in pipeline.head_snapshots(version, meta).items():
-                head_of(name).publish(version, blob, pipeline.head_record_meta(name))
-        self.registry.publish(version, data, meta)
+        for name, (blob, record_meta) in bundle.items():
+            self.registry.head(name).publish(version, blob, record_meta)
+        self.registry.publish(version, main, main_meta)
         self._last = now
         self.published += 1
         self.last_seconds = time.perf_counter() - t0

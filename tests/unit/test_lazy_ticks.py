@@ -136,13 +136,18 @@ def test_learning_cadence_learns_everything_in_fewer_steps(streams: dict[str, Pa
 
 def test_learning_cadence_waits_at_most_max_learn_wait() -> None:
     config = PipelineConfig(min_learn_samples=100, max_learn_wait=10.0)
-    spec = FeatureSpec.infer([])
-    pipe = Pipeline(spec, config)
-    assert not pipe._learn_due(3, "_ctr_waiting_since", 100.0)
-    assert not pipe._learn_due(5, "_ctr_waiting_since", 109.0)
-    assert pipe._learn_due(5, "_ctr_waiting_since", 110.0)
-    assert pipe._ctr_waiting_since is None
-    assert pipe._learn_due(100, "_ctr_waiting_since", 111.0)
+    pipe = Pipeline(FeatureSpec.infer([]), config)
+    head = pipe.ctr
+    head.ready = [None] * 3  # type: ignore[list-item]
+    assert not pipe._learn_due(head, 100.0)
+    head.ready *= 2
+    assert not pipe._learn_due(head, 109.0)
+    assert pipe._learn_due(head, 110.0)
+    assert pipe._waiting_since[head.name] is None
+    head.ready *= 20
+    assert pipe._learn_due(head, 111.0)
+    head.ready = []
+    assert not pipe._learn_due(head, 112.0) and pipe._waiting_since[head.name] is None
 
 
 def test_learning_cadence_is_validated() -> None:
