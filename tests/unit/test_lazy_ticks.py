@@ -155,3 +155,29 @@ def test_learning_cadence_is_validated() -> None:
         PipelineConfig(min_learn_samples=0)
     with pytest.raises(ConfigError):
         PipelineConfig(max_learn_wait=-1.0)
+
+
+@pytest.mark.parametrize("name", ["fwfm", "types-fixed"])
+def test_checkpoint_of_the_per_tick_pipeline_restores_into_heads(
+        streams: dict[str, Path], name: str) -> None:
+    """A checkpoint written before heads (the reference's keys) goes on exactly as an
+    uninterrupted run of the reference."""
+    torch.set_num_threads(1)
+    events = list(read_events(streams["dense"]))
+    spec, config = infer_spec(streams["dense"]), CONFIGS[name]
+    whole = ReferencePipeline(spec, config)
+    for e in events:
+        whole.process(e)
+    whole.finish()
+    first = ReferencePipeline(spec, config)
+    half = len(events) // 2
+    for e in events[:half]:
+        first.process(e)
+    state = first.state()
+    second = Pipeline(spec, config)
+    second.restore(state)
+    for e in events[half:]:
+        second.process(e)
+    second.finish()
+    assert (json.dumps(second.summary(), sort_keys=True, default=str)
+            == json.dumps(whole.summary(), sort_keys=True, default=str))
