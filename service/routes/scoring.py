@@ -36,6 +36,7 @@ from ctrloop.service.responses import error, invalid_body, json_response
 from ctrloop.service.routes.common import ERRORS, body_doc, timed
 from ctrloop.service.schemas import (
     SCORE_REQUEST,
+    RankBy,
     ScoreRequest,
     ScoreResponse,
     check_feature_names,
@@ -112,10 +113,11 @@ def score(state: ServiceState, req: ScoreRequest, topic: str,
     pred = served.predict_full(shared, req["user_id"], cands,
                                with_variance=served.posterior is not None,
                                conversion_type=opts.get("conversion_type"))
-    weights = _weights(opts.get("rank_by", "bid_pctr"), req, pred)
-    if isinstance(weights, str):
+    rank_by = opts.get("rank_by", "bid_pctr")
+    if rank_by == "bid_pctr_pcvr" and pred.pcvr is None:
         return error(422, f"rank_by bid_pctr_pcvr needs a pCVR model, and version "
                           f"{served.version} has none; use bid_pctr")
+    weights = _weights(rank_by, req, pred)
     ranking, info = _rank(state, opts, pred, weights)
     request_id = req.get("request_id") or _new_id()
     out = _candidates_out(ranking, pred, served, cands)
@@ -188,14 +190,12 @@ def _loggable(req: ScoreRequest, shared: dict[str, Any], cands: Cands,
     return None
 
 
-def _weights(rank_by: str, req: ScoreRequest, pred: Prediction) -> np.ndarray | str | None:
-    """What multiplies pCTR in the score (None: pCTR itself); a string when it cannot be."""
+def _weights(rank_by: RankBy, req: ScoreRequest, pred: Prediction) -> np.ndarray | None:
+    """What multiplies pCTR in the score (None: pCTR itself): bid, or bid x pCVR."""
     if rank_by == "pctr":
         return None
-    if rank_by == "bid_pctr_pcvr" and pred.pcvr is None:
-        return "no pcvr"
     bids = np.array([c.get("bid") or 1.0 for c in req["candidates"]])
-    return rank_weights(rank_by, bids, pred.pcvr)  # type: ignore[arg-type]
+    return rank_weights(rank_by, bids, pred.pcvr)
 
 
 def _rank(state: ServiceState, opts: Any, pred: Prediction, weights: np.ndarray | None
