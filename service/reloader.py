@@ -33,11 +33,11 @@ from typing import Any
 import numpy as np
 import redis
 import torch
-from ctrloop.service.scoring import ServedModel, load_verified, prior_model
 
 from ctrloop.core.errors import RegistryError, SnapshotError
 from ctrloop.core.features import FeatureSpec
 from ctrloop.io.registry import ModelRegistry, RedisRegistry, RegistryCorrupt, VersionNotFound
+from ctrloop.service.scoring import ServedModel, load_verified, prior_model
 
 log = logging.getLogger(__name__)
 
