@@ -195,10 +195,10 @@ def test_a_kafka_outage_is_reported_once_and_logged_is_the_truth(
         log = s.log_tail(1 << 20)
     finally:
         broker.stop()
-    warnings = re.findall(r"WARNING service\.sink: .*", outage_log)
+    warnings = re.findall(r"WARNING ctrloop\.service\.sink: .*", outage_log)
     assert len(warnings) == 1, warnings  # one line for the first outage, however long
     assert "CTRLOOP_KAFKA_BOOTSTRAP" in warnings[0]
-    assert len(re.findall(r"WARNING service\.sink: Kafka at .* is unavailable", log)) == 2
-    assert len(re.findall(r"INFO service\.sink: Kafka at .* is reachable again", log)) == 1
+    assert len(re.findall(r"WARNING ctrloop\.service\.sink: Kafka at .* is unavailable", log)) == 2
+    assert len(re.findall(r"INFO ctrloop\.service\.sink: Kafka at .* is reachable again", log)) == 1
     assert "Traceback" not in log, log[-3000:]
     assert "Exception ignored" not in log, log[-3000:]
