@@ -369,34 +369,60 @@ class FeatureEncoder:
         return np.asarray(rows, dtype=np.int64)
 
     def encode_batch(self, imps: Sequence[Impression]) -> np.ndarray:
-        """[B, F] int64 whose row b is `encode(imps[b])`, counting the same stats.
-
-        Column by column when every impression has the same feature names in the same order
-        (a producer's usual output): each field is one C-level pass of cache lookups over its
-        values, and Python runs only for values not cached yet. Otherwise row by row. Each
-        field's cache sees its values in the same order as B `encode` calls, so even its
-        evictions match.
-        """
+        """[B, F] int64 whose row b is `encode(imps[b])`, counting the same stats."""
         if not imps:
             return np.zeros((0, self.spec.num_fields), dtype=np.int64)
+        return np.asarray(self.encode_rows(imps), dtype=np.int64)
+
+    def encode_rows(self, imps: Sequence[Impression]) -> list[list[int]]:
+        """`[encode(imp) for imp in imps]`, counting the same stats, column by column.
+
+        Impressions are grouped by their feature names (a producer sends one or a few
+        layouts), and each group is encoded column by column: each field is one C-level pass
+        of cache lookups over its values, Python runs only for values not cached yet, and
+        the rows are the columns transposed by zip, made of the cache's own int objects (a
+        numpy round trip allocated every int again). The indices are those of `encode` for
+        any impression whose features hold no bools (decode_event turns them into strings):
+        `encode` itself maps True and 1 to whichever the field's cache saw first.
+        """
         feats = list(map(attrgetter("features"), imps))
-        columns = uniform_columns(feats) if set(map(type, feats)) == {dict} else None
-        if columns is None:
-            return np.asarray([self.encode(imp) for imp in imps], dtype=np.int64)
-        out = np.empty((len(imps), self.spec.num_fields), dtype=np.int64)
-        out[:] = self._offsets
-        unknown, carried = [], set()
-        for name, values in zip(*columns, strict=True):
-            i = self._slot.get(name)
-            if i is None:
-                unknown.append(name)
-            else:
-                carried.add(i)
-                out[:, i] = self._lookup(i, values, skip_none=True)
-        self._count_unknown(unknown, len(imps))
-        for i, attr in self._id_slots:
-            self._fill_ids(out, i, list(map(attrgetter(attr), imps)), i in carried)
+        groups = _layouts(feats) if feats and set(map(type, feats)) == {dict} else None
+        if groups is None or not self._count_unknown(groups):
+            return [self.encode(imp) for imp in imps]
+        if len(groups) == 1:
+            return self._encode_layout(groups[0][0], feats, imps)
+        out: list[list[int]] = [[]] * len(imps)
+        for names, rows in groups:
+            encoded = self._encode_layout(names, [feats[b] for b in rows],
+                                          [imps[b] for b in rows])
+            for b, row in zip(rows, encoded, strict=True):
+                out[b] = row
         return out
+
+    def _encode_layout(self, names: tuple[str, ...], feats: list[dict[str, Any]],
+                       imps: Sequence[Impression]) -> list[list[int]]:
+        """Rows of impressions whose features all have these names in this order."""
+        n = len(feats)
+        columns = uniform_columns(feats)
+        assert columns is not None  # one layout
+        cols: list[list[int]] = [[off] * n for off in self._offsets]
+        carried: set[int] = set()
+        for name, values in zip(names, columns[1], strict=True):
+            i = self._slot.get(name)
+            if i is not None:
+                carried.add(i)
+                cols[i] = self._lookup(i, values, skip_none=True)
+        for i, attr in self._id_slots:
+            ids = list(map(attrgetter(attr), imps))
+            if i not in carried:
+                cols[i] = self._lookup(i, ids, skip_none=False)
+            elif self._offsets[i] in cols[i]:  # some rows' features left the id missing
+                col, off = cols[i], self._offsets[i]
+                missing = [b for b in range(n) if col[b] == off]
+                for b, idx in zip(missing, self._lookup(i, [ids[b] for b in missing],
+                                                        skip_none=False), strict=True):
+                    col[b] = idx
+        return list(map(list, zip(*cols, strict=True)))
 
     def _lookup(self, i: int, values: list[Any], skip_none: bool) -> list[int]:
         """Field i's index of each value (`_index` for the ones not cached); a null is the
@@ -412,24 +438,21 @@ class FeatureEncoder:
                               else self._index(i, value))
         return idx
 
-    def _fill_ids(self, out: np.ndarray, i: int, values: list[Any], carried: bool) -> None:
-        """The top-level id of each row whose features left field i missing (as `encode`)."""
-        if not carried:
-            out[:, i] = self._lookup(i, values, skip_none=False)
-            return
-        rows = np.flatnonzero(out[:, i] == self._offsets[i])
-        if len(rows):
-            out[rows, i] = self._lookup(i, [values[r] for r in rows.tolist()], skip_none=False)
-
-    def _count_unknown(self, names: list[str], rows: int) -> None:
-        """Each of `names` once per row, as `rows` encode calls count them: the first row
-        decides which names the bounded `unknown_names` keeps, the others only add."""
-        for name in names:
-            self._unknown(name)
-        self.unknown_features += len(names) * (rows - 1)
-        for name in names:
-            if name in self.unknown_names:
-                self.unknown_names[name] += rows - 1
+    def _count_unknown(self, groups: list[tuple[tuple[str, ...], list[int]]]) -> bool:
+        """Count the unknown names of every row as `encode` would, or False (nothing counted)
+        when the order of rows could matter: `unknown_names` keeps at most 1000 names, the
+        first seen, so a batch that may fill it goes row by row."""
+        counts: Counter[str] = Counter()
+        for names, rows in groups:
+            for name in names:
+                if name not in self._slot:
+                    counts[name] += len(rows)
+        new = sum(1 for name in counts if name not in self.unknown_names)
+        if new and len(self.unknown_names) + new > 1000:
+            return False
+        self.unknown_features += sum(counts.values())
+        self.unknown_names.update(counts)
+        return True
 
     def encode_many(self, imps: Iterable[Impression]) -> np.ndarray:
         rows = [self.encode(imp) for imp in imps]
@@ -443,3 +466,14 @@ class FeatureEncoder:
             "unknown_names": dict(self.unknown_names.most_common(20)),
             "type_mismatches": self.type_mismatches,
         }
+
+
+def _layouts(feats: list[dict[str, Any]]) -> list[tuple[tuple[str, ...], list[int]]]:
+    """(names, rows) per distinct feature layout (names in order), in first-seen order."""
+    shapes = list(map(tuple, feats))
+    if shapes.count(shapes[0]) == len(shapes):  # C-level: the usual single layout
+        return [(shapes[0], list(range(len(shapes))))]
+    groups: dict[tuple[str, ...], list[int]] = {}
+    for b, shape in enumerate(shapes):
+        groups.setdefault(shape, []).append(b)
+    return list(groups.items())

@@ -459,6 +459,9 @@ def assert_batch_is_encode(imps: list[Impression]) -> None:
     np.testing.assert_array_equal(got, want)
     assert many.stats() == one.stats()
     assert many.unknown_names == one.unknown_names
+    as_lists = FeatureEncoder(BATCH_SPEC)
+    assert as_lists.encode_rows(imps) == want.tolist()
+    assert as_lists.stats() == one.stats()
 
 
 @given(st.lists(batch_imps, max_size=12))
