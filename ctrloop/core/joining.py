@@ -40,7 +40,7 @@ from typing import Any, Literal
 
 from ctrloop.core.errors import ConfigError
 
-# Joiner._done's value for an id released as a positive (a negative's is its forget time).
+# Joiner._state's value for an id released as a positive (a negative's is its forget time).
 _POSITIVE = float("-inf")
 
 
@@ -105,7 +105,11 @@ class Joiner:
         # heap of tens of thousands costs ~35 tuple comparisons per push and pop), and in a
         # heap for the ones that come out of order; released by merging the two heads, so in
         # (deadline, seq) order exactly as from one heap.
-        self._pending: dict[str, tuple[float, Any]] = {}
+        # One dict for pending and released ids (one lookup per event, and a release replaces
+        # the entry in place): a pending impression's value is (ts, payload), a released one's
+        # a float, see _POSITIVE.
+        self._state: dict[str, tuple[float, Any] | float] = {}
+        self._pending_count = 0
         self._in_order: deque[tuple[float, int, str]] = deque()
         self._deadlines: list[tuple[float, int, str]] = []
         self._seq = 0
@@ -113,20 +117,20 @@ class Joiner:
         # (click ts, id) of every orphan ever held, with lazy deletion: expiring orphans pops
         # the due ones instead of scanning all of them at every watermark step.
         self._orphan_heap: list[tuple[float, str]] = []
-        # released ids -> _POSITIVE, or for a negative the time it is forgotten (ts + window +
-        # dedup_horizon: what tells a late click within its window from one after it, with no
-        # float beyond the one the forget queue holds anyway); forgotten in release order (a
-        # deque: deleting from the front of a dict makes every later next(iter(d)) skip the
-        # holes, O(n) per call).
-        self._done: dict[str, float] = {}
+        # A released id's value in _state: _POSITIVE, or for a negative the time it is
+        # forgotten (ts + window + dedup_horizon: what tells a late click within its window
+        # from one after it, with no float beyond the one the forget queue holds anyway);
+        # forgotten in release order (a deque: deleting from the front of a dict makes every
+        # later next(iter(d)) skip the holes, O(n) per call). Each released id has exactly one
+        # entry in _forget, so popping one only ever removes a released id.
         self._forget: deque[tuple[float, str]] = deque()
 
     @property
     def pending(self) -> int:
-        return len(self._pending)
+        return self._pending_count
 
     def add_impression(self, impression_id: str, ts: float, payload: Any) -> list[Sample]:
-        if impression_id in self._pending or impression_id in self._done:
+        if impression_id in self._state:
             self.stats.duplicate_impressions += 1
             return []
         self.stats.impressions += 1
@@ -141,23 +145,23 @@ class Joiner:
             # Arrived after its own window closed: its label is already final.
             self.stats.late_impressions += 1
             return [self._release(impression_id, ts, payload, 0, self.watermark)]
-        self._pending[impression_id] = (ts, payload)
+        self._state[impression_id] = (ts, payload)
+        self._pending_count += 1
         self._push_deadline(deadline, impression_id)
-        if len(self._pending) > self._max_pending:
+        if self._pending_count > self._max_pending:
             return self._evict_one()
         return []
 
     def add_click(self, impression_id: str, ts: float) -> list[Sample]:
         self.stats.clicks += 1
-        entry = self._pending.get(impression_id)
-        if entry is not None:
-            imp_ts, payload = entry
+        done = self._state.get(impression_id)
+        if type(done) is tuple:  # pending
+            imp_ts, payload = done
             if ts - imp_ts > self._window:
                 self.stats.clicks_outside_window += 1
                 return []
-            del self._pending[impression_id]
+            self._pending_count -= 1
             return [self._release(impression_id, imp_ts, payload, 1, max(ts, imp_ts))]
-        done = self._done.get(impression_id)
         if done is not None:
             if done == _POSITIVE:
                 self.stats.duplicate_clicks += 1
@@ -194,7 +198,7 @@ class Joiner:
             self._expire_orphans(watermark)
         forget = self._forget
         if forget and forget[0][0] <= watermark:
-            done = self._done
+            done = self._state
             # Released ids are roughly in deadline order; stop at the first one still
             # remembered.
             while forget and forget[0][0] <= watermark:
@@ -221,7 +225,7 @@ class Joiner:
     def _close(self, watermark: float) -> list[Sample]:
         """The negatives of every pending impression whose deadline is under `watermark`."""
         out: list[Sample] = []
-        q, heap, pending, window = self._in_order, self._deadlines, self._pending, self._window
+        q, heap, state, window = self._in_order, self._deadlines, self._state, self._window
         release = self._release
         while True:
             if q and (not heap or q[0] < heap[0]):  # the deque's head is the smallest
@@ -232,8 +236,9 @@ class Joiner:
                 impression_id = heapq.heappop(heap)[2]
             else:
                 break
-            entry = pending.pop(impression_id, None)
-            if entry is not None:  # else: already released as a positive
+            entry = state.get(impression_id)
+            if type(entry) is tuple:  # else: already released as a positive
+                self._pending_count -= 1
                 out.append(release(impression_id, entry[0], entry[1], 0, entry[0] + window))
         return out
 
@@ -262,19 +267,21 @@ class Joiner:
             self.stats.negatives += 1
         # _remember, inlined: it runs once per sample.
         forget_at = ts + self._window + self._horizon
-        self._done[impression_id] = _POSITIVE if label else forget_at
+        self._state[impression_id] = _POSITIVE if label else forget_at
         forget = self._forget
         forget.append((forget_at, impression_id))
         if len(forget) > self._max_remembered:
-            self._done.pop(forget.popleft()[1], None)
+            self._state.pop(forget.popleft()[1], None)
         return Sample(impression_id, ts, label, payload, label_ts)
 
     def _evict_one(self) -> list[Sample]:
         while (head := self._pop_deadline(float("inf"))) is not None:
             deadline, _, impression_id = head
-            entry = self._pending.pop(impression_id, None)
-            if entry is None:
+            entry = self._state.get(impression_id)
+            if type(entry) is not tuple:
                 continue
+            del self._state[impression_id]  # _release or _remember puts it back, released
+            self._pending_count -= 1
             self.stats.evicted += 1
             if self.config.evict == "emit":
                 return [self._release(impression_id, entry[0], entry[1], 0, deadline)]
@@ -283,29 +290,30 @@ class Joiner:
         return []
 
     def _remember(self, impression_id: str, forget_at: float, label: int) -> None:
-        self._done[impression_id] = _POSITIVE if label else forget_at
+        self._state[impression_id] = _POSITIVE if label else forget_at
         self._forget.append((forget_at, impression_id))
         if len(self._forget) > self._max_remembered:
-            self._done.pop(self._forget.popleft()[1], None)
+            self._state.pop(self._forget.popleft()[1], None)
 
     def snapshot(self) -> dict[str, Any]:
         """Plain-data state (JSON-serialisable when payloads are); `restore` inverts it."""
+        state = self._state
         pending = sorted((seq, k) for (_, seq, k) in chain(self._in_order, self._deadlines)
-                         if k in self._pending)
+                         if type(state.get(k)) is tuple)
         seen: set[str] = set()
         rows = []
         for _, k in pending:
             if k not in seen:
                 seen.add(k)
-                ts, payload = self._pending[k]
+                ts, payload = state[k]  # type: ignore[misc]
                 rows.append([k, ts, payload])
         return {
             "config": asdict(self.config),
             "watermark": self.watermark if self.watermark != float("-inf") else None,
             "pending": rows,
             "orphans": list(self._orphans.items()),
-            "done": [[k, f, int(self._done[k] == _POSITIVE)] for f, k in self._forget
-                     if k in self._done],
+            "done": [[k, f, int(state[k] == _POSITIVE)] for f, k in self._forget
+                     if k in state and type(state[k]) is not tuple],
             "stats": asdict(self.stats),
         }
 
@@ -315,7 +323,8 @@ class Joiner:
         wm = state.get("watermark")
         j.watermark = float("-inf") if wm is None else float(wm)
         for k, ts, payload in state["pending"]:
-            j._pending[k] = (ts, payload)
+            j._state[k] = (ts, payload)
+            j._pending_count += 1
             j._push_deadline(ts + j.config.click_window, k)
         j._orphans = {k: float(ts) for k, ts in state["orphans"]}
         j._orphan_heap = [(ts, k) for k, ts in j._orphans.items()]

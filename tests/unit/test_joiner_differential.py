@@ -19,10 +19,12 @@ Op = tuple[str, str, float]
 ops = st.lists(st.tuples(
     st.sampled_from(["imp", "imp", "click", "click", "adv", "snap"]),
     st.sampled_from(["a", "b", "c", "d", "e", "f"]),
-    st.integers(0, 80).map(lambda t: 1000.0 + t / 2)), max_size=60)
+    # Some integer timestamps: a caller may pass them, and ints flow into the forget times.
+    st.integers(0, 80).map(lambda t: 1000 + t // 2 if t % 3 == 0 else 1000.0 + t / 2)),
+    max_size=60)
 configs = st.builds(
     JoinerConfig,
-    click_window=st.sampled_from([1.0, 5.0, 10.0]),
+    click_window=st.sampled_from([1.0, 5.0, 10]),
     orphan_ttl=st.sampled_from([0.0, 2.0, 5.0]),
     dedup_horizon=st.sampled_from([0.0, 3.0, 100.0]),
     max_pending=st.integers(1, 6),
