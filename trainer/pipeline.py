@@ -16,7 +16,7 @@ stream (an impression every few event seconds) that, and one optimizer step per 
 the replay does. So impressions are scored only when the weights are about to change (or at the
 end): every impression since the last change in one forward pass, each with the version that
 was current at its tick. The predictions are byte-identical to per-tick scoring
-(`OnlineLearner.predict_parts`; tests/unit/test_lazy_ticks.py checks it against the per-tick
+(trainer/scoring.py; tests/unit/test_lazy_ticks.py checks it against the per-tick
 reference).
 
 Learning cadence. Released samples are learned at the first tick at which at least
@@ -43,7 +43,6 @@ from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-import numpy as np
 import torch
 
 from ctrloop.core.delay_report import DEFAULT_TOP_N, MonitorConfig
@@ -55,6 +54,7 @@ from ctrloop.core.joining import Joiner, JoinerConfig, WatermarkTracker
 from ctrloop.core.learner import LearnerConfig
 from ctrloop.core.posterior import PosteriorConfig
 from ctrloop.trainer.heads import CtrHead, CvrHead, Head
+from ctrloop.trainer.scoring import ServedScores, ServedSink
 
 PRIOR_VERSION = "0"
 
@@ -113,7 +113,6 @@ class Publisher(Protocol):
         ...
 
 
-ServedSink = Callable[[list[str], np.ndarray, str], None]
 
 
 class CountingPublisher:
@@ -171,18 +170,13 @@ class Pipeline:
         # Built after the pCTR model, so the pCTR initialisation is what it was without pCVR.
         self.cvr = CvrHead(spec, self.config, self.stats, converted)
         self.heads: tuple[Head, ...] = (self.ctr, self.cvr)  # learned in this order
-        self.served, self.served_cvr, self.served_var = served, served_cvr, served_var
         self.tracker = WatermarkTracker(self.config.allowed_lateness,
                                         max_jump=self.config.watermark_max_jump)
         self.publisher: Publisher = publisher or CountingPublisher()
         self.model_version = PRIOR_VERSION
-        # Impressions not yet scored, oldest first. The first sum(count) of them arrived
-        # before a tick that has passed: `_score_groups` holds (count, model version) per such
-        # tick; they are scored together when the weights are about to change.
-        self._unscored_ids: list[str] = []
-        self._unscored_rows: list[list[int]] = []
-        self._score_groups: list[tuple[int, str]] = []
-        self._grouped = 0
+        # The served model's scores, handed to the sinks just before the weights change.
+        self.scores = (ServedScores(served, served_cvr, served_var) if served is not None
+                       else None)
         # Per head: event time since which its released samples wait (learning cadence).
         self._waiting_since: dict[str, float | None] = {h.name: None for h in self.heads}
         self._next_tick = -math.inf
@@ -227,9 +221,8 @@ class Pipeline:
             if row is None:
                 row = self.encoder.encode(event)
             self.cvr.on_impression(row, event.advertiser_id)
-            if self.served is not None:
-                self._unscored_ids.append(event.impression_id)
-                self._unscored_rows.append(row)
+            if self.scores is not None:
+                self.scores.add(event.impression_id, row)
             released = self.joiner.add_impression(event.impression_id, event.ts, row)
         elif type(event) is Click:
             self.stats.clicks += 1
@@ -254,7 +247,7 @@ class Pipeline:
 
     def tick(self, clock: float) -> None:
         self.stats.ticks += 1
-        self._close_score_group()
+        self._close_tick()
         watermark = clock - self.config.allowed_lateness
         self.ctr.ready.extend(self.joiner.advance(watermark))
         self.cvr.advance(watermark)
@@ -267,7 +260,7 @@ class Pipeline:
 
     def finish(self) -> None:
         """End of a finite stream: score what is left, close every window, learn, publish."""
-        self._close_score_group()
+        self._close_tick()
         self._flush_scores()
         self.ctr.ready.extend(self.joiner.flush())
         self.cvr.flush()
@@ -291,42 +284,13 @@ class Pipeline:
                                           clock if since is None else since)
         return bool(due)
 
-    def _close_score_group(self) -> None:
-        """A tick: the impressions that arrived since the previous one get today's version."""
-        n = len(self._unscored_ids) - self._grouped
-        if n:
-            self._score_groups.append((n, self.model_version))
-            self._grouped += n
+    def _close_tick(self) -> None:
+        if self.scores is not None:
+            self.scores.close_tick(self.model_version)
 
     def _flush_scores(self) -> None:
-        """Score every grouped impression with the current weights, which are those of every
-        group's tick (called before the weights change): one forward pass for all groups."""
-        groups = self._score_groups
-        if not groups:
-            return
-        n = self._grouped
-        ids, rows = self._unscored_ids[:n], np.asarray(self._unscored_rows[:n], dtype=np.int64)
-        del self._unscored_ids[:n], self._unscored_rows[:n]
-        self._score_groups, self._grouped = [], 0
-        sizes = [c for c, _ in groups]
-        preds = self.ctr.learner.predict_parts(rows, sizes)
-        cvr = (self.cvr.learner.predict_parts(rows, sizes) if self.served_cvr is not None
-               else None)
-        posterior = self.ctr.learner.posterior
-        var = (posterior.row_variance(torch.from_numpy(rows)).numpy()
-               if self.served_var is not None and posterior is not None else None)
-        assert self.served is not None
-        start = 0
-        for i, (count, version) in enumerate(groups):
-            part = ids[start:start + count]
-            if cvr is not None:
-                assert self.served_cvr is not None
-                self.served_cvr(part, cvr[i], version)
-            if var is not None:
-                assert self.served_var is not None
-                self.served_var(part, var[start:start + count], version)
-            self.served(part, preds[i], version)
-            start += count
+        if self.scores is not None:
+            self.scores.flush(self.ctr.learner, self.cvr.learner)
 
     # --- publication ---------------------------------------------------------------------
 
@@ -373,7 +337,7 @@ class Pipeline:
 
     def state(self, source_name: Callable[[Any], str] = str) -> dict[str, Any]:
         self._flush_scores()  # impressions of past ticks: their weights are still current
-        if self._unscored_ids:
+        if self.scores is not None and self.scores.between_ticks:
             raise RuntimeError("checkpoint between ticks with unscored impressions")
         joiner = self.joiner.snapshot()
         pending = joiner.pop("pending")
