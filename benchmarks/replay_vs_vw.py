@@ -59,11 +59,9 @@ from typing import Any
 import numpy as np
 import orjson
 
-import ctrloop.trainer.replay as replay_mod
 from ctrloop.core.evaluate import evaluate
 from ctrloop.core.metrics import auc, calibration, logloss
 from ctrloop.sim import WorldConfig, write_files
-from ctrloop.trainer.pipeline import Pipeline
 from ctrloop.trainer.replay import outputs_for, replay
 from ctrloop.trainer.settings import LearningSettings
 
@@ -89,17 +87,6 @@ def _log(msg: str) -> None:
 
 def _load() -> list[float]:
     return [round(x, 2) for x in os.getloadavg()]
-
-
-class _CapturingPipeline(Pipeline):
-    """Pipeline that remembers its last instance, so the benchmark can read the learner's
-    progressive (label, prediction) pairs after `replay()` returns. Only __init__ differs."""
-
-    last: Pipeline | None = None
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        _CapturingPipeline.last = self
 
 
 def _split_metrics(y: np.ndarray, p: np.ndarray) -> dict[str, float]:
@@ -172,18 +159,14 @@ def run_replay(name: str, model: str, click_window: float, events: Path, truth: 
     pred = workdir / f"{model}-w{click_window:g}.pred.jsonl"
     _log(f"replay {name} (click window {click_window:g} s) -> {pred}")
     load_before = _load()
-    replay_mod.Pipeline = _CapturingPipeline  # type: ignore[misc]
-    try:
-        summary = replay(events, outputs_for(pred), None, settings.pipeline_config(), seed)
-    finally:
-        replay_mod.Pipeline = Pipeline  # type: ignore[misc]
-    pipe = _CapturingPipeline.last
-    _CapturingPipeline.last = None
-    assert pipe is not None
-    state = pipe.learner.metrics.state()
+    # The learner's progressive (label, prediction) pairs, read when the stream has ended.
+    finished: list[dict[str, Any]] = []
+    summary = replay(events, outputs_for(pred), None, settings.pipeline_config(), seed,
+                     on_finish=lambda pipe: finished.append(pipe.learner.metrics.state()))
+    state = finished.pop()
     prog = _split_metrics(np.asarray(state["labels"], dtype=np.float64),
                           np.asarray(state["preds"], dtype=np.float64))
-    del pipe, state
+    del state
     gc.collect()
     load_after = _load()
     _log(f"  {summary['events_per_s']:,.0f} events/s in {summary['seconds']:.1f} s; scoring "

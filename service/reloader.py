@@ -310,10 +310,9 @@ class Reloader:
     def _with_heads(self, new: ServedModel, version: int) -> ServedModel:
         """Attach the pCVR head published with `version`, verified like the model itself;
         a version without one serves pCTR only."""
-        head_of = getattr(self.registry, "head", None)
-        if head_of is None or new.spec is None:
+        if new.spec is None:
             return new
-        head = head_of("pcvr")
+        head = self.registry.head("pcvr")
         try:
             record = head.record(version)
             data = head.fetch(version) if record is not None else None

@@ -23,6 +23,8 @@ import torch
 from ctrloop.core.errors import ConfigError, InvalidEvent
 from ctrloop.core.events import Event, Impression, decode_event
 from ctrloop.core.features import FeatureSpec
+from ctrloop.io.jsonl import iter_events
+from ctrloop.trainer.gc_tuning import quiet_gc
 from ctrloop.trainer.pipeline import Pipeline, PipelineConfig
 
 INFER_FROM = 2000
@@ -47,7 +49,9 @@ def outputs_for(predictions: Path, rejects: Path | None = None,
 
 def read_events(path: Path, rejects: IO[bytes] | None = None,
                 counter: dict[str, int] | None = None) -> Iterator[Event]:
-    """Valid events of a JSON Lines file; invalid lines go to `rejects` with their reason."""
+    """Valid events of a JSON Lines file, one line at a time; invalid lines go to `rejects`
+    with their reason. The reference the columnar reader (`ctrloop.io.jsonl`, what `replay`
+    reads with) is tested against, line for line."""
     counts = counter if counter is not None else {}
     counts.setdefault("lines", 0)
     counts.setdefault("rejected", 0)
@@ -150,8 +154,11 @@ def load_converted_by_type(truth: Path) -> dict[str, set[str]]:
 def replay(events: Path, outputs: ReplayOutputs, spec: FeatureSpec | None = None,
            config: PipelineConfig | None = None, seed: int = 0,
            progress: Callable[[dict[str, Any]], None] | None = None,
-           progress_every: int = 200_000, truth: Path | None = None) -> dict[str, Any]:
-    """`truth` (a simulator truth file) is read only by the `oracle` delay policy."""
+           progress_every: int = 200_000, truth: Path | None = None,
+           on_finish: Callable[[Pipeline], None] | None = None) -> dict[str, Any]:
+    """`truth` (a simulator truth file) is read only by the `oracle` delay policy.
+    `on_finish` is given the pipeline after the stream ends (benchmarks read its learners'
+    progressive metrics there)."""
     if not events.exists():
         raise ConfigError(f"events file {events} does not exist")
     converted: set[str] | dict[str, set[str]] | None = None
@@ -171,11 +178,17 @@ def replay(events: Path, outputs: ReplayOutputs, spec: FeatureSpec | None = None
         writer = PredictionWriter(pf, config.conversion_types if config is not None else ())
         pipe = Pipeline(spec, config, served=writer, seed=seed, served_cvr=writer.pcvr,
                         converted=converted, served_var=writer.pctr_var)
-        for i, event in enumerate(read_events(events, rf, counts), start=1):
-            pipe.process(event)
-            if progress is not None and i % progress_every == 0:
-                progress(_progress(pipe, i, time.perf_counter() - start))
-        pipe.finish()
+        with quiet_gc():
+            # Decoded, validated and encoded 128 lines at a time, column by column; each
+            # impression's row comes from the pipeline's own encoder (its stats count there).
+            for i, (event, row) in enumerate(iter_events(events, pipe.encoder, rf, counts),
+                                             start=1):
+                pipe.process(event, row=row)
+                if progress is not None and i % progress_every == 0:
+                    progress(_progress(pipe, i, time.perf_counter() - start))
+            pipe.finish()
+    if on_finish is not None:
+        on_finish(pipe)
     elapsed = time.perf_counter() - start
     summary = pipe.summary()
     summary.update({

@@ -71,8 +71,9 @@ from kafka.consumer.subscription_state import ConsumerRebalanceListener
 from kafka.errors import KafkaError
 from kafka.structs import OffsetAndMetadata
 
+from ctrloop.core.batch import decode_batch
 from ctrloop.core.errors import DependencyError, InvalidEvent
-from ctrloop.core.events import Impression, check_not_ahead, decode_event
+from ctrloop.core.events import Event, Impression, check_not_ahead
 from ctrloop.core.features import FeatureSpec
 from ctrloop.io.kafka import (
     create_topics,
@@ -82,6 +83,7 @@ from ctrloop.io.kafka import (
 )
 from ctrloop.io.registry import ModelRegistry, RedisRegistry
 from ctrloop.trainer.checkpoint import load_checkpoint, save_checkpoint
+from ctrloop.trainer.gc_tuning import quiet_gc
 from ctrloop.trainer.pipeline import Pipeline
 from ctrloop.trainer.settings import TrainerSettings
 
@@ -255,6 +257,10 @@ class StreamingTrainer:
             kafka_log.setLevel(level)
 
     def run(self) -> dict[str, Any]:
+        with quiet_gc():
+            return self._run()
+
+    def _run(self) -> dict[str, Any]:
         s = self.s
         torch.set_num_threads(1)
         self._connect()
@@ -323,24 +329,40 @@ class StreamingTrainer:
             # _align_partitions confirms it again.
             self.pipeline.tracker.wake()
         for tp, records in polled.items():
-            kind = self.kinds[tp.topic]
+            if not records:
+                continue
             self._last_record[tp] = now
-            for rec in records:
-                got += 1
-                self.offsets[tp] = rec.offset + 1
-                try:
-                    event = decode_event(rec.value, kind)
-                    if event.ts > wall_limit or (
-                            rec.timestamp >= 0 and event.ts > rec.timestamp / 1000.0 + ahead):
+            got += len(records)
+            self.offsets[tp] = records[-1].offset + 1
+            # One partition's records decoded and validated column-wise (ctrloop/core/batch.py:
+            # the same events and reject reasons as decode_event, record by record).
+            batch = decode_batch([rec.value for rec in records], self.kinds[tp.topic])
+            for index, reason in batch.rejects:
+                self._dead_letter(tp, records[index], reason)
+            accepted = []
+            for index, event in zip(batch.indices, batch.events, strict=True):
+                rec = records[index]
+                if event.ts > wall_limit or (
+                        rec.timestamp >= 0 and event.ts > rec.timestamp / 1000.0 + ahead):
+                    try:
                         self._refuse_ahead(event.ts, rec.timestamp, wall_limit - ahead)
-                except InvalidEvent as e:
-                    self._dead_letter(tp, rec, e.reason)
-                    continue
-                if self.pipeline is None:
-                    self._buffered.append((event, tp))
-                else:
-                    self.pipeline.process(event, tp)
+                    except InvalidEvent as e:
+                        self._dead_letter(tp, rec, e.reason)
+                        continue
+                accepted.append(event)
+            self._process(accepted, tp)
         return got
+
+    def _process(self, events: list[Event], tp: TopicPartition) -> None:
+        pipe = self.pipeline
+        if pipe is None:
+            self._buffered.extend((event, tp) for event in events)
+            return
+        # The impressions' rows encoded together, in order (the encoder's stats as one by one).
+        imps = [e for e in events if type(e) is Impression]
+        rows = iter(pipe.encoder.encode_rows(imps)) if imps else iter(())
+        for event in events:
+            pipe.process(event, tp, next(rows) if type(event) is Impression else None)
 
     def _maybe_infer(self, buffered: list[tuple[Any, TopicPartition]], force: bool) -> None:
         imps = [e for e, _ in buffered if isinstance(e, Impression)]

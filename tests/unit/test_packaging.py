@@ -8,6 +8,7 @@ imports ctrloop.dev. Tests and benchmarks may import anything public.
 from __future__ import annotations
 
 import ast
+import shutil
 import subprocess
 import sys
 import tomllib
@@ -17,6 +18,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 FOLDERS = {"ctrloop": ROOT / "ctrloop", "ctrloop.service": ROOT / "service",
            "ctrloop.trainer": ROOT / "trainer"}
+FOLDER_NAMES = {path.name for path in FOLDERS.values()}
 
 # What each layer may import (besides itself).
 ALLOWED = {
@@ -97,8 +99,16 @@ def test_no_import_runs_back_up_the_layers() -> None:
 
 
 def test_wheel_installs_service_and_trainer_under_ctrloop(tmp_path: Path) -> None:
+    # Built from a copy of the tracked files: setuptools writes build/ beside the sources.
+    src = tmp_path / "src"
+    files = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True,
+                           check=True).stdout.split()
+    for name in files:
+        if name.split("/")[0] in {"pyproject.toml", "README.md", *FOLDER_NAMES}:
+            (src / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(ROOT / name, src / name)
     subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation",
-                    "-q", "-w", str(tmp_path), str(ROOT)], check=True, timeout=300)
+                    "-q", "-w", str(tmp_path), str(src)], check=True, timeout=300)
     wheel = next(tmp_path.glob("ctrloop-*.whl"))
     names = zipfile.ZipFile(wheel).namelist()
     tops = {n.split("/")[0] for n in names if not n.split("/")[0].endswith(".dist-info")}

@@ -47,9 +47,17 @@ class _Consumer:
         self._paused.difference_update(tps)
 
 
+class _Encoder:
+    """Rows are not looked at here: the trainer encodes a poll's impressions together."""
+
+    def encode_rows(self, imps: list[Any]) -> list[None]:
+        return [None] * len(imps)
+
+
 class _Pipeline:
     def __init__(self) -> None:
         self.tracker = WatermarkTracker(2.0)
+        self.encoder = _Encoder()
 
 
 QUIET = 2.0  # idle_advance_s
@@ -188,7 +196,7 @@ class _RecordingPipeline(_Pipeline):
         super().__init__()
         self.judged: list[tuple[TopicPartition, float, float]] = []
 
-    def process(self, event: Any, source: TopicPartition) -> None:
+    def process(self, event: Any, source: TopicPartition, row: Any = None) -> None:
         self.tracker.observe(source, event.ts)
         self.judged.append((source, event.ts, self.tracker.clock))
 
