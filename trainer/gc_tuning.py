@@ -13,7 +13,8 @@ def quiet_gc() -> Iterator[None]:
     millions of small long-lived objects (pending impressions, rows, ids) that hold no cycles,
     and every generation-0 collection after 700 allocations re-walked the young ones, a full
     one all of them (measured: a replay of 200k dense impressions, 14-20k events/s with the
-    default thresholds, 23k with these). What exists before is frozen out of collection; the old settings come back after."""
+    default thresholds, 23k with these). What exists before is frozen out of collection; the
+    old settings come back after."""
     before = gc.get_threshold()
     gc.freeze()
     gc.set_threshold(100_000, 50, 100)
