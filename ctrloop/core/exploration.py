@@ -19,6 +19,7 @@ model and seed give the same ranking.
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass, field
 from typing import Literal
@@ -42,9 +43,12 @@ __all__ = [
 ]
 
 RankBy = Literal["bid_pctr", "pctr", "bid_pctr_pcvr"]
-# Monte Carlo draws per propensity estimate (antithetic pairs). Measured on 100 candidates,
-# top 3 (docs/exploration.md): mean absolute error 0.013 at 128 draws against 0.020 at 64 and
-# 0.009 at 256, while 64 -> 128 added ~7% to the handler's CPU and 128 -> 256 ~19% more.
+# Monte Carlo draws per propensity estimate. Measured on 100 candidates, top 3
+# (docs/exploration.md), with antithetic pairs: mean absolute error 0.013 at 128 draws against
+# 0.020 at 64 and 0.009 at 256, while 64 -> 128 added ~7% to the handler's CPU and 128 -> 256
+# ~19% more. The sign-flip quadruples that replaced the pairs (`flipped_draws`) measured
+# 0.0172 vs 0.0169 (T = 0.025) and 0.0139 vs 0.0136 (T = 1) over 3,000 seeded rankings each,
+# for half the normals.
 DEFAULT_DRAWS = 128
 # Thompson sampling draws from the posterior with its variance multiplied by this. The
 # published posterior is calibrated for *intervals* (90% cover ~92% of true rates,
@@ -93,6 +97,72 @@ def expected_pctr(mu: np.ndarray, variance: np.ndarray) -> np.ndarray:
 
 
 @dataclass(frozen=True)
+class _Layout:
+    """A JointPosterior's sampling arrays, built once per request.
+
+    The rows split into two groups with disjoint rows: the `flip` column's rows (one per
+    candidate: typically `ad.id`, or whichever varying column carries the most variance) and
+    all others (the `bag`). A draw's perturbation is e = a + b, a from the bag's rows and b
+    from the flip column's, independent. Then mu + a + b, mu + a - b, mu - a + b and
+    mu - a - b are each an exact draw (a and b are symmetric and independent), so one set of
+    normals gives four draws instead of an antithetic pair's two: the normals were the largest
+    cost of the propensity draws.
+
+    The arithmetic is numpy on float32 (a numpy call on these small arrays measured ~1 us, a
+    torch call 3-5 us); torch keeps the generator and the one `embedding_bag`.
+    """
+
+    mu: np.ndarray  # [C, 1] float32
+    std: np.ndarray  # [U + 1, 1] float32
+    bag: torch.Tensor  # flat indices of the bag rows, candidate by candidate
+    offsets: torch.Tensor  # [C] where each candidate's bag starts in `bag`
+    flip: np.ndarray | None  # [C] the flip column's row per candidate; None: no split
+
+    @classmethod
+    def of(cls, mu: np.ndarray, row_std: np.ndarray, slots: np.ndarray,
+           flip_col: int | None) -> _Layout:
+        """`flip_col`: a column of `slots` whose rows appear in no other column, or None."""
+        slots = np.asarray(slots, dtype=np.int64)
+        c, s = slots.shape
+        flip = None
+        if flip_col is not None and s > 1:
+            flip = slots[:, flip_col]
+            slots = slots[:, [j for j in range(s) if j != flip_col]]  # a copy, contiguous
+            s -= 1
+        return cls(np.asarray(mu, dtype=np.float32).reshape(-1, 1),
+                   np.asarray(row_std, dtype=np.float32).reshape(-1, 1),
+                   # The bags as 1-D indices plus offsets: what embedding_bag builds from a
+                   # 2-D input on every call otherwise.
+                   torch.from_numpy(np.ascontiguousarray(slots).reshape(-1)),
+                   _bag_offsets(c, s), flip)
+
+
+@functools.lru_cache(maxsize=64)
+def _bag_offsets(c: int, s: int) -> torch.Tensor:
+    """[C] offsets of C bags of s rows each; cached (read-only for embedding_bag): a
+    torch.arange measured ~9 us on the request path, the lookup <1."""
+    return torch.arange(0, c * s, max(s, 1))
+
+
+def _disjoint_flip_column(slots: np.ndarray, row_std: np.ndarray) -> int | None:
+    """For a JointPosterior built directly (not `from_rows`): the varying column with the most
+    variance whose rows appear in no other column, else None (then draws are antithetic
+    pairs only)."""
+    c, s = slots.shape
+    if c < 2 or s < 2:
+        return None
+    varying = (slots != slots[0]).any(axis=0)
+    if not varying.any():
+        return None
+    col_var = np.where(varying, (row_std[slots] ** 2).sum(axis=0), -1.0)
+    j = int(col_var.argmax())
+    mark = np.zeros(row_std.size, dtype=bool)
+    mark[slots[:, j]] = True
+    mark_rest = mark[slots[:, [i for i in range(s) if i != j]]]
+    return None if mark_rest.any() else j
+
+
+@dataclass(frozen=True)
 class JointPosterior:
     """The joint Gaussian posterior of one request's candidate logits, ready to sample.
 
@@ -102,27 +172,22 @@ class JointPosterior:
     into one pseudo-row, the last: they move every candidate alike, so one normal draws them
     all.
 
-    A draw is one `embedding_bag` over the candidates' slots. In the service the cost of an
-    explored request was the number of library calls (each 5-10 us there, where the request's
-    other work evicts the caches) more than the arithmetic; docs/exploration.md has the
-    measurements behind this layout.
+    A draw is one `embedding_bag` over the candidates' slots plus one gather (`_Layout`). In
+    the service the cost of an explored request was the number of library calls (each 5-10 us
+    there, where the request's other work evicts the caches) more than the arithmetic;
+    docs/exploration.md has the measurements behind this layout.
     """
 
     mu: np.ndarray  # [C] posterior mean of the logit
     row_std: np.ndarray  # [U + 1] std of each distinct row; the last: the common pseudo-row
     slots: np.ndarray  # [C, S] int64: the rows (indices into row_std) candidate c adds up
-    _t: tuple[torch.Tensor, ...] = field(repr=False, compare=False, default=())
+    _t: _Layout | None = field(repr=False, compare=False, default=None)
 
     def __post_init__(self) -> None:
-        if not self._t:
-            slots = torch.from_numpy(np.ascontiguousarray(self.slots, dtype=np.int64))
-            c, s = slots.shape
-            object.__setattr__(self, "_t", (
-                torch.from_numpy(np.asarray(self.mu, dtype=np.float32)).unsqueeze(1),
-                torch.from_numpy(np.asarray(self.row_std, dtype=np.float32)).unsqueeze(1),
-                # The bags as 1-D indices plus offsets: what embedding_bag builds from a 2-D
-                # input on every call otherwise.
-                slots.reshape(-1), torch.arange(0, c * s, max(s, 1))))
+        if self._t is None:
+            slots = np.asarray(self.slots, dtype=np.int64)
+            flip = _disjoint_flip_column(slots, np.asarray(self.row_std, dtype=np.float64))
+            object.__setattr__(self, "_t", _Layout.of(self.mu, self.row_std, slots, flip))
 
     @classmethod
     def from_rows(cls, mu: np.ndarray, rows: np.ndarray, row_var: np.ndarray
@@ -132,7 +197,8 @@ class JointPosterior:
 
         A column whose row is the same for every candidate is folded into the common
         pseudo-row without looking for its row in other columns: the encoder gives every
-        field its own range of rows, so a row never appears in two columns.
+        field its own range of rows, so a row never appears in two columns (which also makes
+        every varying column a valid flip column for `_Layout`).
         """
         mu = np.asarray(mu, dtype=np.float64).reshape(-1)
         rows = np.asarray(rows)
@@ -145,20 +211,38 @@ class JointPosterior:
             return cls(mu, np.zeros(1), np.zeros((0, 1), dtype=np.int64))
         if not (math.isfinite(float(var.sum())) and var.min() >= 0):
             raise ValueError("row variances must be finite and non-negative")
-        same = (rows == rows[0]).all(axis=0)
-        other = ~same
+        other = (rows != rows[0]).any(axis=0).tolist()
+        cols = [j for j in range(f) if other[j]]
+        v0 = var[0].tolist()
+        common = math.fsum(v0[j] for j in range(f) if not other[j])
+        if c > 1 and cols:
+            # The varying column with the most variance goes last: it is the flip column
+            # (disjoint from the rest, see above). Column sums pick it; plain Python on <= F
+            # numbers here beats further numpy calls on the request path.
+            col_var = var.sum(axis=0).tolist()
+            cols.append(cols.pop(max(range(len(cols)), key=lambda i: col_var[cols[i]])))
+        var_other = var[:, cols]
         # torch.unique: one C++ call, ~1/3 cheaper than np.unique's several passes here.
-        uniq, inv_t = torch.unique(torch.from_numpy(rows[:, other]), return_inverse=True)
+        uniq, inv_t = torch.unique(torch.from_numpy(rows[:, cols]), return_inverse=True)
         inv = inv_t.numpy()
         u = int(uniq.shape[0])
         std = np.empty(u + 1)
-        std[inv.reshape(-1)] = var[:, other].reshape(-1)  # equal rows carry equal variances
-        std[u] = var[0, same].sum()
+        std[inv] = var_other  # equal rows carry equal variances
+        std[u] = common
         np.sqrt(std, out=std)
-        slots = np.empty((c, int(other.sum()) + 1), dtype=np.int64)
-        slots[:, :-1] = inv.reshape(c, -1)
-        slots[:, -1] = u
-        return cls(mu, std, slots)
+        s = len(cols)
+        slots = np.empty((c, s + 1), dtype=np.int64)
+        slots[:, :s] = inv
+        slots[:, s] = u
+        if c < 2 or not s:
+            return cls(mu, std, slots, _Layout.of(mu, std, slots, None))
+        # Bags: every column but the flip column (the last of `inv`), plus the common row.
+        bag = np.empty((c, s), dtype=np.int64)
+        bag[:, :s - 1] = inv[:, :s - 1]
+        bag[:, s - 1] = u
+        layout = _Layout(mu.astype(np.float32)[:, None], std.astype(np.float32)[:, None],
+                         torch.from_numpy(bag.reshape(-1)), _bag_offsets(c, s), inv[:, s - 1])
+        return cls(mu, std, slots, layout)
 
     @property
     def n_candidates(self) -> int:
@@ -180,53 +264,99 @@ class JointPosterior:
         a = self.incidence()
         return a.T @ (a * (self.row_std ** 2)[:, None])
 
-    def _noise(self, n: int, rng: torch.Generator) -> torch.Tensor:
-        return torch.randn((self.row_std.size, n), generator=rng)
+    def _noise(self, n: int, rng: torch.Generator) -> np.ndarray:
+        """[U + 1, n] float32 standard normals (torch's fill: ~3x numpy's here)."""
+        return torch.randn((self.row_std.size, n), generator=rng).numpy()
 
-    def _perturbation(self, z: torch.Tensor) -> torch.Tensor:
+    def _parts(self, z: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        """[C, n] each: the bag rows' and the flip column's share of each candidate's
+        perturbation, from standard normals z [U + 1, n] (scaled in place)."""
+        lay = self._t
+        assert lay is not None
+        z *= lay.std
+        a = F.embedding_bag(lay.bag, torch.from_numpy(z), lay.offsets, mode="sum").numpy()
+        return a, None if lay.flip is None else z[lay.flip]
+
+    def _perturbation(self, z: np.ndarray) -> np.ndarray:
         """[C, n]: each candidate's logit minus its mean, from standard normals z [U + 1, n]."""
-        return F.embedding_bag(self._t[2], z.mul_(self._t[1]), self._t[3], mode="sum")
+        a, b = self._parts(z)
+        if b is not None:
+            a += b
+        return a
+
+    def lead_draw(self, rng: torch.Generator) -> np.ndarray:
+        """[C] float32: one independent draw of the logits (from its own call on `rng`)."""
+        lay = self._t
+        assert lay is not None
+        z = self._noise(1, rng)[:, 0] * lay.std[:, 0]
+        return z[self.slots].sum(axis=1, dtype=np.float32) + lay.mu[:, 0]
+
+    def flipped_draws(self, n: int, rng: torch.Generator) -> np.ndarray:
+        """[G, C, s] float32 with G * s >= n: n logit draws (and up to G - 1 more), each exact,
+        from s sets of normals. Read draws as `.transpose(1, 0, 2).reshape(C, -1)[:, :n]`.
+
+        With the perturbation split in two independent symmetric parts a + b (`_Layout`),
+        mu + a + b, mu + a - b, mu - a + b and mu - a - b (G = 4) are each an exact draw, so a
+        set of normals (the largest cost of a draw) gives four; without a split, G = 2:
+        an antithetic pair (mu + e, mu - e). Each draw is exactly distributed, so a Monte Carlo
+        average over them is unbiased as over independent draws. An ad's chance of a rank rises
+        with its own perturbation and falls with its rivals', so flipped draws' indicators tend
+        to be negatively correlated; the propensity error of the 128-draw default was measured
+        against a 200,000-draw reference (docs/exploration.md). Blocks are contiguous: numpy
+        on strided slices measured ~5x slower per call here.
+        """
+        lay = self._t
+        assert lay is not None
+        groups = 2 if lay.flip is None else 4
+        sets = (n + groups - 1) // groups
+        a, b = self._parts(self._noise(sets, rng))
+        out = np.empty((groups, a.shape[0], sets), dtype=np.float32)
+        if b is None:
+            np.add(lay.mu, a, out=out[0])
+            np.subtract(lay.mu, a, out=out[1])
+            return out
+        np.subtract(lay.mu, a, out=out[2])
+        a += lay.mu
+        np.add(a, b, out=out[0])
+        np.subtract(a, b, out=out[1])
+        np.subtract(out[2], b, out=out[3])
+        out[2] += b
+        return out
+
+    def draws_np(self, n: int, rng: torch.Generator, lead: int = 0) -> np.ndarray:
+        """[C, lead + n] float32 logit draws, one column per draw: `lead` independent draws
+        (from their own calls on `rng`, first), then `flipped_draws(n)`."""
+        cols = [self.lead_draw(rng)[:, None] for _ in range(lead)]
+        if n:
+            f = self.flipped_draws(n, rng)
+            cols.append(f.transpose(1, 0, 2).reshape(f.shape[1], -1)[:, :n])
+        if not cols:
+            return np.empty((self.n_candidates, 0), dtype=np.float32)
+        return cols[0] if len(cols) == 1 else np.concatenate(cols, axis=1)
 
     def draws(self, n: int, rng: torch.Generator, lead: int = 0) -> torch.Tensor:
-        """[C, lead + n] float32 logit draws, one column per draw: `lead` independent draws
-        (from their own call on `rng`), then n in antithetic pairs (mu + e, mu - e).
-
-        Each draw is exactly distributed, and a pair costs one set of random numbers (the
-        largest cost of a draw). An ad's chance of a rank rises with its own perturbation
-        and falls with its rivals', so a pair's indicators are negatively correlated and
-        Monte Carlo estimates get more accurate, not less (docs/exploration.md).
-        """
-        h = (n + 1) // 2
-        if lead and h:
-            z = torch.cat([self._noise(lead, rng), self._noise(h, rng)], dim=1)
-        else:
-            z = self._noise(lead + h, rng)
-        mu = self._t[0]
-        e = self._perturbation(z)
-        if not h:
-            return e.add_(mu)
-        # Written in place of a concatenation plus a slice: two fewer [C, n] copies.
-        out = torch.empty((e.shape[0], lead + n))
-        torch.add(mu, e, out=out[:, :lead + h])
-        torch.sub(mu, e[:, lead:lead + n - h], out=out[:, lead + h:])
-        return out
+        """`draws_np` as a tensor."""
+        return torch.from_numpy(np.ascontiguousarray(self.draws_np(n, rng, lead)))
 
     def sample(self, n: int, rng: torch.Generator) -> torch.Tensor:
         """[n, C] float32 independent draws of the candidates' logits."""
-        return self._perturbation(self._noise(n, rng)).add_(self._t[0]).T
+        assert self._t is not None
+        return torch.from_numpy(self._perturbation(self._noise(n, rng)) + self._t.mu).T
 
     def sample_antithetic(self, n: int, rng: torch.Generator, lead: int = 0) -> torch.Tensor:
         """[lead + n, C]: `draws` with one row per draw."""
         return self.draws(n, rng, lead).T
 
 
-def _keys(f: torch.Tensor, weights: np.ndarray | None) -> np.ndarray:
+def _keys(f: np.ndarray, weights: np.ndarray | None) -> np.ndarray:
     """Ranking keys of logit draws [C, n]: f itself for pCTR (sigmoid is monotone), else
-    weight x sigmoid(f) (torch's sigmoid: no overflow warnings at extreme logits)."""
+    weight x sigmoid(f) (torch's sigmoid: no overflow warnings at extreme logits, and ~20%
+    faster than numpy's exp here)."""
     if weights is None:
-        return f.numpy()
-    w = torch.from_numpy(np.asarray(weights, dtype=np.float32)).unsqueeze(1)
-    return torch.sigmoid(f).mul_(w).numpy()
+        return f
+    keys = torch.sigmoid(torch.from_numpy(f)).numpy()
+    keys *= np.asarray(weights, dtype=np.float32)[:, None]  # [C, 1]: also for [G, C, s]
+    return keys
 
 
 def _top(keys: np.ndarray, k: int) -> np.ndarray:
@@ -252,28 +382,33 @@ def rank_propensities(post: JointPosterior, *, weights: np.ndarray | None = None
     ranks = min(ranks, c)
     if ranks < 1:
         return np.zeros((0, c))
-    top = _top(_keys(post.draws(draws, rng or generator()), weights), ranks)
+    top = _top(_keys(post.draws_np(draws, rng or generator()), weights), ranks)
     flat = (top + (np.arange(ranks) * c)[:, None]).reshape(-1)
     return np.bincount(flat, minlength=ranks * c).reshape(ranks, c) / draws
 
 
 def _served_rank_share(keys: np.ndarray, served: np.ndarray) -> np.ndarray:
-    """[k]: the share of draws (columns of `keys` [C, n]) that put served[r] at rank r.
+    """[k]: the share of draws (columns of `keys` [C, n]) that put served[r] at rank r."""
+    return _served_rank_hits(np.array(keys.T), served) / keys.shape[1]
+
+
+def _served_rank_hits(kt: np.ndarray, served: np.ndarray) -> np.ndarray:
+    """[k]: how many draws (rows of `kt` [n, C], overwritten) put served[r] at rank r.
 
     Takes the best of each draw k times (argmax: ties to the lower index, as in the served
     ranking's stable sort); measured 20% faster in the service than counting, for each
     served ad, the ads above it ([k, C, n] comparisons). Past 8 ranks, a partial sort.
+    Rows, not columns: argmax along contiguous memory, and one fancy-index store per rank.
     """
     k = served.shape[0]
     if k > _ARGMAX_RANKS:
-        return (_top(keys, k) == served[:, None]).mean(axis=1)
-    kt = np.array(keys.T)  # [n, C], a copy to overwrite
+        return (_top(kt.T, k) == served[:, None]).sum(axis=1).astype(np.float64)
     n = kt.shape[0]
     at = np.arange(n)
     out = np.empty(k)
     for r in range(k):
         best = kt.argmax(axis=1)
-        out[r] = np.count_nonzero(best == served[r]) / n
+        out[r] = np.count_nonzero(best == served[r])
         if r + 1 < k:  # the last rank's bests need no removing
             kt[at, best] = -np.inf
     return out
@@ -307,14 +442,23 @@ def thompson_rank(post: JointPosterior, *, weights: np.ndarray | None = None,
     c = post.n_candidates
     k = min(propensity_ranks, c)
     m = max(draws, 1) if k > 0 else 1
-    f = post.draws(m - 1, rng, lead=1)
-    keys = _keys(f, weights)
-    order = np.argsort(-keys[:, 0], kind="stable")
-    props = _served_rank_share(keys, order[:k]) if k > 0 else None
-    logits = f[:, 0].double()
-    pctr = torch.sigmoid(logits).numpy()
+    f = post.lead_draw(rng)
+    keys = _keys(f[:, None], weights)[:, 0]
+    order = np.argsort(-keys, kind="stable")
+    props: np.ndarray | None = None
+    if k > 0:
+        hits = np.zeros(k)
+        if m > 1:
+            more = _keys(post.flipped_draws(m - 1, rng), weights)  # [G, C, s]
+            # One copy to draw-major rows [n, C] (the first m - 1 draws).
+            hits = _served_rank_hits(more.transpose(0, 2, 1).reshape(-1, c)[:m - 1],
+                                     order[:k])
+        # The ranking's own draw puts order[r] at rank r for every r: one hit each.
+        props = (hits + 1.0) / m
+    logits = f.astype(np.float64)
+    pctr = torch.sigmoid(torch.from_numpy(logits)).numpy()
     scores = pctr if weights is None else pctr * weights
-    return ThompsonRanking(logits.numpy(), scores, order, props, m, pctr)
+    return ThompsonRanking(logits, scores, order, props, m, pctr)
 
 
 def exploration_cost(mean_scores: np.ndarray, served: np.ndarray, k: int) -> float:

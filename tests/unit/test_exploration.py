@@ -7,7 +7,6 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from ctrloop.service.settings import ServiceSettings
 
 from ctrloop.core.exploration import (
     DEFAULT_DRAWS,
@@ -22,6 +21,7 @@ from ctrloop.core.exploration import (
     rank_weights,
     thompson_rank,
 )
+from ctrloop.service.settings import ServiceSettings
 
 # Rows in the encoder's layout (each column its own range): column 0 is the request's user row
 # (every candidate), column 1 the advertiser (10 shared by candidates 0 and 1), column 2 the ad.
@@ -276,3 +276,41 @@ def test_service_default_draws_is_the_library_default() -> None:
 
 def test_service_default_temperature_is_the_library_default() -> None:
     assert ServiceSettings.model_fields["explore_temperature"].default == DEFAULT_TEMPERATURE
+
+
+@pytest.mark.parametrize("direct", [False, True])
+def test_each_sign_flip_group_is_an_exact_posterior_draw(direct: bool) -> None:
+    """The four sign flips (mu +- a +- b) of `flipped_draws` are each exact draws: every group
+    on its own has the posterior's mean and covariance (brute force), here on a request whose
+    rows are shared by some candidates, built by from_rows or directly (no split known)."""
+    rng = np.random.default_rng(11)
+    c, fields = 6, 4
+    rows = rng.integers(0, 3, (c, fields)) + np.arange(fields) * 100
+    rows[:, 0] = 7  # the request's row
+    rows[:, 3] = 300 + np.arange(c)  # the ad's own row
+    table = {int(r): float(rng.uniform(0.1, 1.0)) for r in np.unique(rows)}
+    var = row_var(rows, table)
+    post = JointPosterior.from_rows(rng.normal(size=c), rows, var)
+    if direct:
+        post = JointPosterior(post.mu, post.row_std, post.slots)
+    cov = brute_covariance(rows, var)
+    n = 40_000
+    f = post.flipped_draws(4 * n, generator(2)).astype(np.float64)  # [G, C, n]
+    assert f.shape[0] == 4 and f.shape[2] == n
+    se_cov = np.sqrt((cov ** 2 + np.outer(np.diag(cov), np.diag(cov))) / n)
+    for g in f:
+        assert np.all(np.abs(g.mean(axis=1) - post.mu) < 5 * np.sqrt(np.diag(cov) / n))
+        assert np.all(np.abs(np.cov(g) - cov) < 5 * se_cov)
+
+
+def test_a_row_shared_across_columns_gets_no_split() -> None:
+    # Row 5 in two columns: flipping the widest column's rows (5, 2, 4) alone would flip part
+    # of row 5's perturbation, so a directly built posterior falls back to antithetic pairs.
+    std = np.array([1.0, 1.0, 2.0, 1.0, 1.0, 3.0, 1.0])
+    post = JointPosterior(np.zeros(3), std, np.array([[0, 5, 6], [1, 2, 5], [3, 4, 6]]))
+    assert post.flipped_draws(8, generator(0)).shape[0] == 2
+    n = 100_000
+    f = post.sample_antithetic(n, generator(3)).double().numpy()
+    cov = post.covariance()
+    se_cov = np.sqrt((cov ** 2 + np.outer(np.diag(cov), np.diag(cov))) / (n / 2))
+    assert np.all(np.abs(np.cov(f, rowvar=False) - cov) < 5 * se_cov)
