@@ -443,8 +443,12 @@ def thompson_rank(post: JointPosterior, *, weights: np.ndarray | None = None,
     k = min(propensity_ranks, c)
     m = max(draws, 1) if k > 0 else 1
     f = post.lead_draw(rng)
-    keys = _keys(f[:, None], weights)[:, 0]
-    order = np.argsort(-keys, kind="stable")
+    logits = f.astype(np.float64)
+    pctr = torch.sigmoid(torch.from_numpy(logits)).numpy()
+    scores = pctr if weights is None else pctr * weights
+    # Ordered by the scores it returns (float64; the float32 keys of the propensity draws
+    # differ from them by rounding only).
+    order = np.argsort(-(logits if weights is None else scores), kind="stable")
     props: np.ndarray | None = None
     if k > 0:
         hits = np.zeros(k)
@@ -455,9 +459,6 @@ def thompson_rank(post: JointPosterior, *, weights: np.ndarray | None = None,
                                      order[:k])
         # The ranking's own draw puts order[r] at rank r for every r: one hit each.
         props = (hits + 1.0) / m
-    logits = f.astype(np.float64)
-    pctr = torch.sigmoid(torch.from_numpy(logits)).numpy()
-    scores = pctr if weights is None else pctr * weights
     return ThompsonRanking(logits, scores, order, props, m, pctr)
 
 
