@@ -231,17 +231,16 @@ class JointPosterior:
         std[u] = common
         np.sqrt(std, out=std)
         s = len(cols)
+        # The common row first, the flip column (the last of `inv`) last: the bags (every
+        # column but the flip column) are then the first s columns, one copy away.
         slots = np.empty((c, s + 1), dtype=np.int64)
-        slots[:, :s] = inv
-        slots[:, s] = u
+        slots[:, 0] = u
+        slots[:, 1:] = inv
         if c < 2 or not s:
             return cls(mu, std, slots, _Layout.of(mu, std, slots, None))
-        # Bags: every column but the flip column (the last of `inv`), plus the common row.
-        bag = np.empty((c, s), dtype=np.int64)
-        bag[:, :s - 1] = inv[:, :s - 1]
-        bag[:, s - 1] = u
         layout = _Layout(mu.astype(np.float32)[:, None], std.astype(np.float32)[:, None],
-                         torch.from_numpy(bag.reshape(-1)), _bag_offsets(c, s), inv[:, s - 1])
+                         torch.from_numpy(slots[:, :s].reshape(-1)), _bag_offsets(c, s),
+                         slots[:, s])
         return cls(mu, std, slots, layout)
 
     @property
