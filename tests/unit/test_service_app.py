@@ -11,8 +11,6 @@ import numpy as np
 import orjson
 import pytest
 import torch
-from ctrloop.service.app import create_app
-from ctrloop.service.settings import ServiceSettings
 from fastapi.testclient import TestClient
 from service_fakes import RecordingSink
 
@@ -21,6 +19,8 @@ from ctrloop.core.features import NUMERIC_BUCKETS, FeatureEncoder, FeatureSpec, 
 from ctrloop.core.models import CTRModel, build_model
 from ctrloop.core.snapshot import encode_snapshot
 from ctrloop.io.registry import InMemoryRegistry
+from ctrloop.service.app import create_app
+from ctrloop.service.settings import ServiceSettings
 
 TOKEN = "s3cret-admin-token"
 

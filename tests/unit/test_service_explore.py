@@ -11,7 +11,6 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from ctrloop.service import scoring
 from fastapi.testclient import TestClient
 from service_fakes import RecordingSink
 from test_service_app import SPEC, contract, make_client, publish, random_model, score_request
@@ -24,6 +23,7 @@ from ctrloop.core.models import CTRModel
 from ctrloop.core.posterior import LogitPosterior, PosteriorConfig
 from ctrloop.core.snapshot import encode_snapshot
 from ctrloop.io.registry import InMemoryRegistry
+from ctrloop.service import scoring
 
 NEW_AD = "a0"  # its ad.id row was never learned: wide posterior; every other row is narrow
 

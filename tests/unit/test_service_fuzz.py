@@ -17,8 +17,6 @@ import orjson
 import pytest
 import schemathesis
 import torch
-from ctrloop.service.app import create_app
-from ctrloop.service.settings import ServiceSettings
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
 from hypothesis import HealthCheck, given, settings
@@ -31,6 +29,8 @@ from ctrloop.core.models import build_model
 from ctrloop.core.posterior import LogitPosterior
 from ctrloop.core.snapshot import encode_snapshot
 from ctrloop.io.registry import InMemoryRegistry
+from ctrloop.service.app import create_app
+from ctrloop.service.settings import ServiceSettings
 
 Record = tuple[str, bytes, bytes]
 TOKEN = "fuzz-admin-token"

@@ -16,11 +16,6 @@ from typing import Any
 
 import orjson
 import pytest
-from ctrloop.service import sink as sink_module
-from ctrloop.service.app import create_app
-from ctrloop.service.schemas import duplicate_key
-from ctrloop.service.settings import ServiceSettings
-from ctrloop.service.sink import EventSink
 from fastapi.testclient import TestClient
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -31,6 +26,11 @@ import ctrloop
 from ctrloop.core.events import MAX_FEATURES, MAX_LINE_BYTES, Click, Impression, decode_event
 from ctrloop.dev.localservers import free_port
 from ctrloop.io.registry import InMemoryRegistry
+from ctrloop.service import sink as sink_module
+from ctrloop.service.app import create_app
+from ctrloop.service.schemas import duplicate_key
+from ctrloop.service.settings import ServiceSettings
+from ctrloop.service.sink import EventSink
 
 ROOT = Path(__file__).resolve().parents[2]
 FAR_FUTURE = 4070908800.0  # 2099-01-01: inside the contract's 2000-2100, far ahead of now

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-from ctrloop.service.app import create_app
-from ctrloop.service.settings import ServiceSettings
 from fastapi.testclient import TestClient
 from service_fakes import RecordingSink
 
@@ -13,6 +11,8 @@ from ctrloop.core.features import FeatureSpec, Field
 from ctrloop.core.models import build_model
 from ctrloop.core.snapshot import encode_snapshot
 from ctrloop.io.registry import InMemoryRegistry
+from ctrloop.service.app import create_app
+from ctrloop.service.settings import ServiceSettings
 
 SPEC = FeatureSpec((Field("user.id", "categorical", "user", 256),
                     Field("ad.id", "categorical", "ad", 256),
