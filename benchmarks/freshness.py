@@ -30,7 +30,7 @@ from typing import Any
 import httpx
 import numpy as np
 
-from benchmarks.serving import _wait_http, child
+from benchmarks.serving import wait_http, child
 from ctrloop.dev.localservers import KafkaBroker, RedisServer, free_port
 from ctrloop.io.kafka import create_topics
 from ctrloop.sim import World, WorldConfig
@@ -125,11 +125,11 @@ def main() -> None:
                  "--workers", str(args.workers)]
         train = [sys.executable, "-m", "ctrloop.cli", "train"]
         with child(train, env, work / "trainer.log"), child(serve, env, work / "service.log"):
-            _wait_http(url + "/readyz")
+            wait_http(url + "/readyz")
             stop = threading.Event()
             bg = threading.Thread(target=background, args=(url, args.rate, stop), daemon=True)
             bg.start()
-            _wait_http(url + "/v1/models", lambda d: d["serving"]["status"] != "prior", 120)
+            wait_http(url + "/v1/models", lambda d: d["serving"]["status"] != "prior", 120)
             results = []
             with httpx.Client(base_url=url, timeout=10) as http:
                 for i in range(args.probes):

@@ -25,7 +25,7 @@ import httpx
 import numpy as np
 import torch
 
-from benchmarks.serving import LUA, _wait_http, child, run_wrk, score_body, sim_spec
+from benchmarks.serving import LUA, wait_http, child, run_wrk, score_body, sim_spec
 from ctrloop.core.models import build_model
 from ctrloop.core.snapshot import encode_snapshot
 from ctrloop.dev.localservers import RedisServer, free_port
@@ -86,7 +86,7 @@ def main() -> None:
         cmd = [sys.executable, "-m", "ctrloop.cli", "serve", "--port", str(port), "--workers",
                str(args.workers), "--loop", "uvloop", "--http", "httptools"]
         with child(cmd, env, work / "service.log"):
-            _wait_http(f"http://127.0.0.1:{port}/v1/models",
+            wait_http(f"http://127.0.0.1:{port}/v1/models",
                        lambda d: d["serving"]["version"] == "1")
             run_wrk(url, body_file, lua, 8, 3)  # warm-up
             steady = run_wrk(url, body_file, lua, 8, args.duration)

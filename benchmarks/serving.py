@@ -111,7 +111,7 @@ def run_wrk(url: str, body: Path, lua: Path, conc: int, seconds: int) -> dict[st
             "socket_errors": errors[1] if errors else None}
 
 
-def _wait_http(url: str, ok: Any = None, timeout: float = 60.0) -> None:
+def wait_http(url: str, ok: Any = None, timeout: float = 60.0) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         try:
@@ -185,7 +185,7 @@ def main() -> None:
                    "httptools", "--log-level", "warning", "--no-access-log"]
         with child(svc_cmd, env, work / "service.log"), \
                 child(min_cmd, env, work / "minimal.log"):
-            _wait_http(f"http://127.0.0.1:{sport}/v1/models",
+            wait_http(f"http://127.0.0.1:{sport}/v1/models",
                        lambda d: d["serving"]["version"] == str(version))
             httpx.post(f"http://127.0.0.1:{mport}/score", content=bodies["plain"].read_bytes(),
                        timeout=30).raise_for_status()
