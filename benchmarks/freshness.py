@@ -30,7 +30,7 @@ from typing import Any
 import httpx
 import numpy as np
 
-from benchmarks.serving import wait_http, child
+from benchmarks.serving import child, wait_http
 from ctrloop.dev.localservers import KafkaBroker, RedisServer, free_port
 from ctrloop.io.kafka import create_topics
 from ctrloop.sim import World, WorldConfig

@@ -25,7 +25,7 @@ import httpx
 import numpy as np
 import torch
 
-from benchmarks.serving import LUA, wait_http, child, run_wrk, score_body, sim_spec
+from benchmarks.serving import LUA, child, run_wrk, score_body, sim_spec, wait_http
 from ctrloop.core.models import build_model
 from ctrloop.core.snapshot import encode_snapshot
 from ctrloop.dev.localservers import RedisServer, free_port
