@@ -66,7 +66,7 @@ class PipelineConfig:
     warmup: bool = True
     joiner: JoinerConfig = field(default_factory=JoinerConfig)
     learner: LearnerConfig = field(default_factory=LearnerConfig)
-    # pCVR: which clicks become samples when (ctrloop/core/delays.py), and its learner (None: the
+    # pCVR: which clicks become samples when (ctrloop/core/delays/), and its learner (None: the
     # pCTR learner's configuration).
     delay_policy: str = "variance"
     policy: PolicyConfig = field(default_factory=PolicyConfig)
@@ -111,8 +111,6 @@ class Publisher(Protocol):
     def __call__(self, pipeline: Pipeline, clock: float) -> str | None:
         """Publish the current model; return its version, or None if it was not published."""
         ...
-
-
 
 
 class CountingPublisher:
@@ -276,13 +274,15 @@ class Pipeline:
     def _learn_due(self, head: Head, clock: float) -> bool:
         """The learning cadence of one head: learn its waiting samples at this tick?"""
         waiting = head.waiting()
+        if not waiting:
+            self._waiting_since[head.name] = None
+            return False
         since = self._waiting_since[head.name]
-        due = waiting and (waiting >= self.config.min_learn_samples
-                           or clock - (clock if since is None else since)
-                           >= self.config.max_learn_wait)
-        self._waiting_since[head.name] = (None if due or not waiting else
-                                          clock if since is None else since)
-        return bool(due)
+        waited = 0.0 if since is None else clock - since
+        due = (waiting >= self.config.min_learn_samples
+               or waited >= self.config.max_learn_wait)
+        self._waiting_since[head.name] = None if due else clock if since is None else since
+        return due
 
     def _close_tick(self) -> None:
         if self.scores is not None:

@@ -48,7 +48,7 @@ class LearningSettings(BaseSettings):
     metrics_window: int = Field(100_000, ge=1)
     feature_spec: Path | None = None
     seed: int = 0
-    # pCVR: when a click becomes a training sample (ctrloop/core/delays.py). `oracle` reads the
+    # pCVR: when a click becomes a training sample (ctrloop/core/delays/). `oracle` reads the
     # simulator's truth and exists for replay measurements only.
     delay_policy: str = Field("variance", description="variance, fixed:SECONDS, naive, fnw, "
                               "oracle (replay with --truth only)")

@@ -71,7 +71,7 @@ class OnlineLearner:
         """One pass over the samples in minibatches; returns the pre-update predictions.
 
         `weights` (optional) scale each sample's loss: importance weights, or -1 to retract a
-        sample learned before (pCVR delay corrections, ctrloop/core/delays.py). Labels may be soft
+        sample learned before (pCVR delay corrections, ctrloop/core/delays/). Labels may be soft
         (in [0, 1]). Metrics count only samples of positive weight, as hard labels (>= 0.5).
         With a multi-task model (`model.tasks`), `tasks` gives each sample's task index (all 0
         when omitted): a sample's loss and returned prediction are its task's output only.
