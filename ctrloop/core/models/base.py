@@ -103,6 +103,23 @@ class CTRModel(nn.Module):
     def dense_parameters(self) -> list[nn.Parameter]:
         return [p for p in self.parameters() if p.requires_grad]
 
+    def embedding_tables(self) -> list[torch.Tensor]:
+        """The model's embedding matrices, [total_buckets, dim] each, one per table (a model
+        whose feature has several embeddings — multi-embedding, GwPFM's parts — lists each).
+        Read-only views of the weights, without the columns that are not embeddings (FwFM's
+        linear weight). Default: every HashEmbedding wider than one column, whole."""
+        return [t.weight.detach() for t in self.hash_embeddings() if t.weight.shape[1] > 1]
+
+    def field_embeddings(self) -> dict[str, list[torch.Tensor]]:
+        """Per field name, that field's rows of each embedding table: [buckets, dim] each, in
+        `embedding_tables()` order. For the collapse analysis (per-field singular spectra and
+        Information Abundance, paper §7). Views: do not write to them."""
+        out: dict[str, list[torch.Tensor]] = {}
+        tables = self.embedding_tables()
+        for f, start in zip(self.spec.fields, self.spec.offsets, strict=True):
+            out[f.name] = [t[start:start + f.buckets] for t in tables]
+        return out
+
 
 def prior_logit(prior_ctr: float) -> float:
     p = min(max(prior_ctr, 1e-6), 1 - 1e-6)

@@ -37,3 +37,6 @@ class FwFM(CTRModel):
         gram = torch.bmm(v, v.transpose(1, 2))  # [B, F, F]
         pairs = (gram * (self.field_pair * self.upper)).sum((1, 2))
         return self.bias + linear.sum(1) + pairs
+
+    def embedding_tables(self) -> list[torch.Tensor]:
+        return [self.table.weight.detach()[:, 1:]]  # column 0 is the linear weight

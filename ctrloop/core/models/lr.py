@@ -19,3 +19,6 @@ class LogisticRegression(CTRModel):
 
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
         return self.weights(idx).squeeze(-1).sum(1) + self.bias
+
+    def embedding_tables(self) -> list[torch.Tensor]:
+        return []  # one linear weight per feature: nothing to analyse as an embedding

@@ -88,3 +88,10 @@ class StemFwFM(CTRModel):
             gram = gram + g_seen.sum(1, keepdim=True) + (g_task - g_seen)
         pairs = (gram * (self.field_pair * self.upper)).sum((-1, -2))  # [B, T]
         return self.bias + linear + pairs
+
+    def embedding_tables(self) -> list[torch.Tensor]:
+        """The shared table, then each task's specific table (without the linear columns)."""
+        t, d = self.num_tasks, self.task_dim
+        spec_rows = self.task_table.weight.detach()[:, t:]
+        return [self.table.weight.detach()[:, 1:],
+                *(spec_rows[:, k * d:(k + 1) * d] for k in range(t) if d > 0)]
