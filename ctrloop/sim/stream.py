@@ -82,6 +82,9 @@ def _stream(world: World, n_impressions: int) -> Iterator[tuple[Kind, Event, Tru
     conversions = np.random.default_rng(seed_sequence(seed, SEED_CONVERSIONS))
     mean_gap = 1.0 / world.request_rate
     reporting = [p.reporting for p in world.conversion_profiles]
+    # Only worlds that split bursty advertisers into kinds say which (default files unchanged).
+    kinds = world.reporting_kinds if cfg.bursty_kinds else None
+    drift = cfg.drift_share > 0
     types = world.conversion_types
     multi = len(types) > 1  # only then the truth has "conversions" (single stays as it was)
     ads = world.ads
@@ -93,17 +96,21 @@ def _stream(world: World, n_impressions: int) -> Iterator[tuple[Kind, Event, Tru
     while emitted < n_impressions:
         arrival = t + np.cumsum(arrivals.exponential(mean_gap, REQUEST_BATCH))
         t = float(arrival[-1])
+        if cfg.diurnal_amplitude > 0:
+            # t runs on the homogeneous clock; the requests arrive at its diurnal image.
+            arrival = diurnal_time(arrival, cfg.start_ts, cfg.diurnal_amplitude)
         batch = world.sample_batch(np.round(arrival, 3))
         rows, pos, ad_idx = uniform_policy(policy, batch)
         imp_ts = batch.ts[rows]
         ctr = world.true_ctr_batch(batch, rows, ad_idx, pos)
         click_ts = world.sample_clicks(clicks, ctr, imp_ts)
+        imp_at = imp_ts if drift else None  # the rates at the impression (drift)
         if multi:
             by_type = {name: np.round(v, 8).tolist() for name, v in
-                       world.true_cvr_by_type_batch(batch.user[rows], ad_idx).items()}
+                       world.true_cvr_by_type_batch(batch.user[rows], ad_idx, imp_at).items()}
             cvr = by_type[types[0]]
         else:
-            cvr = np.round(world.true_cvr_batch(batch.user[rows], ad_idx), 8).tolist()
+            cvr = np.round(world.true_cvr_batch(batch.user[rows], ad_idx, imp_at), 8).tolist()
         req_feats = world.request_features(batch)
         req_ids = batch.request_ids.tolist()
         users = batch.user.tolist()
@@ -144,6 +151,8 @@ def _stream(world: World, n_impressions: int) -> Iterator[tuple[Kind, Event, Tru
                 "conversion_reported_ts": None,
                 "reporting": reporting[ad.advertiser_index],
             }
+            if kinds is not None:
+                truth["reporting_kind"] = kinds[ad.advertiser_index]
             if multi:
                 truth["conversions"] = {
                     name: {"cvr": by_type[name][j], "converted": False, "conversion_ts": None,
@@ -153,7 +162,8 @@ def _stream(world: World, n_impressions: int) -> Iterator[tuple[Kind, Event, Tru
             if clicked:
                 heapq.heappush(pending, (cts, seq, "click", {"impression_id": iid, "ts": cts}))
                 seq += 1
-                for conv in world.sample_conversions(conversions, users[r], ad, cts):
+                for conv in world.sample_conversions(conversions, users[r], ad, cts,
+                                                     ts if drift else None):
                     ev = {"impression_id": iid, "ts": conv.ts,
                           "conversion_type": conv.conversion_type}
                     heapq.heappush(pending, (conv.ts, seq, "conversion", ev))
@@ -174,6 +184,28 @@ def _stream(world: World, n_impressions: int) -> Iterator[tuple[Kind, Event, Tru
     while pending:
         _, _, kind, ev = heapq.heappop(pending)
         yield kind, ev, None
+
+
+DAY_S = 86_400.0
+DIURNAL_PEAK_S = 18 * 3600.0  # the busiest moment of the day, seconds after 00:00 UTC
+
+
+def diurnal_time(u: np.ndarray, start_ts: float, amplitude: float) -> np.ndarray:
+    """Map times `u` of a constant-rate process to those of one whose rate is
+    (1 + a cos(2 pi (t - peak) / day)) times the mean: t with Lambda(t) = u - start, Lambda the
+    integrated rate from `start_ts` (time change; Lambda' >= 1 - a > 0, so Newton converges)."""
+    w = 2 * np.pi / DAY_S
+    phase0 = math.sin(w * (start_ts - DIURNAL_PEAK_S))
+    target = np.asarray(u, np.float64) - start_ts
+    t = target.copy()
+    for _ in range(50):
+        ang = w * (start_ts + t - DIURNAL_PEAK_S)
+        f = t + amplitude / w * (np.sin(ang) - phase0) - target
+        step = f / (1 + amplitude * np.cos(ang))
+        t -= step
+        if float(np.max(np.abs(step))) < 1e-6:
+            break
+    return start_ts + t
 
 
 def generate(config: WorldConfig, n_impressions: int) -> Iterator[tuple[Event, Truth | None]]:

@@ -48,6 +48,7 @@ but its own impressions tells a model how good it is — the reason exploration 
 from __future__ import annotations
 
 import bisect
+import dataclasses
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field, fields
@@ -101,10 +102,26 @@ SEED_CVR_CALIBRATION = 8
 # Conversion types' own effects, child t per type: new streams, so adding types leaves every
 # draw above (and the "single" mix's conversions) where it was.
 SEED_CVR_TYPE_ADS = 9  # per-ad type-specific effects, drawn in ad-index order
+# Scenario knobs (WorldConfig's last group, ctrloop/sim/scenarios.py): new streams, so a world
+# with every knob off draws exactly what it drew before they existed.
+SEED_NUMERIC = 10  # numeric-feature structure: users' ages in years, per-category curves
+SEED_NUMERIC_ADS = 11  # per-ad prices, drawn as ads are created
 # Child streams of an advertiser's own seed (SEED_ADVERTISERS, i, k).
 ADV_SEED_PROFILE = 0
 ADV_SEED_UPLOADS = 1
 ADV_SEED_TYPES = 2  # (SEED_ADVERTISERS, i, ADV_SEED_TYPES, t): type t's effect and delay median
+ADV_SEED_SCENARIO = 3  # delay family and mean, reporting kind, upload phase, drift
+
+DELAY_FAMILIES = ("exponential", "lognormal", "heavy")
+BURSTY_KINDS = ("random", "periodic", "backfill")
+# The "heavy" family: a fast exponential (share HEAVY_FAST_SHARE, mean HEAVY_FAST_MEAN x the
+# advertiser's mean) mixed with a Lomax (Pareto II) tail of shape HEAVY_TAIL_SHAPE whose mean
+# makes the mixture's mean the advertiser's: 0.8 * 0.25 + 0.2 * 4 = 1.
+HEAVY_FAST_SHARE = 0.8
+HEAVY_FAST_MEAN = 0.25
+HEAVY_TAIL_SHAPE = 2.5
+# Numeric features: users' age in years within their bucket (65+ means 65-80).
+AGE_YEARS = ((18, 25), (25, 35), (35, 45), (45, 55), (55, 65), (65, 81))
 
 
 TypeReporting = Literal["streaming", "advertiser"]
@@ -220,6 +237,38 @@ class WorldConfig:
     report_lag_median_s: float = 30.0  # streaming advertisers: conversion -> report
     burst_gap_min_s: float = 6 * 3600.0  # bursty advertisers: gaps between uploads are
     burst_gap_max_s: float = 48 * 3600.0  # uniform in [min, max]
+    # --- Scenario knobs (docs/scenarios.md). Every default is off: a world that leaves them
+    # alone is byte-identical to one from before they existed (their draws use new streams).
+    # Conversion-delay family. None: the lognormal around a log-uniform median above. Else
+    # each advertiser's *mean* delay is log-uniform in [delay_mean_min_s, delay_mean_max_s] and
+    # its shape the family's: "exponential", "lognormal" (sigma conversion_delay_sigma),
+    # "heavy" (80% fast exponential + 20% Lomax tail), "mixed" (one of the three per advertiser).
+    delay_family: str | None = None
+    delay_mean_min_s: float = 600.0
+    delay_mean_max_s: float = 3 * 86_400.0
+    # How bursty advertisers report, as weights over BURSTY_KINDS: "random" (uploads at gaps
+    # uniform in burst_gap_min_s..max_s, the only kind when empty), "periodic" (an upload every
+    # dump_period_s at the advertiser's own phase), "backfill" (nothing until backfill_after_s
+    # after the start, then everything so far in one upload, then live).
+    bursty_kinds: tuple[tuple[str, float], ...] = ()
+    dump_period_s: float = 86_400.0
+    backfill_after_s: float = 21 * 86_400.0
+    # Numeric features: `ctx.hour` (local hour, 0-23) and `user.age` (years) become numbers and
+    # ads gain `ad.price`; each has a smooth, non-monotone effect whose shape depends on the ad's
+    # category (hour and age on the CTR, price on the CVR), scaled by numeric_effect_scale.
+    numeric_features: bool = False
+    numeric_effect_scale: float = 1.0
+    # Drift: this share of advertisers has its CVR logit moved by +-drift_logit (sign at random)
+    # for clicks on impressions from drift_at_s after the start on.
+    drift_share: float = 0.0
+    drift_at_s: float = 10 * 86_400.0
+    drift_logit: float = 0.7
+    # Advertisers' share of the ad pool (so of traffic) is lognormal with this sigma: larger
+    # makes a few giants and a long tail of low-traffic advertisers.
+    advertiser_size_sigma: float = 1.0
+    # Diurnal traffic: the request rate is (1 + a cos(2 pi (t - 18h UTC) / 1 day)) times its
+    # mean; 0 keeps it constant.
+    diurnal_amplitude: float = 0.0
 
     def __post_init__(self) -> None:
         if not self.slot_probs or abs(sum(self.slot_probs) - 1.0) > 1e-9:
@@ -254,6 +303,23 @@ class WorldConfig:
             raise ValueError("need 0 < burst_gap_min_s <= burst_gap_max_s")
         if self.report_lag_median_s < 0 or self.conversion_delay_sigma < 0:
             raise ValueError("report_lag_median_s and conversion_delay_sigma must be >= 0")
+        self._check_scenario_knobs()
+
+    def _check_scenario_knobs(self) -> None:
+        if self.delay_family not in (None, "mixed", *DELAY_FAMILIES):
+            raise ValueError(f"delay_family must be None, 'mixed' or one of {DELAY_FAMILIES}")
+        if not 0 < self.delay_mean_min_s <= self.delay_mean_max_s:
+            raise ValueError("need 0 < delay_mean_min_s <= delay_mean_max_s")
+        kinds = dict(self.bursty_kinds)
+        if (set(kinds) - set(BURSTY_KINDS) or min(kinds.values(), default=1.0) < 0
+                or (kinds and sum(kinds.values()) <= 0)):
+            raise ValueError(f"bursty_kinds: non-negative weights over {BURSTY_KINDS}")
+        if self.dump_period_s <= 0 or self.backfill_after_s <= 0:
+            raise ValueError("dump_period_s and backfill_after_s must be > 0")
+        if not 0 <= self.drift_share <= 1 or self.drift_at_s < 0:
+            raise ValueError("drift_share must be in [0, 1] and drift_at_s >= 0")
+        if self.advertiser_size_sigma <= 0 or not 0 <= self.diurnal_amplitude < 1:
+            raise ValueError("advertiser_size_sigma must be > 0, diurnal_amplitude in [0, 1)")
 
     @property
     def conversion_type_specs(self) -> tuple[ConversionType, ...]:
@@ -274,14 +340,15 @@ def feature_table(config: WorldConfig) -> tuple[tuple[str, str, int | None], ...
     Cardinality is None for numeric features. `user.id`, `ad.id` and `ad.advertiser_id` are
     not here: the encoder derives them from the events' top-level ids.
     """
-    return (
-        ("user.age", "categorical", len(AGE_BUCKETS)),
+    numeric = config.numeric_features
+    table = (
+        ("user.age", "numeric", None) if numeric else ("user.age", "categorical", len(AGE_BUCKETS)),
         ("user.gender", "categorical", len(GENDERS)),
         ("user.region", "categorical", len(REGIONS)),
         ("user.interest", "categorical", len(CATEGORIES)),
         ("user.sessions_7d", "numeric", None),
         ("ctx.device", "categorical", len(DEVICES)),
-        ("ctx.hour", "categorical", 24),
+        ("ctx.hour", "numeric", None) if numeric else ("ctx.hour", "categorical", 24),
         ("ctx.weekday", "categorical", len(WEEKDAYS)),
         ("ctx.site", "categorical", config.n_sites),
         ("ctx.connection", "categorical", len(CONNECTIONS)),
@@ -291,6 +358,7 @@ def feature_table(config: WorldConfig) -> tuple[tuple[str, str, int | None], ...
         ("ad.landing", "categorical", len(LANDINGS)),
         ("ad.bid", "numeric", None),
     )
+    return (*table, ("ad.price", "numeric", None)) if numeric else table
 
 
 @dataclass(frozen=True, slots=True)
@@ -365,6 +433,10 @@ class ConversionProfile:
     delay_median_s: float
     delay_sigma: float
     reporting: Reporting
+    # The delay's shape (DELAY_FAMILIES; "lognormal" draws median * exp(sigma * N) as the
+    # world did before families) and its mean before the horizon cap (lognormal: derived).
+    delay_family: str = "lognormal"
+    delay_mean_s: float = math.nan
 
 
 class _UploadSchedule:
@@ -387,6 +459,29 @@ class _UploadSchedule:
         while times[-1] < ts:
             times.append(times[-1] + float(self._rng.uniform(*self._gap)))
         return times[bisect.bisect_left(times, ts)]
+
+
+class _PeriodicSchedule:
+    """An advertiser that uploads every `period` seconds, at its own phase."""
+
+    def __init__(self, first_ts: float, period: float) -> None:
+        self._first = first_ts
+        self._period = period
+
+    def next_upload(self, ts: float) -> float:
+        k = max(0.0, math.ceil((ts - self._first) / self._period))
+        return self._first + k * self._period
+
+
+class _BackfillSchedule:
+    """An advertiser that reports nothing until `backfill_ts`, uploads everything up to then in
+    one backfill, and reports live after it (NaN: not an upload, the caller streams it)."""
+
+    def __init__(self, backfill_ts: float) -> None:
+        self.backfill_ts = backfill_ts
+
+    def next_upload(self, ts: float) -> float:
+        return self.backfill_ts if ts <= self.backfill_ts else math.nan
 
 
 @dataclass(frozen=True, slots=True)
@@ -418,14 +513,15 @@ class _AdColumns:
     creative: IntArray = field(default_factory=lambda: np.zeros(0, np.int64))
     main: FloatArray = field(default_factory=lambda: np.zeros(0, np.float64))
     quality: FloatArray = field(default_factory=lambda: np.zeros(0, np.float64))
+    log_price: FloatArray = field(default_factory=lambda: np.zeros(0, np.float64))
 
     def append(self, category: IntArray, creative: IntArray, main: FloatArray,
-               quality: FloatArray) -> None:
+               quality: FloatArray, log_price: FloatArray | None = None) -> None:
         k = category.shape[0]
         if self.n + k > self.category.shape[0]:
             # Doubling keeps appends amortised O(1) while ads keep arriving.
             cap = max(2 * self.category.shape[0], self.n + k, 64)
-            for name in ("category", "creative", "main", "quality"):
+            for name in ("category", "creative", "main", "quality", "log_price"):
                 old = getattr(self, name)
                 new = np.zeros(cap, old.dtype)
                 new[: self.n] = old[: self.n]
@@ -434,6 +530,7 @@ class _AdColumns:
         self.creative[self.n : self.n + k] = creative
         self.main[self.n : self.n + k] = main
         self.quality[self.n : self.n + k] = quality
+        self.log_price[self.n : self.n + k] = 0.0 if log_price is None else log_price
         self.n += k
 
 
@@ -467,6 +564,7 @@ class World:
         self._build_users(struct)
         self._build_sites(struct)
         self._build_advertisers(struct)
+        self._build_numeric()
 
         self._ads: list[Ad] = []
         self._cols = _AdColumns()
@@ -565,7 +663,56 @@ class World:
         self._adv_base_bid = base_bids
         self._adv_quality = rng.normal(0, cfg.advertiser_quality_sd, n)
         # Big advertisers run many ads at once.
-        self._adv_cdf = _cdf(rng.lognormal(0.0, 1.0, n))
+        size = rng.lognormal(0.0, 1.0, n)
+        if cfg.advertiser_size_sigma != 1.0:
+            # lognormal(0, 1) ** s is lognormal(0, s): the same advertisers stay the big ones.
+            size = size ** cfg.advertiser_size_sigma
+        self._adv_cdf = _cdf(size)
+
+    def _build_numeric(self) -> None:
+        """Numeric features' hidden structure (off: nothing is drawn). Each category has its
+        own hour-of-day curve (a phase), age peak and sweet-spot price, so the effects are
+        non-monotone and interact with the ad's category."""
+        cfg = self.config
+        self._numeric = cfg.numeric_features
+        if not self._numeric:
+            return
+        rng = np.random.default_rng(seed_sequence(cfg.seed, SEED_NUMERIC))
+        n_cat = len(CATEGORIES)
+        lo = np.asarray([a for a, _ in AGE_YEARS], np.float64)[self._u_age]
+        hi = np.asarray([b for _, b in AGE_YEARS], np.float64)[self._u_age]
+        self._u_age_years = np.floor(lo + rng.random(cfg.n_users) * (hi - lo)).astype(np.int64)
+        self._hour_phase = rng.uniform(0.0, 24.0, n_cat)  # the category's best local hour
+        self._age_peak = rng.uniform(20.0, 70.0, n_cat)  # the category's best age
+        self._price_mu = rng.normal(3.0, 1.0, n_cat)  # typical log price of the category
+        self._price_sweet = self._price_mu + rng.normal(0.0, 0.5, n_cat)  # converts best
+        self._numeric_ads_rng = np.random.default_rng(seed_sequence(cfg.seed, SEED_NUMERIC_ADS))
+
+    def hour_effect(self, hour: IntArray, category: IntArray) -> FloatArray:
+        """The numeric hour-of-day term of the CTR logit (zero without numeric features): a
+        daily cosine peaking at the category's own hour."""
+        if not self._numeric:
+            return np.zeros(np.shape(hour), np.float64)
+        s = 0.4 * self.config.numeric_effect_scale
+        return s * np.cos(2 * np.pi * (np.asarray(hour) - self._hour_phase[category]) / 24.0)
+
+    def age_effect(self, age_years: IntArray, category: IntArray) -> FloatArray:
+        """The numeric age term of the CTR logit: a bump (width ~12 years) at the category's
+        peak age, centred so it averages near zero."""
+        if not self._numeric:
+            return np.zeros(np.shape(age_years), np.float64)
+        s = 0.5 * self.config.numeric_effect_scale
+        d = (np.asarray(age_years, np.float64) - self._age_peak[category]) / 12.0
+        return s * (np.exp(-0.5 * d * d) - 0.5)
+
+    def price_effect(self, log_price: FloatArray, category: IntArray) -> FloatArray:
+        """The numeric price term of the CVR logit: highest at the category's sweet spot,
+        falling off on both sides (too cheap looks dubious, too dear does not sell)."""
+        if not self._numeric:
+            return np.zeros(np.shape(log_price), np.float64)
+        s = 0.5 * self.config.numeric_effect_scale
+        d = np.asarray(log_price, np.float64) - self._price_sweet[category]
+        return s * (0.5 - d * d)
 
     def _create_ads(self, created_ts: FloatArray) -> list[Ad]:
         rng = self._ads_rng
@@ -588,7 +735,11 @@ class World:
             + self._b_bid * np.log(bid)
         )
         quality = self._adv_quality[adv] + rng.normal(0, self.config.ad_quality_sd, k)
-        self._cols.append(category, creative, main, quality)
+        log_price = None
+        if self._numeric:
+            log_price = self._price_mu[category] + 0.8 * self._numeric_ads_rng.standard_normal(k)
+            log_price = np.log(np.maximum(np.round(np.exp(log_price), 2), 0.01))
+        self._cols.append(category, creative, main, quality, log_price)
         new: list[Ad] = []
         for j in range(k):
             a = int(adv[j])
@@ -606,6 +757,8 @@ class World:
                     "ad.size": AD_SIZES[int(size[j])],
                     "ad.landing": LANDINGS[int(landing[j])],
                     "ad.bid": b,
+                    **({"ad.price": round(math.exp(float(log_price[j])), 2)}
+                       if log_price is not None else {}),
                 },
             )
             self._ads.append(ad)
@@ -655,15 +808,26 @@ class World:
         self._cvr_age_cat = rng.normal(0, 0.25, (len(AGE_BUCKETS), n_cat))
         lsess = np.log1p(self._u_sessions)
         self._cvr_user = 0.1 * (lsess - lsess.mean())
+        scenario = [self._scenario_draws(adv.index) for adv in self.advertisers]
         self.conversion_profiles = tuple(
-            self._conversion_profile(adv.index) for adv in self.advertisers
+            self._conversion_profile(adv.index, draws)
+            for adv, draws in zip(self.advertisers, scenario, strict=True)
         )
         self._adv_cvr = np.asarray([p.cvr_effect for p in self.conversion_profiles])
+        # Per advertiser: "streaming" or its bursty kind (BURSTY_KINDS).
+        self.reporting_kinds: tuple[str, ...] = tuple(
+            "streaming" if p.reporting == "streaming" else self._bursty_kind(d[2])
+            for p, d in zip(self.conversion_profiles, scenario, strict=True)
+        )
         self._uploads = {
-            p_i: _UploadSchedule(seed_sequence(cfg.seed, SEED_ADVERTISERS, p_i, ADV_SEED_UPLOADS),
-                                 cfg.start_ts, cfg.burst_gap_min_s, cfg.burst_gap_max_s)
-            for p_i, p in enumerate(self.conversion_profiles) if p.reporting == "bursty"
+            p_i: self._upload_schedule(p_i, kind, scenario[p_i][3])
+            for p_i, kind in enumerate(self.reporting_kinds) if kind != "streaming"
         }
+        # Drift: the CVR logit shift of each advertiser from drift_ts on (0: no drift).
+        self.drift_ts = cfg.start_ts + cfg.drift_at_s
+        self.adv_drift = np.asarray(
+            [(cfg.drift_logit if d[5] < 0.5 else -cfg.drift_logit) if d[4] < cfg.drift_share
+             else 0.0 for d in scenario], np.float64)
         self._cvr_ads_rng = np.random.default_rng(seed_sequence(cfg.seed, SEED_CVR_ADS))
         self._ad_cvr_main = np.zeros(0, np.float64)
         self._ad_adv = np.zeros(0, np.int64)
@@ -706,7 +870,7 @@ class World:
         reporting: Reporting = "streaming" if spec.reporting == "streaming" else prof.reporting
         if spec.specific_sd == 0 and not spec.own_delays:
             # Nothing of its own to draw: exactly the advertiser's profile (the "single" mix).
-            return ConversionProfile(0.0, prof.delay_median_s, prof.delay_sigma, reporting)
+            return dataclasses.replace(prof, cvr_effect=0.0, reporting=reporting)
         rng = np.random.default_rng(
             seed_sequence(cfg.seed, SEED_ADVERTISERS, index, ADV_SEED_TYPES, t))
         # Both drawn always, in this order, so one knob of a type never shifts the other draw.
@@ -720,7 +884,37 @@ class World:
             median = math.exp(lo + u * (hi - lo))
         return ConversionProfile(effect, median, cfg.conversion_delay_sigma, reporting)
 
-    def _conversion_profile(self, index: int) -> ConversionProfile:
+    def _scenario_draws(self, index: int) -> tuple[float, ...]:
+        """Advertiser `index`'s uniforms for the scenario knobs, always all six in this order
+        (delay family, delay mean, bursty kind, upload phase, drift, drift sign), so one knob
+        never shifts another's draw; from a stream of its own, so knobs off draw nothing old."""
+        rng = np.random.default_rng(
+            seed_sequence(self.config.seed, SEED_ADVERTISERS, index, ADV_SEED_SCENARIO))
+        return tuple(float(u) for u in rng.random(6))
+
+    def _bursty_kind(self, u: float) -> str:
+        weights = dict(self.config.bursty_kinds)
+        if not weights:
+            return "random"
+        total = sum(weights.values())
+        acc = 0.0
+        for kind in BURSTY_KINDS:
+            acc += weights.get(kind, 0.0) / total
+            if u < acc:
+                return kind
+        return next(k for k in reversed(BURSTY_KINDS) if weights.get(k, 0.0) > 0)
+
+    def _upload_schedule(self, index: int, kind: str,
+                         phase: float) -> _UploadSchedule | _PeriodicSchedule | _BackfillSchedule:
+        cfg = self.config
+        if kind == "periodic":
+            return _PeriodicSchedule(cfg.start_ts + phase * cfg.dump_period_s, cfg.dump_period_s)
+        if kind == "backfill":
+            return _BackfillSchedule(cfg.start_ts + cfg.backfill_after_s)
+        return _UploadSchedule(seed_sequence(cfg.seed, SEED_ADVERTISERS, index, ADV_SEED_UPLOADS),
+                               cfg.start_ts, cfg.burst_gap_min_s, cfg.burst_gap_max_s)
+
+    def _conversion_profile(self, index: int, draws: tuple[float, ...]) -> ConversionProfile:
         cfg = self.config
         rng = np.random.default_rng(
             seed_sequence(cfg.seed, SEED_ADVERTISERS, index, ADV_SEED_PROFILE))
@@ -731,8 +925,33 @@ class World:
         # Drawn last and compared with the share, so raising bursty_share only adds bursty
         # advertisers and leaves every other draw alone.
         bursty = float(rng.random()) < cfg.bursty_share
-        return ConversionProfile(cvr_effect, median, cfg.conversion_delay_sigma,
-                                 "bursty" if bursty else "streaming")
+        reporting: Reporting = "bursty" if bursty else "streaming"
+        sigma = cfg.conversion_delay_sigma
+        if cfg.delay_family is None:
+            return ConversionProfile(cvr_effect, median, sigma, reporting,
+                                     delay_mean_s=median * math.exp(sigma * sigma / 2))
+        family = cfg.delay_family
+        if family == "mixed":
+            family = DELAY_FAMILIES[min(int(draws[0] * len(DELAY_FAMILIES)), 2)]
+        lo, hi = math.log(cfg.delay_mean_min_s), math.log(cfg.delay_mean_max_s)
+        mean = math.exp(lo + draws[1] * (hi - lo))
+        # The lognormal's median is what its draw scales; mean = median * exp(sigma^2 / 2).
+        median = mean * math.exp(-sigma * sigma / 2) if family == "lognormal" else mean
+        return ConversionProfile(cvr_effect, median, sigma, reporting, family, mean)
+
+    def draw_delay(self, profile: ConversionProfile, rng: np.random.Generator) -> float:
+        """One click-to-conversion delay from `profile`'s family (before the horizon cap)."""
+        family = profile.delay_family
+        if family == "exponential":
+            return float(rng.exponential(profile.delay_mean_s))
+        if family == "heavy":
+            if float(rng.random()) < HEAVY_FAST_SHARE:
+                return float(rng.exponential(HEAVY_FAST_MEAN * profile.delay_mean_s))
+            # Lomax(shape a, scale c) has mean c / (a - 1); numpy's pareto is Lomax(a, 1).
+            tail_mean = (1 - HEAVY_FAST_SHARE * HEAVY_FAST_MEAN) / (1 - HEAVY_FAST_SHARE)
+            scale = tail_mean * profile.delay_mean_s * (HEAVY_TAIL_SHAPE - 1)
+            return float(rng.pareto(HEAVY_TAIL_SHAPE)) * scale
+        return profile.delay_median_s * math.exp(profile.delay_sigma * float(rng.standard_normal()))
 
     def _ensure_ad_cvr(self, n: int) -> None:
         """Per-ad CVR terms for ads 0..n-1, drawn in index order (so in any call order)."""
@@ -746,6 +965,8 @@ class World:
         main = (self._cvr_category[cols.category[idx]] + self._cvr_landing[landing]
                 + self._cvr_creative[cols.creative[idx]]
                 + self._cvr_ads_rng.normal(0, self.config.ad_cvr_sd, idx.shape[0]))
+        if self._numeric:
+            main = main + self.price_effect(cols.log_price[idx], cols.category[idx])
         adv = np.asarray([self._ads[i].advertiser_index for i in idx.tolist()], np.int64)
         self._ad_cvr_main = np.concatenate([self._ad_cvr_main, main])
         self._ad_adv = np.concatenate([self._ad_adv, adv])
@@ -755,12 +976,18 @@ class World:
                    else spec.specific_sd * rng.standard_normal(idx.shape[0]))
             self._ad_type_effect[t] = np.concatenate([self._ad_type_effect[t], own])
 
-    def _cvr_logit(self, user: IntArray, ads: IntArray) -> FloatArray:
+    def _cvr_logit(self, user: IntArray, ads: IntArray, ts: FloatArray | None = None
+                   ) -> FloatArray:
+        """The shared CVR logit (without bias) of clicks on impressions at `ts` (None: before
+        any drift, as the calibration measures it)."""
         self._ensure_ad_cvr(int(ads.max()) + 1 if ads.size else 0)
         cat = self._cols.category[ads]
-        return (self._ad_cvr_main[ads] + self._adv_cvr[self._ad_adv[ads]]
-                + self._cvr_interest_match * (self._u_interest[user] == cat)
-                + self._cvr_age_cat[self._u_age[user], cat] + self._cvr_user[user])
+        z = (self._ad_cvr_main[ads] + self._adv_cvr[self._ad_adv[ads]]
+             + self._cvr_interest_match * (self._u_interest[user] == cat)
+             + self._cvr_age_cat[self._u_age[user], cat] + self._cvr_user[user])
+        if ts is not None and self.config.drift_share > 0:
+            z = z + self.adv_drift[self._ad_adv[ads]] * (np.asarray(ts) >= self.drift_ts)
+        return z
 
     def _type_logit(self, t: int, ads: IntArray, z: FloatArray) -> FloatArray:
         """Type t's logit without its bias: a_t · z_shared + its own ad and advertiser effects.
@@ -793,33 +1020,42 @@ class World:
             biases.append(0.5 * (lo + hi))
         return tuple(biases)
 
-    def true_cvr_by_type_batch(self, user: IntArray, ads: IntArray) -> dict[str, FloatArray]:
+    def true_cvr_by_type_batch(self, user: IntArray, ads: IntArray,
+                               ts: FloatArray | None = None) -> dict[str, FloatArray]:
         """P(conversion of each type | click) of ad index `ads[j]` clicked by user `user[j]`,
-        by type name in `conversion_types` order."""
+        by type name in `conversion_types` order; `ts`: the impressions' times (drift)."""
         if self.config.base_cvr <= 0:
             return {name: np.zeros(np.shape(ads), np.float64) for name in self.conversion_types}
         user = np.asarray(user, np.int64)
         ads = np.asarray(ads, np.int64)
-        z = self._cvr_logit(user, ads)
+        z = self._cvr_logit(user, ads, ts)
         return {name: _sigmoid(self.cvr_biases[t] + self._type_logit(t, ads, z))
                 for t, name in enumerate(self.conversion_types)}
 
-    def true_cvr_batch(self, user: IntArray, ads: IntArray) -> FloatArray:
+    def true_cvr_batch(self, user: IntArray, ads: IntArray,
+                       ts: FloatArray | None = None) -> FloatArray:
         """P(conversion | click) of ad index `ads[j]` clicked by user `user[j]`, for the first
-        conversion type (the only one in the "single" mix)."""
+        conversion type (the only one in the "single" mix); `ts`: the impressions' times
+        (only a drifting world needs them; None is before any drift)."""
         if self.config.base_cvr <= 0:
             return np.zeros(np.shape(ads), np.float64)
         user = np.asarray(user, np.int64)
         ads = np.asarray(ads, np.int64)
-        return _sigmoid(self.cvr_bias + self._type_logit(0, ads, self._cvr_logit(user, ads)))
+        return _sigmoid(self.cvr_bias
+                        + self._type_logit(0, ads, self._cvr_logit(user, ads, ts)))
 
-    def true_cvr(self, user_index: int, ad: Ad) -> float:
+    def true_cvr(self, user_index: int, ad: Ad, ts: float | None = None) -> float:
         """`true_cvr_batch` of one click: the first conversion type's rate."""
-        return float(self.true_cvr_batch(np.asarray([user_index]), np.asarray([ad.index]))[0])
+        at = None if ts is None else np.asarray([ts])
+        return float(self.true_cvr_batch(np.asarray([user_index]), np.asarray([ad.index]),
+                                         at)[0])
 
-    def true_cvr_by_type(self, user_index: int, ad: Ad) -> dict[str, float]:
+    def true_cvr_by_type(self, user_index: int, ad: Ad,
+                         ts: float | None = None) -> dict[str, float]:
         """`true_cvr_by_type_batch` of one click."""
-        rates = self.true_cvr_by_type_batch(np.asarray([user_index]), np.asarray([ad.index]))
+        at = None if ts is None else np.asarray([ts])
+        rates = self.true_cvr_by_type_batch(np.asarray([user_index]), np.asarray([ad.index]),
+                                            at)
         return {name: float(v[0]) for name, v in rates.items()}
 
     def report_ts(self, advertiser_index: int, occurred_ts: float,
@@ -835,7 +1071,9 @@ class World:
             t = self.conversion_types.index(conversion_type)
             reporting = self.type_profiles[t][advertiser_index].reporting
         if reporting == "bursty":
-            return round(self._uploads[advertiser_index].next_upload(occurred_ts), 3)
+            upload = self._uploads[advertiser_index].next_upload(occurred_ts)
+            if not math.isnan(upload):  # NaN: a backfill advertiser, live after its backfill
+                return round(upload, 3)
         lag = float(rng.exponential(self.config.report_lag_median_s / math.log(2)))
         return round(occurred_ts + lag, 3)
 
@@ -944,7 +1182,7 @@ class World:
         region_labels = [r[0] for r in REGIONS]
         hour_labels = [str(h) for h in range(24)]
         site_labels = self._site_labels
-        return [
+        rows = [
             {
                 "user.age": AGE_BUCKETS[a],
                 "user.gender": GENDERS[g],
@@ -965,6 +1203,13 @@ class World:
                 strict=True,
             )
         ]
+        if self._numeric:
+            # The same values as numbers: what a model must bin or embed itself.
+            for row, years, h in zip(rows, self._u_age_years[u].tolist(), batch.hour.tolist(),
+                                     strict=True):
+                row["user.age"] = years
+                row["ctx.hour"] = h
+        return rows
 
     def request_at(self, batch: RequestBatch, i: int) -> Request:
         """Row `i` of `batch` as a `Request` object."""
@@ -994,7 +1239,7 @@ class World:
         cols = self._cols
         cat = cols.category[ad]
         interest = self._u_interest[user]
-        return {
+        terms = {
             "user": self._u_main[user],
             "context": (self._b_device[device] + self._b_hour[hour] + self._b_weekday[weekday]
                         + self._b_site[site] + self._b_connection[conn]),
@@ -1009,6 +1254,10 @@ class World:
             "ad_quality": cols.quality[ad],
             "user_effect": self._u_effect[user],
         }
+        if self._numeric:
+            terms["numeric"] = (self.hour_effect(hour, cat)
+                                + self.age_effect(self._u_age_years[user], cat))
+        return terms
 
     def _check_positions(self, position: IntArray) -> None:
         if position.size and (position.min() < 1 or position.max() > self.config.max_slots):
@@ -1066,7 +1315,8 @@ class World:
         return None if math.isnan(t) else t
 
     def sample_conversions(self, rng: np.random.Generator, user_index: int, ad: Ad,
-                           click_ts: float) -> tuple[Conversion, ...]:
+                           click_ts: float, at_ts: float | None = None
+                           ) -> tuple[Conversion, ...]:
         """The conversions that follow a click: at most one per type, in `conversion_types`
         order (so none, one or several; "single" mix: at most one, of type "default").
 
@@ -1074,21 +1324,22 @@ class World:
         other types given the click; when it happens, from the advertiser's delay distribution
         for the type (capped at the attribution horizon); when it is reported, from the type's
         reporting (`report_ts`). Draws come only from `rng`, the caller's conversion stream,
-        and the advertiser's own upload schedule.
+        and the advertiser's own upload schedule. The rates are those at `at_ts` (the
+        impression's time, so the truth file's "cvr" is the rate drawn with), else `click_ts`.
         """
         if self.config.base_cvr <= 0:
             return ()
+        at = click_ts if at_ts is None else at_ts
         if len(self.conversion_types) == 1:
-            rates = [self.true_cvr(user_index, ad)]
+            rates = [self.true_cvr(user_index, ad, at)]
         else:
-            rates = list(self.true_cvr_by_type(user_index, ad).values())
+            rates = list(self.true_cvr_by_type(user_index, ad, at).values())
         out: list[Conversion] = []
         for t, (name, p) in enumerate(zip(self.conversion_types, rates, strict=True)):
             if rng.random() >= p:
                 continue
             prof = self.type_profiles[t][ad.advertiser_index]
-            delay = prof.delay_median_s * math.exp(
-                prof.delay_sigma * float(rng.standard_normal()))
+            delay = self.draw_delay(prof, rng)
             occurred = round(click_ts + min(delay, self.config.conversion_horizon_s), 3)
             reported = self.report_ts(ad.advertiser_index, occurred, rng, name)
             out.append(Conversion(ts=reported, conversion_type=name, occurred_ts=occurred))
