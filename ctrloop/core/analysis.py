@@ -1,0 +1,462 @@
+"""Collapse and entanglement analysis of a model's embeddings (paper §7; method notes §3).
+
+Dimensional collapse. For each field and each embedding table the field looks up, the field's
+embedding matrix has one row per bucket the model *trained*; its rows are L2-normalised (as the
+authors' analysis does: the spectrum then measures directions, not how often a value was seen)
+and its singular values sigma_1 >= ... >= sigma_D give the Information Abundance
+
+    IA = sum_k sigma_k / sigma_1          (1 <= IA <= min(rows, D))
+
+IA is 1 when every row points the same way (fully collapsed: the field spans one direction) and
+D when the rows spread evenly over all D dimensions.
+
+Which rows count. A hashed table holds one row per bucket, most of which no value ever hashed to:
+those rows are their random initialisation, isotropic noise that would make any field look
+abundant. A row counts when it was trained:
+- where the Adagrad accumulator is at hand (the live trainer, a checkpoint): a row was trained
+  iff its accumulator holds a non-zero squared gradient — exact, the optimizer's own record;
+- in a published snapshot (no optimizer state): the models that store a zero-initialised linear
+  weight next to the embedding (FwFM's column 0, STEM's per-task linear columns) were trained
+  where that column is non-zero — the first Adagrad step moves it by the learning rate, and it
+  is exactly zero until then;
+- otherwise: a row whose L2 norm exceeds init_std * (sqrt(D) + `INIT_SIGMAS`), D its width:
+  Adagrad's first step moves every coordinate with a gradient by the learning rate (0.05 by
+  default, 5x the 0.01 init), so a trained row's norm is ~5 init_std sqrt(D), while an
+  untouched row's norm is init_std times a chi with D degrees of freedom (mean ~sqrt(D), sd
+  ~0.7), past the threshold with probability < 1e-6 for any D. It assumes the learning rate is
+  several times the init scale (the defaults); prefer the other two where they exist.
+
+Cost. The spectrum of an [n, D] matrix comes from the eigenvalues of its D x D Gram matrix
+(n D^2 flops, no n x n work); above `max_rows` trained rows a field is subsampled with a stride
+over its trained buckets (hashing spreads values uniformly, so a stride is a random sample).
+Singular values grow as sqrt(n) together, so IA, a ratio, does not depend on n.
+
+Feature-label mutual information (`mutual_information`): the plug-in estimate per field over a
+sample of encoded rows, with the Miller-Madow bias (|X|-1)(|Y|-1)/(2N) nats subtracted: a
+high-cardinality field (user ids) seen a few times per value otherwise looks informative.
+
+Interest entanglement (`entanglement_report`): for a multi-task model, pairs (user, ad) that are
+*contradictory* — positive for task a, negative for task b — must look close in task a's
+embedding space and far in task b's. A shared embedding gives both tasks one distance, so it
+cannot (gap 0); task-specific embeddings (STEM) can.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from ctrloop.core.features import FeatureSpec
+from ctrloop.core.models.base import CTRModel, HashEmbedding
+
+INIT_SIGMAS = 4.0
+DEFAULT_MAX_ROWS = 4096
+
+
+# --- spectra and Information Abundance --------------------------------------------------------
+
+
+def normalize_rows(x: torch.Tensor) -> torch.Tensor:
+    """Rows scaled to unit L2 norm; all-zero rows dropped (they have no direction)."""
+    x = x.to(torch.float64)
+    norms = x.norm(dim=1)
+    keep = norms > 0
+    return x[keep] / norms[keep, None]
+
+
+def singular_values(x: torch.Tensor, normalize: bool = True) -> np.ndarray:
+    """Singular values of `x` [n, D], descending (D of them; zeros where the rank is lower).
+
+    From the D x D Gram matrix in float64: sigma_k = sqrt(eig_k(x^T x)); n D^2 work instead
+    of an SVD's n D^2 with a larger constant and an [n, D] copy."""
+    if x.dim() != 2:
+        raise ValueError(f"expected a matrix [rows, dim], got shape {tuple(x.shape)}")
+    x = normalize_rows(x) if normalize else x.to(torch.float64)
+    if x.shape[0] == 0:
+        return np.zeros(x.shape[1])
+    eig = torch.linalg.eigvalsh(x.T @ x)
+    # Round-off of the Gram matrix leaves ~eps * max eigenvalues where the rank ends; below
+    # this floor (sigma_k / sigma_1 < ~3e-7) a direction is no direction.
+    eig = torch.where(eig > eig.max() * 1e-13, eig, torch.zeros_like(eig))
+    return np.sort(eig.sqrt().numpy())[::-1].copy()
+
+
+def information_abundance(sv: Sequence[float] | np.ndarray) -> float:
+    """sum(sigma) / max(sigma); 0 for an empty or all-zero spectrum (no trained rows)."""
+    s = np.asarray(sv, dtype=np.float64)
+    top = float(s.max()) if s.size else 0.0
+    return float(s.sum() / top) if top > 0 else 0.0
+
+
+def trained_rows(weight: torch.Tensor, accumulator: torch.Tensor | None = None,
+                 zero_init_columns: torch.Tensor | None = None,
+                 init_std: float | None = None) -> torch.Tensor:
+    """Bool [rows]: which rows of a table were trained (module docstring, "Which rows count").
+
+    The first evidence given decides: the optimizer's accumulator, then the table's
+    zero-initialised columns, then the distance from the random initialisation."""
+    if accumulator is not None and accumulator.shape[0] == weight.shape[0]:
+        mask = accumulator.ne(0).any(dim=1)
+        # An all-zero accumulator is either a fresh table (nothing trained: the other evidence
+        # agrees) or optimizer state that was never loaded (a model rebuilt from a snapshot).
+        if bool(mask.any()) or zero_init_columns is None:
+            return mask
+    if zero_init_columns is not None:
+        z = zero_init_columns
+        return z.ne(0).any(dim=1) if z.dim() == 2 else z.ne(0)
+    if init_std is None or init_std <= 0:
+        return weight.ne(0).any(dim=1)  # zero-initialised table: anything non-zero moved
+    return weight.norm(dim=1) > init_std * (math.sqrt(weight.shape[1]) + INIT_SIGMAS)
+
+
+def strided_sample(idx: torch.Tensor, max_rows: int | None) -> torch.Tensor:
+    """At most `max_rows` of `idx`, evenly strided (deterministic: publications compare)."""
+    n = idx.numel()
+    if max_rows is None or n <= max_rows:
+        return idx
+    step = math.ceil(n / max_rows)
+    return idx[::step]
+
+
+@dataclass(frozen=True)
+class FieldMatrix:
+    """One field's rows of one embedding table, and which of them were trained."""
+
+    table: str
+    field: str
+    weight: torch.Tensor  # [rows, D]: embedding columns only (no linear weight)
+    trained: torch.Tensor  # bool [rows]
+
+
+@dataclass(frozen=True)
+class FieldSpectrum:
+    table: str
+    field: str
+    rows: int  # buckets of the field in the table
+    rows_trained: int
+    rows_used: int  # after subsampling
+    singular_values: tuple[float, ...]  # of the L2-normalised trained rows, descending
+
+    @property
+    def dim(self) -> int:
+        return len(self.singular_values)
+
+    @property
+    def ia(self) -> float:
+        return information_abundance(self.singular_values)
+
+    def normalized_spectrum(self) -> list[float]:
+        """sigma_k / sigma_1: the curve the plot draws."""
+        top = self.singular_values[0] if self.singular_values else 0.0
+        return [s / top if top > 0 else 0.0 for s in self.singular_values]
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"table": self.table, "field": self.field, "rows": self.rows,
+                "rows_trained": self.rows_trained, "rows_used": self.rows_used,
+                "ia": self.ia, "dim": self.dim, "singular_values": list(self.singular_values)}
+
+
+def field_spectrum(m: FieldMatrix, max_rows: int | None = DEFAULT_MAX_ROWS) -> FieldSpectrum:
+    idx = strided_sample(m.trained.nonzero().flatten(), max_rows)
+    sv = singular_values(m.weight.index_select(0, idx))
+    return FieldSpectrum(m.table, m.field, int(m.weight.shape[0]), int(m.trained.sum()),
+                         int(idx.numel()), tuple(float(s) for s in sv))
+
+
+def field_spectra(matrices: Iterable[FieldMatrix],
+                  max_rows: int | None = DEFAULT_MAX_ROWS) -> list[FieldSpectrum]:
+    return [field_spectrum(m, max_rows) for m in matrices]
+
+
+# --- where a model keeps each field's embeddings ----------------------------------------------
+
+
+@dataclass(frozen=True)
+class TableLayout:
+    """A hashed table laid out by the spec's field offsets: which columns are one field's
+    embedding (`columns`), and which are zero-initialised linear weights (`zero_init`)."""
+
+    name: str
+    table: HashEmbedding
+    columns: slice
+    zero_init: slice | None
+
+
+def hash_table_layouts(model: CTRModel) -> list[TableLayout]:
+    """The embedding tables of the models whose hashed tables hold one row per spec bucket:
+    FwFM (column 0 linear), STEM (shared [w | v]; per task t a block e_t after the T linear
+    columns), LR (no embedding: nothing)."""
+    tasks = len(model.tasks)
+    out: list[TableLayout] = []
+    for name, module in model.named_modules():
+        if not isinstance(module, HashEmbedding):
+            continue
+        width = module.weight.shape[1]
+        if module.weight.shape[0] != model.spec.total_buckets or width < 2:
+            continue  # not laid out by the spec, or a linear weight only (LR)
+        if name == "task_table" and tasks:
+            d = (width - tasks) // tasks
+            out.extend(TableLayout(f"{name}.{task}", module,
+                                   slice(tasks + t * d, tasks + (t + 1) * d), slice(0, tasks))
+                       for t, task in enumerate(model.tasks) if d > 0)
+        else:
+            out.append(TableLayout(name, module, slice(1, width), slice(0, 1)))
+    return out
+
+
+def model_field_matrices(model: CTRModel, use_accumulator: bool = True,
+                         accumulators: Sequence[torch.Tensor] | None = None
+                         ) -> list[FieldMatrix]:
+    """Per field and table, its embedding rows and which were trained.
+
+    `accumulators`: the Adagrad state in `model.hash_embeddings()` order (a checkpoint's);
+    by default each table's own (the live trainer's), unless `use_accumulator` is False or it
+    is empty (a served model built for inference, a snapshot): then the zero-initialised
+    linear columns decide."""
+    spec = model.spec
+    accs: dict[int, torch.Tensor] = {}
+    if accumulators is not None:
+        accs = {id(t): a for t, a in zip(model.hash_embeddings(), accumulators, strict=True)}
+    out: list[FieldMatrix] = []
+    for lay in hash_table_layouts(model):
+        w = lay.table.weight.detach()
+        acc = accs.get(id(lay.table), lay.table.accumulator if use_accumulator else None)
+        if acc is not None and acc.shape[0] != w.shape[0]:
+            acc = None
+        trained = trained_rows(w, acc, None if lay.zero_init is None else w[:, lay.zero_init])
+        for f, off in zip(spec.fields, spec.offsets, strict=True):
+            rows = slice(off, off + f.buckets)
+            out.append(FieldMatrix(lay.name, f.name, w[rows, lay.columns], trained[rows]))
+    return out
+
+
+def collapse_report(model: CTRModel, max_rows: int | None = DEFAULT_MAX_ROWS,
+                    use_accumulator: bool = True,
+                    accumulators: Sequence[torch.Tensor] | None = None) -> list[FieldSpectrum]:
+    with torch.no_grad():
+        return field_spectra(model_field_matrices(model, use_accumulator, accumulators),
+                             max_rows)
+
+
+def compact(spectra: Sequence[FieldSpectrum]) -> dict[str, dict[str, dict[str, float]]]:
+    """{table: {field: {"ia", "rows"}}}: small enough for every snapshot's metadata."""
+    out: dict[str, dict[str, dict[str, float]]] = {}
+    for s in spectra:
+        out.setdefault(s.table, {})[s.field] = {"ia": round(s.ia, 4), "rows": s.rows_trained}
+    return out
+
+
+# --- feature-label mutual information ---------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class MutualInformation:
+    field: str
+    mi: float  # plug-in estimate, nats
+    mi_corrected: float  # minus the Miller-Madow bias, floored at 0
+    label_entropy: float  # H(Y), nats: MI / H(Y) is the share of label uncertainty explained
+    values: int  # distinct values seen
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"field": self.field, "mi": self.mi, "mi_corrected": self.mi_corrected,
+                "label_entropy": self.label_entropy, "values": self.values}
+
+
+def _entropy(counts: np.ndarray) -> float:
+    p = counts[counts > 0] / counts.sum()
+    return float(-(p * np.log(p)).sum())
+
+
+def mutual_information(values: np.ndarray, labels: np.ndarray, name: str = "") -> MutualInformation:
+    """I(X; Y) between one field's encoded values and binary (or discrete) labels.
+
+    >>> y = np.array([0, 1] * 50)
+    >>> round(mutual_information(y, y).mi, 4) == round(math.log(2), 4)
+    True
+    """
+    x = np.asarray(values).ravel()
+    y = np.asarray(labels).ravel()
+    if x.shape != y.shape:
+        raise ValueError(f"{x.shape[0]} values but {y.shape[0]} labels")
+    n = x.size
+    if n == 0:
+        return MutualInformation(name, 0.0, 0.0, 0.0, 0)
+    _, xi = np.unique(x, return_inverse=True)
+    _, yi = np.unique(y, return_inverse=True)
+    nx, ny = int(xi.max()) + 1, int(yi.max()) + 1
+    joint = np.bincount(xi * ny + yi, minlength=nx * ny).astype(np.float64)
+    hx, hy = _entropy(np.bincount(xi).astype(np.float64)), _entropy(
+        np.bincount(yi).astype(np.float64))
+    mi = max(hx + hy - _entropy(joint), 0.0)
+    bias = (nx - 1) * (ny - 1) / (2.0 * n)
+    return MutualInformation(name, mi, max(mi - bias, 0.0), hy, nx)
+
+
+def field_mutual_information(rows: np.ndarray, labels: np.ndarray,
+                             spec: FeatureSpec) -> list[MutualInformation]:
+    """Per field of the spec: the MI of its encoded column (rows [N, F]) with the labels."""
+    rows = np.asarray(rows)
+    if rows.ndim != 2 or rows.shape[1] != spec.num_fields:
+        raise ValueError(f"rows must be [N, {spec.num_fields}], got {rows.shape}")
+    return [mutual_information(rows[:, i], labels, f.name) for i, f in enumerate(spec.fields)]
+
+
+# --- interest entanglement --------------------------------------------------------------------
+
+
+def cosine_distance(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """1 - cos(a_p, b_p) per row p: 0 aligned, 1 orthogonal, 2 opposite."""
+    return 1.0 - torch.nn.functional.cosine_similarity(a.double(), b.double(), dim=1, eps=1e-12)
+
+
+@dataclass(frozen=True)
+class PairGap:
+    """Contradictory pairs of (positive task, negative task): their distances in each task's
+    space. A disentangled model puts them closer in the positive task's space (gap > 0)."""
+
+    positive: str
+    negative: str
+    pairs: int
+    distance_positive: float  # mean distance in the positive task's space
+    distance_negative: float  # mean distance in the negative task's space
+    gap: float  # mean of (distance_negative - distance_positive) over the pairs
+    agree: float  # share of pairs with distance_positive < distance_negative
+
+    def as_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+@dataclass(frozen=True)
+class EntanglementReport:
+    tasks: tuple[str, ...]
+    # Per task: mean distance of its positive pairs and of its negative pairs in its own space.
+    per_task: dict[str, dict[str, float]] = field(default_factory=dict)
+    contradictory: list[PairGap] = field(default_factory=list)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"tasks": list(self.tasks), "per_task": self.per_task,
+                "contradictory": [g.as_dict() for g in self.contradictory]}
+
+
+def entanglement_report(user: Mapping[str, torch.Tensor], ad: Mapping[str, torch.Tensor],
+                        labels: torch.Tensor | np.ndarray,
+                        tasks: Sequence[str]) -> EntanglementReport:
+    """`user[t]`, `ad[t]`: [P, D_t] embeddings of each pair's user and ad in task t's space;
+    `labels` [P, T] in {0, 1} (a pair not labelled for a task: -1, ignored)."""
+    y = torch.as_tensor(np.asarray(labels))
+    if y.dim() != 2 or y.shape[1] != len(tasks):
+        raise ValueError(f"labels must be [pairs, {len(tasks)}], got {tuple(y.shape)}")
+    dist = {t: cosine_distance(user[t], ad[t]) for t in tasks}
+    per_task: dict[str, dict[str, float]] = {}
+    for i, t in enumerate(tasks):
+        pos, neg = y[:, i] == 1, y[:, i] == 0
+        per_task[t] = {"positives": int(pos.sum()), "negatives": int(neg.sum()),
+                       "distance_positive": _mean(dist[t][pos]),
+                       "distance_negative": _mean(dist[t][neg])}
+    gaps: list[PairGap] = []
+    for i, a in enumerate(tasks):
+        for j, b in enumerate(tasks):
+            if i == j:
+                continue
+            c = (y[:, i] == 1) & (y[:, j] == 0)
+            da, db = dist[a][c], dist[b][c]
+            gaps.append(PairGap(a, b, int(c.sum()), _mean(da), _mean(db), _mean(db - da),
+                                _mean((da < db).double())))
+    return EntanglementReport(tuple(tasks), per_task, gaps)
+
+
+def _mean(x: torch.Tensor) -> float:
+    return float(x.mean()) if x.numel() else float("nan")
+
+
+def stem_task_spaces(model: CTRModel, user_idx: torch.Tensor, ad_idx: torch.Tensor,
+                     shared_only: bool = False
+                     ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """Each task's view of a (user, ad) pair in a STEM model: [v ; e_t], the shared embedding
+    and the task's own (what task t's gradient trains). `shared_only`: v for every task (the
+    entangled baseline). `user_idx`, `ad_idx`: global bucket indices [P]."""
+    layouts = {lay.name: lay for lay in hash_table_layouts(model)}
+    shared = layouts.get("table")
+    if shared is None:
+        raise ValueError(f"model {model.name!r} has no shared hashed table")
+    with torch.no_grad():
+        sw = shared.table.weight[:, shared.columns]
+        users: dict[str, torch.Tensor] = {}
+        ads: dict[str, torch.Tensor] = {}
+        for t in model.tasks or ("default",):
+            u, a = sw[user_idx], sw[ad_idx]
+            own = layouts.get(f"task_table.{t}")
+            if own is not None and not shared_only:
+                tw = own.table.weight[:, own.columns]
+                u, a = torch.cat([u, tw[user_idx]], 1), torch.cat([a, tw[ad_idx]], 1)
+            users[t], ads[t] = u, a
+    return users, ads
+
+
+# --- rendering --------------------------------------------------------------------------------
+
+
+def render_table(spectra: Sequence[FieldSpectrum], top: int = 4) -> str:
+    """A per-field text table: table, field, rows trained/total, IA / D, top singular values."""
+    head = f"{'table':<16} {'field':<24} {'trained':>16} {'IA':>6} {'/D':>4}  top sigma"
+    lines = [head, "-" * len(head)]
+    for s in spectra:
+        sv = " ".join(f"{v:.3g}" for v in s.singular_values[:top])
+        lines.append(f"{s.table:<16} {s.field:<24} {s.rows_trained:>7}/{s.rows:<8} "
+                     f"{s.ia:>6.2f} {s.dim:>4}  {sv}")
+    return "\n".join(lines)
+
+
+_COLOURS = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2",
+            "#7f7f7f", "#bcbd22", "#17becf")
+
+
+def render_spectra_svg(spectra: Sequence[FieldSpectrum], title: str = "") -> str:
+    """Normalised singular spectra (sigma_k / sigma_1, log scale) per field, one panel per
+    table: a collapsed field's curve drops at once, an abundant one stays flat."""
+    tables = list(dict.fromkeys(s.table for s in spectra))
+    pw, ph, ml, mt, legend = 420, 300, 50, 40, 170
+    width = len(tables) * (pw + legend) + 20
+    height = ph + mt + 60
+    floor = 1e-3
+    out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
+           f'font-family="sans-serif" font-size="11">',
+           f'<rect width="{width}" height="{height}" fill="white"/>',
+           f'<text x="10" y="18" font-size="14">{_esc(title)}</text>']
+    for p, table in enumerate(tables):
+        x0 = 10 + p * (pw + legend) + ml
+        rows = [s for s in spectra if s.table == table and s.rows_used > 0]
+        dim = max((s.dim for s in rows), default=1)
+        out.append(f'<text x="{x0}" y="{mt - 8}">table {_esc(table)}: sigma_k / sigma_1 '
+                   f'(log), rows L2-normalised</text>')
+        out.append(f'<rect x="{x0}" y="{mt}" width="{pw - ml}" height="{ph - 40}" '
+                   'fill="none" stroke="#999"/>')
+
+        def px(k: int, v: float, x0: int = x0, dim: int = dim) -> tuple[float, float]:
+            fx = x0 + (pw - ml) * (k / max(dim - 1, 1))
+            fy = mt + (ph - 40) * (-math.log10(max(v, floor)) / -math.log10(floor))
+            return fx, fy
+
+        for e in range(0, int(-math.log10(floor)) + 1):
+            _, y = px(0, 10.0 ** -e)
+            out.append(f'<text x="{x0 - 40}" y="{y + 4:.1f}">1e-{e}</text>')
+        out.append(f'<text x="{x0 + (pw - ml) / 2 - 10}" y="{mt + ph - 20}">k (1..{dim})</text>')
+        for i, s in enumerate(rows):
+            colour = _COLOURS[i % len(_COLOURS)]
+            pts = " ".join(f"{a:.1f},{b:.1f}" for a, b in
+                           (px(k, v) for k, v in enumerate(s.normalized_spectrum())))
+            out.append(f'<polyline points="{pts}" fill="none" stroke="{colour}" '
+                       'stroke-width="1.5"/>')
+            out.append(f'<text x="{x0 + pw - ml + 8}" y="{mt + 12 + 13 * i}" fill="{colour}">'
+                       f'{_esc(s.field)} IA {s.ia:.2f}</text>')
+    out.append("</svg>")
+    return "\n".join(out) + "\n"
+
+
+def _esc(s: str) -> str:
+    return s.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")

@@ -1,0 +1,277 @@
+"""Collapse and entanglement analysis (ctrloop/core/analysis.py): the math on small known cases."""
+
+from __future__ import annotations
+
+import math
+import xml.etree.ElementTree as ET
+
+import numpy as np
+import pytest
+import torch
+
+from ctrloop.core.analysis import (
+    FieldMatrix,
+    collapse_report,
+    compact,
+    entanglement_report,
+    field_mutual_information,
+    field_spectrum,
+    information_abundance,
+    model_field_matrices,
+    mutual_information,
+    render_spectra_svg,
+    render_table,
+    singular_values,
+    stem_task_spaces,
+    strided_sample,
+    trained_rows,
+)
+from ctrloop.core.features import FeatureSpec, Field
+from ctrloop.core.learner import LearnerConfig, OnlineLearner
+from ctrloop.core.models import build_model
+from ctrloop.core.snapshot import build_from_snapshot, decode_snapshot, encode_snapshot
+
+SPEC = FeatureSpec((Field("user.id", "categorical", "user", 64),
+                    Field("ctx.hour", "categorical", "context", 8),
+                    Field("ad.id", "categorical", "ad", 32)))
+
+
+def test_rank_one_rows_have_ia_one_whatever_their_lengths() -> None:
+    direction = torch.randn(1, 8)
+    rows = direction * torch.linspace(0.1, 5.0, 40)[:, None]  # lengths differ, one direction
+    assert information_abundance(singular_values(rows)) == pytest.approx(1.0, abs=1e-6)
+
+
+def test_opposite_rows_are_one_direction_too() -> None:
+    v = torch.randn(1, 6)
+    assert information_abundance(singular_values(torch.cat([v, -3 * v]))) == \
+        pytest.approx(1.0, abs=1e-6)
+
+
+@pytest.mark.parametrize("k", [1, 2, 5, 8])
+def test_k_orthonormal_rows_have_ia_k(k: int) -> None:
+    q, _ = torch.linalg.qr(torch.randn(8, 8, dtype=torch.float64))
+    rows = q[:k] * torch.arange(1, k + 1, dtype=torch.float64)[:, None]  # normalised first
+    sv = singular_values(rows)
+    assert information_abundance(sv) == pytest.approx(k, rel=1e-9)
+    assert np.count_nonzero(sv > 1e-6) == k
+
+
+def test_without_normalisation_lengths_count() -> None:
+    rows = torch.diag(torch.tensor([4.0, 1.0]))
+    assert information_abundance(singular_values(rows, normalize=False)) == pytest.approx(1.25)
+    assert information_abundance(singular_values(rows)) == pytest.approx(2.0)
+
+
+def test_spectrum_is_sorted_descending_and_matches_svd() -> None:
+    x = torch.randn(50, 6, dtype=torch.float64) * torch.tensor([5.0, 0.1, 2.0, 1.0, 3.0, 0.5])
+    sv = singular_values(x, normalize=False)
+    assert list(sv) == sorted(sv, reverse=True)
+    np.testing.assert_allclose(sv, torch.linalg.svdvals(x).numpy(), rtol=1e-8)
+
+
+def test_empty_and_zero_matrices() -> None:
+    assert information_abundance(singular_values(torch.zeros(0, 4))) == 0.0
+    assert information_abundance(singular_values(torch.zeros(3, 4))) == 0.0  # no direction
+    assert information_abundance([]) == 0.0
+
+
+def test_untrained_rows_are_excluded() -> None:
+    torch.manual_seed(0)
+    trained = torch.randn(1, 8).repeat(10, 1)  # collapsed: one direction
+    noise = torch.randn(200, 8)  # random init: isotropic
+    weight = torch.cat([trained, noise])
+    mask = torch.zeros(210, dtype=torch.bool)
+    mask[:10] = True
+    s = field_spectrum(FieldMatrix("t", "f", weight, mask))
+    assert (s.rows, s.rows_trained, s.rows_used) == (210, 10, 10)
+    assert s.ia == pytest.approx(1.0, abs=1e-5)
+    everything = field_spectrum(FieldMatrix("t", "f", weight, torch.ones(210, dtype=torch.bool)))
+    assert everything.ia > 5  # the untouched noise would hide the collapse
+
+
+def test_trained_rows_evidence_order() -> None:
+    torch.manual_seed(0)
+    w = torch.randn(5, 16) * 0.01
+    w[2] += 0.05 * torch.sign(torch.randn(16))  # one Adagrad step: lr on every coordinate
+    acc = torch.zeros(5, 16)
+    acc[[0, 3]] = 1.0
+    assert trained_rows(w, acc).tolist() == [True, False, False, True, False]
+    linear = torch.tensor([0.0, 0.0, 0.3, 0.0, -0.1])
+    assert trained_rows(w, None, linear).tolist() == [False, False, True, False, True]
+    # An all-zero accumulator (a model rebuilt from a snapshot) defers to the linear column.
+    assert trained_rows(w, torch.zeros(5, 16), linear).tolist() == \
+        [False, False, True, False, True]
+    assert trained_rows(w, None, None, init_std=0.01).tolist() == \
+        [False, False, True, False, False]
+
+
+def test_strided_sample_bounds_and_keeps_order() -> None:
+    idx = torch.arange(10_000)
+    s = strided_sample(idx, 1000)
+    assert s.numel() <= 1000 and torch.all(s[1:] > s[:-1])
+    assert torch.equal(strided_sample(idx[:5], 1000), idx[:5])
+
+
+def test_sampling_keeps_ia() -> None:
+    torch.manual_seed(1)
+    x = torch.randn(20_000, 8) * torch.tensor([3.0, 2.0, 1.0, 1.0, 0.5, 0.2, 0.1, 0.1])
+    mask = torch.ones(20_000, dtype=torch.bool)
+    full = field_spectrum(FieldMatrix("t", "f", x, mask), max_rows=None)
+    sampled = field_spectrum(FieldMatrix("t", "f", x, mask), max_rows=2000)
+    assert sampled.rows_used <= 2000
+    assert sampled.ia == pytest.approx(full.ia, rel=0.03)
+
+
+def _trained_fwfm(steps: int = 30) -> OnlineLearner:
+    torch.manual_seed(0)
+    model = build_model("fwfm", SPEC, dim=4)
+    learner = OnlineLearner(model, LearnerConfig(batch_size=64))
+    rng = np.random.default_rng(0)
+    offsets = np.asarray(SPEC.offsets)
+    for _ in range(steps):
+        # Only buckets 1..5 of each field ever appear: the rest stay at their random init.
+        rows = offsets + rng.integers(1, 6, size=(64, 3))
+        learner.learn(rows, rng.integers(0, 2, size=64).astype(np.float32))
+    return learner
+
+
+def test_fwfm_fields_count_only_the_buckets_that_were_learned() -> None:
+    learner = _trained_fwfm()
+    spectra = collapse_report(learner.model)
+    assert [(s.table, s.field) for s in spectra] == [("table", f) for f in SPEC.names]
+    for s in spectra:
+        assert s.rows_trained == 5 and s.dim == 4  # column 0 (linear weight) excluded
+        assert 1.0 <= s.ia <= 4.0
+
+
+def test_snapshot_rule_finds_the_same_rows_as_the_accumulator() -> None:
+    learner = _trained_fwfm()
+    live = collapse_report(learner.model)
+    blob = encode_snapshot(learner.model, 1, {})
+    for inference in (True, False):  # inference: no accumulator; else an all-zero one
+        rebuilt = build_from_snapshot(decode_snapshot(blob), inference=inference)
+        again = collapse_report(rebuilt)
+        assert [s.rows_trained for s in again] == [s.rows_trained for s in live]
+        assert [s.ia for s in again] == pytest.approx([s.ia for s in live])
+
+
+def test_a_checkpoints_accumulators_decide_for_a_rebuilt_model() -> None:
+    learner = _trained_fwfm()
+    state = learner.state_dict()
+    model = build_model("fwfm", SPEC, dim=4)
+    model.load_state_dict(state["model"])
+    with torch.no_grad():
+        model.table.weight[:, 0] = 0.0  # hide the snapshot rule's evidence
+    mats = model_field_matrices(model, accumulators=state["accumulators"])
+    assert [int(m.trained.sum()) for m in mats] == [5, 5, 5]
+
+
+def test_stem_has_a_table_per_task_and_lr_has_none() -> None:
+    stem = build_model("stem", SPEC, tasks=["signup", "purchase"], dim=4, task_dim=2)
+    tables = {s.table for s in collapse_report(stem)}
+    assert tables == {"table", "task_table.signup", "task_table.purchase"}
+    assert all(s.dim == 2 for s in collapse_report(stem) if s.table != "table")
+    assert collapse_report(build_model("lr", SPEC)) == []
+
+
+def test_compact_is_small_and_json_ready() -> None:
+    spectra = collapse_report(_trained_fwfm().model)
+    c = compact(spectra)
+    assert set(c) == {"table"} and set(c["table"]) == set(SPEC.names)
+    assert c["table"]["ctx.hour"]["rows"] == 5
+
+
+def test_mutual_information_independent_vs_dependent() -> None:
+    rng = np.random.default_rng(0)
+    n = 20_000
+    y = rng.integers(0, 2, n)
+    independent = rng.integers(0, 10, n)
+    copy = y.copy()
+    noisy = np.where(rng.random(n) < 0.9, y, 1 - y)  # binary symmetric channel, flip 0.1
+    mi_ind = mutual_information(independent, y)
+    assert mi_ind.mi < 0.002 and mi_ind.mi_corrected < 0.001
+    assert mutual_information(copy, y).mi == pytest.approx(math.log(2), abs=1e-3)
+    h = -(0.1 * math.log(0.1) + 0.9 * math.log(0.9))
+    assert mutual_information(noisy, y).mi == pytest.approx(math.log(2) - h, abs=0.01)
+
+
+def test_miller_madow_removes_most_of_a_high_cardinality_fields_bias() -> None:
+    rng = np.random.default_rng(1)
+    n = 5_000
+    y = (rng.random(n) < 0.1).astype(int)
+    ids = rng.integers(0, 2_000, n)  # ~2.5 samples per id, independent of y
+    mi = mutual_information(ids, y)
+    assert mi.mi > 0.02  # the plug-in estimate is fooled
+    assert mi.mi_corrected < mi.mi / 3
+
+
+def test_field_mutual_information_per_spec_field() -> None:
+    rng = np.random.default_rng(2)
+    y = rng.integers(0, 2, 4000)
+    rows = np.stack([rng.integers(0, 64, 4000), 64 + y * 3, 72 + rng.integers(0, 32, 4000)], 1)
+    out = field_mutual_information(rows, y, SPEC)
+    assert [m.field for m in out] == SPEC.names
+    assert out[1].mi_corrected > 0.6 and out[0].mi_corrected < 0.01
+    with pytest.raises(ValueError):
+        field_mutual_information(rows[:, :2], y, SPEC)
+
+
+def test_entanglement_shared_space_cannot_separate_contradictory_pairs() -> None:
+    tasks = ("a", "b")
+    torch.manual_seed(0)
+    p = 200
+    users = torch.randn(p, 4)
+    shared_ads = torch.randn(p, 4)
+    labels = torch.tensor([[1, 0]] * (p // 2) + [[0, 1]] * (p // 2))
+    shared = entanglement_report({t: users for t in tasks}, {t: shared_ads for t in tasks},
+                                 labels, tasks)
+    for g in shared.contradictory:
+        assert g.pairs == p // 2 and g.gap == pytest.approx(0.0) and g.agree == 0.0
+    # Task spaces: the ad sits on the user in the task the pair is positive for, opposite in
+    # the other: every contradictory pair agrees with both labels.
+    sign = labels.double() * 2 - 1
+    ads = {t: users * sign[:, i:i + 1].float() for i, t in enumerate(tasks)}
+    sep = entanglement_report({t: users for t in tasks}, ads, labels, tasks)
+    for g in sep.contradictory:
+        assert g.gap == pytest.approx(2.0) and g.agree == 1.0
+    assert sep.per_task["a"]["distance_positive"] == pytest.approx(0.0, abs=1e-9)
+    assert sep.per_task["a"]["distance_negative"] == pytest.approx(2.0)
+
+
+def test_stem_task_spaces_on_a_constructed_model() -> None:
+    """A STEM model whose task-specific rows encode the contradiction: the pair (user 1, ad 1)
+    is a signup but not a purchase, (user 2, ad 2) the other way round."""
+    model = build_model("stem", SPEC, tasks=["signup", "purchase"], dim=2, task_dim=2)
+    uo, ao = SPEC.offsets[0], SPEC.offsets[2]
+    with torch.no_grad():
+        model.table.weight.zero_()
+        model.task_table.weight.zero_()
+        shared = torch.tensor([1.0, 0.0])
+        for u, a in ((uo + 1, ao + 1), (uo + 2, ao + 2)):
+            model.table.weight[u, 1:] = shared
+            model.table.weight[a, 1:] = shared
+        # task_table columns: [w_signup, w_purchase | e_signup (2) | e_purchase (2)]
+        model.task_table.weight[uo + 1, 2:] = torch.tensor([0.0, 1.0, 0.0, 1.0])
+        model.task_table.weight[ao + 1, 2:] = torch.tensor([0.0, 1.0, 0.0, -1.0])
+        model.task_table.weight[uo + 2, 2:] = torch.tensor([0.0, 1.0, 0.0, 1.0])
+        model.task_table.weight[ao + 2, 2:] = torch.tensor([0.0, -1.0, 0.0, 1.0])
+    users, ads = torch.tensor([uo + 1, uo + 2]), torch.tensor([ao + 1, ao + 2])
+    labels = torch.tensor([[1, 0], [0, 1]])
+    tasks = ("signup", "purchase")
+    sep = entanglement_report(*stem_task_spaces(model, users, ads), labels, tasks)
+    ent = entanglement_report(*stem_task_spaces(model, users, ads, shared_only=True), labels,
+                              tasks)
+    assert all(g.gap > 0.9 and g.agree == 1.0 for g in sep.contradictory)
+    assert all(g.gap == 0.0 for g in ent.contradictory)
+
+
+def test_render_table_and_svg() -> None:
+    spectra = collapse_report(_trained_fwfm().model)
+    text = render_table(spectra)
+    assert "user.id" in text and "5/64" in text
+    svg = render_spectra_svg(spectra, title="fwfm <test>")
+    root = ET.fromstring(svg)  # well-formed XML
+    assert root.tag.endswith("svg")
+    assert svg.count("<polyline") == len(SPEC.names)
+    assert "&lt;test&gt;" in svg
