@@ -35,7 +35,10 @@ def _learning_flags(p: argparse.ArgumentParser) -> None:
                    "samples once this many wait (default 1: every tick, exact)")
     g.add_argument("--max-learn-wait", type=float, help="...or once the oldest waited this "
                    "many event seconds (default 60)")
-    g.add_argument("--model", help="architecture: fwfm (default) or lr")
+    g.add_argument("--model", help="architecture: fwfm (default), lr, gwpfm, hmoe (multi-"
+                   "embedding mixture of experts), dcnv2, ipnn, flatdnn")
+    g.add_argument("--model-params", help="the architecture's hyper-parameters as a JSON "
+                   "object, e.g. '{\"tables\": [16, 16]}' for hmoe (CTRLOOP_MODEL_PARAMS)")
     g.add_argument("--dim", type=int, help="embedding size (default 16)")
     g.add_argument("--batch-size", type=int, help="minibatch size (default 1024)")
     g.add_argument("--sparse-lr", type=float, help="Adagrad learning rate of embeddings")
@@ -51,8 +54,9 @@ def _learning_flags(p: argparse.ArgumentParser) -> None:
 
 
 _LEARNING_KEYS = ("feature_spec", "click_window", "allowed_lateness", "publish_interval",
-                  "model", "dim", "batch_size", "sparse_lr", "dense_lr", "warmup", "seed",
-                  "delay_policy", "conversion_types", "min_learn_samples", "max_learn_wait")
+                  "model", "model_params", "dim", "batch_size", "sparse_lr", "dense_lr",
+                  "warmup", "seed", "delay_policy", "conversion_types", "min_learn_samples",
+                  "max_learn_wait")
 
 
 def _overrides(args: argparse.Namespace, keys: Sequence[str]) -> dict[str, Any]:
@@ -65,11 +69,19 @@ def _print_json(obj: Any) -> None:
 
 def cmd_simulate(args: argparse.Namespace) -> int:
     from ctrloop.sim import WorldConfig, write_files
+    from ctrloop.sim.scenarios import build
 
     cfg: dict[str, Any] = {"seed": args.seed, "conversion_mix": args.conversion_mix}
     if args.rate is not None:
         cfg["impressions_per_second"] = args.rate
-    summary = write_files(WorldConfig(**cfg), args.impressions, args.events_out, args.truth_out)
+    if args.scenario is not None:
+        seed = cfg.pop("seed")
+        world = build(args.scenario, seed, **cfg)
+    else:
+        world = WorldConfig(**cfg)
+    summary = write_files(world, args.impressions, args.events_out, args.truth_out)
+    if args.scenario is not None:
+        summary["scenario"] = args.scenario
     print(f"wrote {summary['impressions']:,} impressions and {summary['clicks']:,} clicks to "
           f"{args.events_out}, truth to {args.truth_out}", file=sys.stderr)
     _print_json(summary)
@@ -325,6 +337,17 @@ def _conversion_mix_flag(p: argparse.ArgumentParser) -> None:
                         "'purchase': ~2%%, hours to days, reported as the advertiser reports)")
 
 
+def _scenario_flag(p: argparse.ArgumentParser) -> None:
+    # numpy only, like the conversion mixes: the names and lines come from the registry.
+    from ctrloop.sim.scenarios import describe, names
+
+    listing = "; ".join(f"{n}: {describe(n)}" for n in names())
+    p.add_argument("--scenario", choices=names(), metavar="NAME",
+                   help="a named world of the scenario suite (docs/scenarios.md) at its "
+                        "benchmark scale (--rate overrides its rate; --seed picks the draw). "
+                        + listing.replace("%", "%%"))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="ctrloop",
@@ -341,6 +364,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--events-out", type=Path, default=Path("events.jsonl"))
     p.add_argument("--truth-out", type=Path, default=Path("truth.jsonl"))
     _conversion_mix_flag(p)
+    _scenario_flag(p)
     p.set_defaults(func=cmd_simulate)
 
     p = sub.add_parser("demo", help="simulate, replay and stream through local Kafka + Redis")
