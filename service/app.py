@@ -2,7 +2,8 @@
 
 Routes (service/routes/): POST /v1/score (scoring.py), POST /v1/events (events.py),
 GET /v1/models (models.py), GET /healthz, /readyz, /metrics (health.py), POST
-/v1/admin/{pin,unpin,rollback} behind a bearer token (admin.py), /docs (docs.py). The body
+/v1/admin/{pin,unpin,rollback} behind a bearer token (admin.py), /docs (docs.py),
+/dashboard (dashboard.py). The body
 limit, the fast route for /v1/score and the error handlers are service/asgi.py; the ranking is
 service/ranking.py. Every error is a 4xx whose `detail` says what is wrong; a 5xx would be a bug.
 """
@@ -25,7 +26,7 @@ from ctrloop import __version__
 from ctrloop.io.registry import ModelRegistry, RedisRegistry
 from ctrloop.service.asgi import BodyLimit, FastRoute, install_error_handlers
 from ctrloop.service.metrics import Metrics
-from ctrloop.service.routes import admin, docs, events, health, models, scoring
+from ctrloop.service.routes import admin, dashboard, docs, events, health, models, scoring
 from ctrloop.service.schemas import SCORE_REQUEST, EventsRequest, PinRequest
 from ctrloop.service.settings import ServiceSettings
 from ctrloop.service.sink import EventSink
@@ -109,6 +110,7 @@ def create_app(settings: ServiceSettings | None = None, *,
     health.install(app, state)
     admin.install(app, state)
     docs.install(app)
+    dashboard.install(app, state)
     # Added last, so outermost: the body limit applies to FastRoute's reads as to any route's.
     app.add_middleware(FastRoute, path="/v1/score", handler=score_handler)
     app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)

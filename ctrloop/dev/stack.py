@@ -53,6 +53,7 @@ from ctrloop.dev.localservers import (
 from ctrloop.io.settings import ConnectionSettings
 from ctrloop.sim.live import (
     DriverConfig,
+    DriverStats,
     LiveDriver,
     ctr_lift,
     run_with_reports,
@@ -66,6 +67,11 @@ LAST_WINDOW_S = 30.0  # "fresh traffic" in the summary: impressions of the last 
 STOP_TIMEOUT_S = 15.0  # the service drains for up to 10 s, the trainer checkpoints
 MAX_RATE = 10_000.0  # requests/s: DriverConfig's bound, checked before anything starts
 LOCK_NAME = "stack.lock"
+# What the simulator knows and the service cannot (the truth behind each click): written here
+# every view interval, served to the dashboard (service/routes/dashboard.py reads the path from
+# CTRLOOP_SIM_STATUS_FILE).
+SIM_STATUS_NAME = "sim-status.json"
+SIM_STATUS_KEEP = 720  # timeline buckets and AUC points kept: 2 h of 10 s buckets
 
 
 class StackError(CtrloopError):
@@ -286,7 +292,9 @@ class _Urls:
 
     def lines(self) -> list[str]:
         s = self.service
-        out = [f"  service      {s}", f"  API docs     {s}/docs", f"  metrics      {s}/metrics",
+        # The dashboard first: the one URL a newcomer should open.
+        out = [f"  dashboard    {s}/dashboard", f"  service      {s}",
+               f"  API docs     {s}/docs", f"  metrics      {s}/metrics",
                f"  models       {s}/v1/models", f"  Kafka        {self.kafka}",
                f"  Redis        {self.redis}"]
         out += [f"  log {name:<8} {path}" for name, path in self.logs.items()]
@@ -333,6 +341,7 @@ class Stack:
         self.children: dict[str, ChildProcess] = {}
         self.urls: _Urls | None = None
         self.exit_codes: dict[str, int | None] = {}
+        self.sim_status = config.workdir / SIM_STATUS_NAME
 
     def say(self, msg: str) -> None:
         print(msg, file=self.out, flush=True)
@@ -344,6 +353,7 @@ class Stack:
         if note:
             self.say(f"note: {note}")
         self._fresh_checkpoint_dir()
+        self.sim_status.unlink(missing_ok=True)  # a previous run's, until this one writes
         self.say("starting Kafka (Tansu) and redis-server ...")
         self.kafka = KafkaBroker(self.logs)
         self.kafka.start()
@@ -392,6 +402,7 @@ class Stack:
             "CTRLOOP_ALLOWED_LATENESS": str(cfg.allowed_lateness),
             "CTRLOOP_PORT": str(port),
             "CTRLOOP_HOST": HOST,
+            "CTRLOOP_SIM_STATUS_FILE": str(self.sim_status),
             "PYTHONUNBUFFERED": "1",  # log files show progress as it happens
         })
         # Publish as often as the trainer allows: the point of the stack is to watch it learn.
@@ -487,6 +498,21 @@ def view_line(snap: dict[str, Any], rates: dict[str, float], models: dict[str, A
             f" errors {sum(snap['score_errors'].values())}")
 
 
+def write_sim_status(path: Path, stats: DriverStats, snap: dict[str, Any],
+                     fresh_auc: list[dict[str, Any]]) -> None:
+    """What the simulator knows, for the dashboard: the timeline of expected CTR served vs
+    the oracle's and random's, and the served pCTR's AUC on fresh traffic per report. Replaced
+    atomically: the service reads it at any moment."""
+    status = {"source": "ctrloop stack simulator",
+              "written_at": stats.started_at + snap["elapsed_s"], "started_at": stats.started_at,
+              "bucket_s": stats.bucket_s, "fresh_window_s": LAST_WINDOW_S, "snapshot": snap,
+              "timeline": stats.timeline()[-SIM_STATUS_KEEP:],
+              "fresh_auc": fresh_auc[-SIM_STATUS_KEEP:]}
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(_finite(status)))
+    os.replace(tmp, path)
+
+
 async def fetch_models(client: httpx.AsyncClient, url: str) -> dict[str, Any] | None:
     try:
         resp = await client.get(f"{url}/v1/models")
@@ -508,6 +534,7 @@ class _Run:
     models: list[dict[str, Any]] = field(default_factory=list)
     error: str | None = None
     interrupted: bool = False  # Ctrl-C or SIGTERM (rather than --duration or an error)
+    fresh_auc: list[dict[str, Any]] = field(default_factory=list)  # served AUC per report
 
     def record_models(self, answer: dict[str, Any] | None, elapsed: float) -> None:
         if not answer:
@@ -544,6 +571,11 @@ async def _live(run: _Run, client: httpx.AsyncClient) -> None:
                               driver.stats.bucket_s)
         fresh = driver.stats.served_auc_last(LAST_WINDOW_S)
         stack.say(view_line(snap, rates, models, fresh, bucket))
+        run.fresh_auc.append({"t": driver.stats.started_at + snap["elapsed_s"], **fresh})
+        try:
+            write_sim_status(stack.sim_status, driver.stats, snap, run.fresh_auc)
+        except OSError as e:  # the dashboard shows the status as stale; the stack goes on
+            stack.say(f"note: cannot write {stack.sim_status}: {e}")
 
     def interrupted() -> None:
         run.interrupted = True

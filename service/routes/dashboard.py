@@ -1,0 +1,135 @@
+"""GET /dashboard: a live page of what the service is doing, and /dashboard/data, its feed.
+
+The page (service/static/dashboard/, uPlot 1.6.32 vendored from npm, MIT) polls
+/dashboard/data every second and draws the rates, latency quantiles and shares itself, from
+the differences between two polls, as Prometheus' `rate()` and `histogram_quantile()` would.
+
+Several uvicorn workers: each poll may land on another worker, so the feed's metrics are those
+/metrics shows (`metrics.render`: in multiprocess mode every worker's files summed), never one
+process's own counters; a difference between two polls is then the whole service's. Only the
+`worker` block (the model that one process serves, when it was loaded) is per process, and says
+which pid answered. The per-advertiser delay gauges are per process in /metrics too (they travel
+with the served model's record).
+
+Outcomes (clicks against the truth) are not something the service sees. When the simulator
+drives it (`ctrloop stack`), the stack writes what it knows (expected CTR served vs the
+oracle's and a random ranking's, the served pCTR's AUC against the true CTR on the last 30 s)
+to a JSON file and passes its path as CTRLOOP_SIM_STATUS_FILE; the feed includes that file as
+it is, with its age. Without it the page says those panels need the simulator.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import orjson
+from fastapi import FastAPI, Request
+from fastapi.concurrency import run_in_threadpool
+from fastapi.responses import HTMLResponse, Response
+from prometheus_client.parser import text_string_to_metric_families
+
+from ctrloop import __version__
+from ctrloop.service.metrics import render
+from ctrloop.service.responses import json_response
+from ctrloop.service.state import ServiceState
+
+# Set by `ctrloop stack` for its service: where its simulator writes its status.
+SIM_STATUS_ENV = "CTRLOOP_SIM_STATUS_FILE"
+MAX_SIM_STATUS_BYTES = 2_000_000  # a status of a long run stays far below (the stack caps it)
+ASSETS = "/static/dashboard"
+
+# One <section> per panel: the script fills the ones whose data exist and leaves the others
+# with their note. Relative to `{root}` (the proxy prefix, as /docs does).
+_PAGE = """<!doctype html>
+<html lang="en">
+<head>
+<meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<title>ctrloop dashboard</title>
+<link rel="stylesheet" href="{root}{assets}/uPlot.min.css">
+<link rel="stylesheet" href="{root}{assets}/dashboard.css">
+</head>
+<body data-ready="0" data-polls="0" data-errors="0">
+<header>
+  <h1>ctrloop <span class="muted">{version}</span></h1>
+  <div id="status" class="status">connecting&hellip;</div>
+</header>
+<main id="panels"
+      data-feed="{root}/dashboard/data" data-poll-ms="1000" data-window-s="600"></main>
+<footer class="muted">
+  Polled every second from <code>{root}/dashboard/data</code>, which reads what
+  <a href="{root}/metrics">/metrics</a> exposes (every worker summed). Rates and quantiles are
+  taken between two polls, as Prometheus' <code>rate()</code> and
+  <code>histogram_quantile()</code> would. Charts keep the last 10 minutes this page has seen.
+  <a href="{root}/docs">API docs</a>
+</footer>
+<script src="{root}{assets}/uPlot.iife.min.js"></script>
+<script src="{root}{assets}/dashboard-math.js"></script>
+<script src="{root}{assets}/dashboard.js"></script>
+</body>
+</html>
+"""
+
+
+def page(root: str = "") -> str:
+    return _PAGE.format(root=root, assets=ASSETS, version=__version__)
+
+
+def metric_samples(text: str) -> dict[str, list[list[Any]]]:
+    """Prometheus text → {sample name: [[labels, value], ...]} (`_total`, `_bucket`, ... kept
+    as their own names, as PromQL sees them)."""
+    out: dict[str, list[list[Any]]] = {}
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            out.setdefault(s.name, []).append([s.labels, s.value])
+    return out
+
+
+def read_sim_status(path: str | None, now: float) -> dict[str, Any] | None:
+    """The simulator's status file as it is, with its age; None when there is none (yet)."""
+    if not path:
+        return None
+    p = Path(path)
+    try:
+        st = p.stat()
+        if st.st_size > MAX_SIM_STATUS_BYTES:
+            return {"error": f"{p} is {st.st_size} bytes; over {MAX_SIM_STATUS_BYTES}"}
+        status = orjson.loads(p.read_bytes())
+    except FileNotFoundError:
+        return None  # the stack writes its first status a few seconds after it starts
+    except (OSError, orjson.JSONDecodeError) as e:
+        return {"error": f"cannot read {p}: {e}"}
+    if not isinstance(status, dict):
+        return {"error": f"{p} holds no JSON object"}
+    return {"age_s": round(now - st.st_mtime, 3), "status": status}
+
+
+def _worker(state: ServiceState) -> dict[str, Any]:
+    served = state.holder.served.describe()
+    keep = ("version", "status", "loaded_at", "published_at", "samples_seen", "load_seconds")
+    return {"pid": os.getpid(), **{k: served[k] for k in keep if k in served}}
+
+
+def feed(state: ServiceState) -> dict[str, Any]:
+    """What one poll of the page gets (blocking: file reads and the metrics' aggregation)."""
+    now = time.time()
+    return {"now": now, "worker": _worker(state),
+            "metrics": metric_samples(render(state.metrics).decode("utf-8")),
+            "sim": read_sim_status(os.environ.get(SIM_STATUS_ENV), now)}
+
+
+def install(app: FastAPI, state: ServiceState) -> None:
+    # Not in the OpenAPI document, and not counted in ctrloop_requests: an open page polling
+    # every second would show up as traffic. /metrics is the API for machines.
+    @app.get("/dashboard", include_in_schema=False)
+    async def dashboard(request: Request) -> Response:
+        return HTMLResponse(page(request.scope.get("root_path", "")),
+                            headers={"cache-control": "no-cache"})
+
+    @app.get("/dashboard/data", include_in_schema=False)
+    async def dashboard_data() -> Response:
+        body = await run_in_threadpool(feed, state)
+        return json_response(200, body, headers={"cache-control": "no-store"})
