@@ -177,70 +177,116 @@ def field_spectra(matrices: Iterable[FieldMatrix],
 
 
 @dataclass(frozen=True)
-class TableLayout:
-    """A hashed table laid out by the spec's field offsets: which columns are one field's
-    embedding (`columns`), and which are zero-initialised linear weights (`zero_init`)."""
+class _Place:
+    """Where a view lies in its HashEmbedding: the module, its name, rows and columns."""
 
+    module: HashEmbedding
     name: str
-    table: HashEmbedding
-    columns: slice
-    zero_init: slice | None
+    rows: slice
+    cols: slice
 
 
-def hash_table_layouts(model: CTRModel) -> list[TableLayout]:
-    """The embedding tables of the models whose hashed tables hold one row per spec bucket:
-    FwFM (column 0 linear), STEM (shared [w | v]; per task t a block e_t after the T linear
-    columns), LR (no embedding: nothing)."""
-    tasks = len(model.tasks)
-    out: list[TableLayout] = []
-    for name, module in model.named_modules():
-        if not isinstance(module, HashEmbedding):
-            continue
-        width = module.weight.shape[1]
-        if module.weight.shape[0] != model.spec.total_buckets or width < 2:
-            continue  # not laid out by the spec, or a linear weight only (LR)
-        if name == "task_table" and tasks:
-            d = (width - tasks) // tasks
-            out.extend(TableLayout(f"{name}.{task}", module,
-                                   slice(tasks + t * d, tasks + (t + 1) * d), slice(0, tasks))
-                       for t, task in enumerate(model.tasks) if d > 0)
+_Modules = Mapping[int, list[tuple[str, HashEmbedding]]]
+
+
+def _hash_modules(model: CTRModel) -> dict[int, list[tuple[str, HashEmbedding]]]:
+    out: dict[int, list[tuple[str, HashEmbedding]]] = {}
+    for n, m in model.named_modules():
+        if isinstance(m, HashEmbedding):
+            out.setdefault(m.weight.untyped_storage().data_ptr(), []).append((n, m))
+    return out
+
+
+def _place(view: torch.Tensor, modules: _Modules) -> _Place | None:
+    """The table a view of `CTRModel.field_embeddings()` reads, found by its storage and
+    offset (the views carry no name), or None when it is not a view of a HashEmbedding."""
+    if view.dim() != 2 or view.stride(1) != 1:
+        return None
+    at = view.storage_offset()
+    owners = [(n, m) for n, m in modules.get(view.untyped_storage().data_ptr(), [])
+              if m.weight.storage_offset() <= at < m.weight.storage_offset() + m.weight.numel()]
+    if not owners:
+        return None
+    name, module = owners[0]
+    stride = module.weight.stride(0)
+    offset = view.storage_offset() - module.weight.storage_offset()
+    r, c = divmod(offset, stride)
+    return _Place(module, name, slice(r, r + view.shape[0]), slice(c, c + view.shape[1]))
+
+
+def table_names(model: CTRModel) -> list[str]:
+    """A name per `embedding_tables()` entry: the module's name, with a suffix where one
+    module holds several (STEM: the task; otherwise the index within the module)."""
+    modules = _hash_modules(model)
+    places = [_place(t, modules) for t in model.embedding_tables()]
+    names = [p.name if p is not None else f"table{i}" for i, p in enumerate(places)]
+    out: list[str] = []
+    for i, name in enumerate(names):
+        same = [j for j, n in enumerate(names) if n == name]
+        if len(same) == 1:
+            out.append(name)
+        elif model.tasks and len(same) == len(model.tasks) and name != "table":
+            out.append(f"{name}.{model.tasks[same.index(i)]}")
         else:
-            out.append(TableLayout(name, module, slice(1, width), slice(0, 1)))
+            out.append(f"{name}.{same.index(i)}")
     return out
 
 
 def model_field_matrices(model: CTRModel, use_accumulator: bool = True,
                          accumulators: Sequence[torch.Tensor] | None = None
                          ) -> list[FieldMatrix]:
-    """Per field and table, its embedding rows and which were trained.
-
-    `accumulators`: the Adagrad state in `model.hash_embeddings()` order (a checkpoint's);
-    by default each table's own (the live trainer's), unless `use_accumulator` is False or it
-    is empty (a served model built for inference, a snapshot): then the zero-initialised
-    linear columns decide."""
-    spec = model.spec
-    accs: dict[int, torch.Tensor] = {}
+    """Per field and embedding table (`CTRModel.field_embeddings()`), its rows and which of
+    them were trained (module docstring, "Which rows count"):
+    - the Adagrad accumulator of the view's own columns: `accumulators` (a checkpoint's, in
+      `model.hash_embeddings()` order), else the table's own (the live trainer's) unless
+      `use_accumulator` is False; an empty one (a model built for inference) does not count;
+    - else the table's columns no view covers — the zero-initialised linear weights of FwFM,
+      STEM, GwPFM and the multi-embedding model (for STEM's task tables: trained by any task);
+    - else the distance from the random init (`init_std` from the hyper-parameters)."""
+    modules = _hash_modules(model)
+    given: dict[int, torch.Tensor] = {}
     if accumulators is not None:
-        accs = {id(t): a for t, a in zip(model.hash_embeddings(), accumulators, strict=True)}
+        given = {id(t): a for t, a in zip(model.hash_embeddings(), accumulators, strict=True)}
+    names = table_names(model)
+    tables = model.embedding_tables()
+    covered: dict[int, set[int]] = {}
+    for t in tables:
+        p = _place(t, modules)
+        if p is not None:
+            covered.setdefault(id(p.module), set()).update(range(p.cols.start, p.cols.stop))
+    init_std = float(model.hparams.get("init_std", 0.01))
+    masks: dict[tuple[int, int, int], torch.Tensor] = {}  # per (table, columns): all rows
+
+    def trained(p: _Place) -> torch.Tensor:
+        key = (id(p.module), p.cols.start, p.cols.stop)
+        if key not in masks:
+            w = p.module.weight.detach()
+            acc = given.get(id(p.module), p.module.accumulator if use_accumulator else None)
+            if acc is not None and acc.shape != w.shape:
+                acc = None
+            free = [c for c in range(w.shape[1]) if c not in covered[id(p.module)]]
+            masks[key] = trained_rows(w[:, p.cols], None if acc is None else acc[:, p.cols],
+                                      w[:, free] if free else None, init_std)
+        return masks[key][p.rows]
+
     out: list[FieldMatrix] = []
-    for lay in hash_table_layouts(model):
-        w = lay.table.weight.detach()
-        acc = accs.get(id(lay.table), lay.table.accumulator if use_accumulator else None)
-        if acc is not None and acc.shape[0] != w.shape[0]:
-            acc = None
-        trained = trained_rows(w, acc, None if lay.zero_init is None else w[:, lay.zero_init])
-        for f, off in zip(spec.fields, spec.offsets, strict=True):
-            rows = slice(off, off + f.buckets)
-            out.append(FieldMatrix(lay.name, f.name, w[rows, lay.columns], trained[rows]))
+    for fname, views in model.field_embeddings().items():
+        for k, v in enumerate(views):
+            p = _place(v, modules)
+            mask = trained(p) if p is not None else trained_rows(v, None, None, init_std)
+            out.append(FieldMatrix(names[k], fname, v, mask))
     return out
 
 
 def collapse_report(model: CTRModel, max_rows: int | None = DEFAULT_MAX_ROWS,
                     use_accumulator: bool = True,
                     accumulators: Sequence[torch.Tensor] | None = None) -> list[FieldSpectrum]:
+    """Per table, per field (tables in `embedding_tables()` order, fields in spec order)."""
     with torch.no_grad():
-        return field_spectra(model_field_matrices(model, use_accumulator, accumulators),
-                             max_rows)
+        spectra = field_spectra(model_field_matrices(model, use_accumulator, accumulators),
+                                max_rows)
+    order = {n: i for i, n in enumerate(table_names(model))}
+    return sorted(spectra, key=lambda s: order[s.table])  # stable: fields stay in spec order
 
 
 def compact(spectra: Sequence[FieldSpectrum]) -> dict[str, dict[str, dict[str, float]]]:
@@ -378,22 +424,21 @@ def stem_task_spaces(model: CTRModel, user_idx: torch.Tensor, ad_idx: torch.Tens
                      shared_only: bool = False
                      ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     """Each task's view of a (user, ad) pair in a STEM model: [v ; e_t], the shared embedding
-    and the task's own (what task t's gradient trains). `shared_only`: v for every task (the
-    entangled baseline). `user_idx`, `ad_idx`: global bucket indices [P]."""
-    layouts = {lay.name: lay for lay in hash_table_layouts(model)}
-    shared = layouts.get("table")
-    if shared is None:
-        raise ValueError(f"model {model.name!r} has no shared hashed table")
+    and the task's own (what task t's gradient trains; `embedding_tables()`: the shared table,
+    then one per task). `shared_only`: v for every task (the entangled baseline). `user_idx`,
+    `ad_idx`: global bucket indices [P]."""
+    tables = model.embedding_tables()
+    tasks = model.tasks or ("default",)
+    if not tables:
+        raise ValueError(f"model {model.name!r} has no embedding table")
+    own = tables[1:] if len(tables) == 1 + len(tasks) else []
+    users: dict[str, torch.Tensor] = {}
+    ads: dict[str, torch.Tensor] = {}
     with torch.no_grad():
-        sw = shared.table.weight[:, shared.columns]
-        users: dict[str, torch.Tensor] = {}
-        ads: dict[str, torch.Tensor] = {}
-        for t in model.tasks or ("default",):
-            u, a = sw[user_idx], sw[ad_idx]
-            own = layouts.get(f"task_table.{t}")
-            if own is not None and not shared_only:
-                tw = own.table.weight[:, own.columns]
-                u, a = torch.cat([u, tw[user_idx]], 1), torch.cat([a, tw[ad_idx]], 1)
+        for k, t in enumerate(tasks):
+            u, a = tables[0][user_idx], tables[0][ad_idx]
+            if own and not shared_only:
+                u, a = torch.cat([u, own[k][user_idx]], 1), torch.cat([a, own[k][ad_idx]], 1)
             users[t], ads[t] = u, a
     return users, ads
 

@@ -123,9 +123,9 @@ def test_sampling_keeps_ia() -> None:
     assert sampled.ia == pytest.approx(full.ia, rel=0.03)
 
 
-def _trained_fwfm(steps: int = 30) -> OnlineLearner:
+def _trained_fwfm(steps: int = 30, name: str = "fwfm", **hparams: object) -> OnlineLearner:
     torch.manual_seed(0)
-    model = build_model("fwfm", SPEC, dim=4)
+    model = build_model(name, SPEC, **(hparams or {"dim": 4}))
     learner = OnlineLearner(model, LearnerConfig(batch_size=64))
     rng = np.random.default_rng(0)
     offsets = np.asarray(SPEC.offsets)
@@ -165,6 +165,16 @@ def test_a_checkpoints_accumulators_decide_for_a_rebuilt_model() -> None:
         model.table.weight[:, 0] = 0.0  # hide the snapshot rule's evidence
     mats = model_field_matrices(model, accumulators=state["accumulators"])
     assert [int(m.trained.sum()) for m in mats] == [5, 5, 5]
+
+
+def test_multi_embedding_tables_each_get_a_spectrum_from_the_live_model_and_snapshot() -> None:
+    learner = _trained_fwfm(name="hmoe", tables=[4, 8], hidden=8, tower=[8])
+    live = collapse_report(learner.model)
+    assert [(s.table, s.dim) for s in live] == [("table.0", 4)] * 3 + [("table.1", 8)] * 3
+    assert all(s.rows_trained == 5 for s in live)
+    rebuilt = build_from_snapshot(decode_snapshot(encode_snapshot(learner.model, 1, {})),
+                                  inference=True)
+    assert [s.rows_trained for s in collapse_report(rebuilt)] == [5] * 6  # column 0 decides
 
 
 def test_stem_has_a_table_per_task_and_lr_has_none() -> None:
