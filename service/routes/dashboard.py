@@ -49,6 +49,7 @@ _PAGE = """<!doctype html>
 <meta charset="utf-8">
 <meta name="viewport" content="width=device-width, initial-scale=1">
 <title>ctrloop dashboard</title>
+<link rel="icon" href="data:,">
 <link rel="stylesheet" href="{root}{assets}/uPlot.min.css">
 <link rel="stylesheet" href="{root}{assets}/dashboard.css">
 </head>
