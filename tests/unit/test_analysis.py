@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from ctrloop.core.analysis import (
+    CollapseWatch,
     FieldMatrix,
     collapse_report,
     compact,
@@ -96,12 +97,14 @@ def test_trained_rows_evidence_order() -> None:
     w[2] += 0.05 * torch.sign(torch.randn(16))  # one Adagrad step: lr on every coordinate
     acc = torch.zeros(5, 16)
     acc[[0, 3]] = 1.0
-    assert trained_rows(w, acc).tolist() == [True, False, False, True, False]
     linear = torch.tensor([0.0, 0.0, 0.3, 0.0, -0.1])
-    assert trained_rows(w, None, linear).tolist() == [False, False, True, False, True]
-    # An all-zero accumulator (a model rebuilt from a snapshot) defers to the linear column.
+    assert trained_rows(w, acc).tolist() == [True, False, False, True, False]
+    assert trained_rows(w, acc, linear).tolist() == [False, False, True, False, True]
+    # Evidence that marks nothing passes on: an all-zero accumulator (a model rebuilt from a
+    # snapshot), an all-zero linear column (hidden on purpose here).
     assert trained_rows(w, torch.zeros(5, 16), linear).tolist() == \
         [False, False, True, False, True]
+    assert trained_rows(w, acc, torch.zeros(5)).tolist() == [True, False, False, True, False]
     assert trained_rows(w, None, None, init_std=0.01).tolist() == \
         [False, False, True, False, False]
 
@@ -285,3 +288,17 @@ def test_render_table_and_svg() -> None:
     assert root.tag.endswith("svg")
     assert svg.count("<polyline") == len(SPEC.names)
     assert "&lt;test&gt;" in svg
+
+
+def test_collapse_watch_recomputes_every_n_publications() -> None:
+    learner = _trained_fwfm()
+    watch = CollapseWatch(every=3, max_rows=100)
+    first = watch.update(learner.model)["collapse"]
+    assert first["publication"] == 0 and first["max_rows"] == 100
+    assert first["tables"] == compact(collapse_report(learner.model, 100))
+    assert watch.update(learner.model)["collapse"]["publication"] == 0  # kept in between
+    watch.update(learner.model)
+    assert watch.update(learner.model)["collapse"]["publication"] == 3
+    assert CollapseWatch(every=0).update(learner.model) == {}
+    with pytest.raises(ValueError):
+        CollapseWatch(every=-1)
