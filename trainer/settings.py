@@ -5,16 +5,18 @@ environment.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from ctrloop.core.delays import validate_policy_name
 from ctrloop.core.errors import ConfigError
 from ctrloop.core.joining import JoinerConfig
 from ctrloop.core.learner import LearnerConfig
+from ctrloop.core.models import check_hparams, model_parameters
 from ctrloop.core.posterior import DEFAULT_SCALE, PosteriorConfig
 from ctrloop.io.settings import ConnectionSettings
 from ctrloop.trainer.pipeline import PipelineConfig
@@ -41,7 +43,12 @@ class LearningSettings(BaseSettings):
     max_pending: int = Field(2_000_000, ge=1, description="impressions held by the joiner")
     evict: Literal["emit", "drop"] = "emit"
     model: str = "fwfm"
-    dim: int = Field(16, ge=1, le=512, description="embedding size (fwfm)")
+    dim: int = Field(16, ge=1, le=512, description="embedding size (fwfm; other models that "
+                     "take a dim when given)")
+    # The architecture's own hyper-parameters (ctrloop/core/models/), a JSON object, e.g.
+    # '{"tables": [16, 16], "experts": [{"type": "gwpfm", "table": 0}]}' for hmoe.
+    model_params: str = Field("", description="JSON object of the model's hyper-parameters "
+                              "(see ctrloop/core/models/)")
     batch_size: int = Field(1024, ge=1)
     sparse_lr: float = Field(0.05, gt=0)
     dense_lr: float = Field(1e-3, gt=0)
@@ -87,8 +94,41 @@ class LearningSettings(BaseSettings):
             raise ValueError("a conversion type is at most 64 characters")
         return ",".join(names)
 
+    @field_validator("model_params")
+    @classmethod
+    def _params_json(cls, v: str) -> str:
+        if not v.strip():
+            return ""
+        try:
+            parsed = json.loads(v)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"model params are not valid JSON ({e}): {v!r}") from None
+        if not isinstance(parsed, dict):
+            raise ValueError(f"model params must be a JSON object, got {v!r}")
+        return v
+
+    @model_validator(mode="after")
+    def _params_fit_model(self) -> LearningSettings:
+        try:
+            check_hparams(self.model, self.model_hparams())
+        except ConfigError as e:
+            raise ValueError(str(e)) from None
+        return self
+
+    def model_hparams(self) -> dict[str, Any]:
+        """The model params, with `dim` added where the model takes one: always for fwfm (its
+        default before model params existed), for the others only when dim was set."""
+        params: dict[str, Any] = json.loads(self.model_params) if self.model_params else {}
+        if self.model not in ("fwfm",) and "dim" not in self.model_fields_set:
+            return params
+        if "dim" in params and "dim" in self.model_fields_set and params["dim"] != self.dim:
+            raise ConfigError(f"dim given twice, {self.dim} and {params['dim']} in model params")
+        if "dim" in model_parameters(self.model):
+            params.setdefault("dim", self.dim)
+        return params
+
     def pipeline_config(self) -> PipelineConfig:
-        hparams = {"dim": self.dim} if self.model == "fwfm" else {}
+        hparams = self.model_hparams()
         return PipelineConfig(
             conversion_types=tuple(t for t in self.conversion_types.split(",") if t),
             publish_interval=self.publish_interval,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 from typing import Any
 
 from ctrloop.core.errors import ConfigError
@@ -28,5 +29,23 @@ def build_model(name: str, spec: FeatureSpec, **hparams: Any) -> CTRModel:
         raise ConfigError(f"bad hyper-parameters for model {name!r}: {e}") from None
 
 
+def model_parameters(name: str) -> set[str]:
+    """The hyper-parameter names model `name` accepts (ConfigError for an unknown model)."""
+    cls = MODELS.get(name)
+    if cls is None:
+        raise ConfigError(f"unknown model {name!r}; choose one of {sorted(MODELS)}")
+    return set(inspect.signature(cls.__init__).parameters) - {"self", "spec"}
+
+
+def check_hparams(name: str, hparams: dict[str, Any]) -> None:
+    """Fail fast on what can be checked without a feature spec: the model exists and takes
+    every named hyper-parameter. Values are checked when the model is built."""
+    unknown = sorted(set(hparams) - model_parameters(name))
+    if unknown:
+        raise ConfigError(f"model {name!r} has no hyper-parameter(s) {unknown}; it takes "
+                          f"{sorted(model_parameters(name))}")
+
+
 __all__ = ["IPNN", "MODELS", "CTRModel", "DCNv2", "FlatDNN", "FwFM", "GwPFM",
-           "LogisticRegression", "MultiEmbeddingHMoE", "StemFwFM", "build_model"]
+           "LogisticRegression", "MultiEmbeddingHMoE", "StemFwFM", "build_model",
+           "check_hparams", "model_parameters"]

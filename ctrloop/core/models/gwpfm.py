@@ -38,9 +38,7 @@ def field_groups(spec: FeatureSpec, groups: Sequence[Sequence[str]] | None) -> l
     """Group index per field: the named groups first, then one group per unnamed field."""
     names = spec.names
     out = [-1] * len(names)
-    for g, members in enumerate(groups or []):
-        if isinstance(members, str) or not isinstance(members, Sequence) or not members:
-            raise ConfigError(f"gwpfm groups: group {g} must be a non-empty list of field names")
+    for g, members in enumerate(check_groups(groups) or []):
         for m in members:
             if m not in names:
                 raise ConfigError(f"gwpfm groups: no field {m!r} in the feature spec")
@@ -52,6 +50,18 @@ def field_groups(spec: FeatureSpec, groups: Sequence[Sequence[str]] | None) -> l
         if g == -1:
             out[i], nxt = nxt, nxt + 1
     return out
+
+
+def check_groups(groups: Any) -> list[list[str]] | None:
+    """Groups as JSON-ready lists of field names (None: one group per field)."""
+    if groups is None:
+        return None
+    if isinstance(groups, str) or not isinstance(groups, Sequence):
+        raise ConfigError(f"gwpfm groups must be a list of lists of field names, got {groups!r}")
+    for g, members in enumerate(groups):
+        if isinstance(members, str) or not isinstance(members, Sequence) or not members:
+            raise ConfigError(f"gwpfm groups: group {g} must be a non-empty list of field names")
+    return [[str(m) for m in members] for members in groups]
 
 
 def check_parts(parts: Any) -> int:
@@ -94,7 +104,7 @@ class GwPFM(CTRModel):
                  prior_ctr: float = 0.03) -> None:
         if isinstance(dim, bool) or not isinstance(dim, int) or not 1 <= dim <= 512:
             raise ConfigError(f"gwpfm dim (per part) must be an integer 1..512, got {dim!r}")
-        groups = None if groups is None else [list(g) for g in groups]
+        groups = check_groups(groups)
         super().__init__(spec, dim=dim, parts=parts, groups=groups, init_std=init_std,
                          prior_ctr=prior_ctr)
         self.interaction = GwPFMInteraction(spec, dim, parts, groups)
