@@ -89,11 +89,11 @@ SCENARIOS: dict[str, Scenario] = {s.name: s for s in (
     Scenario("random_dumps", "40% of advertisers upload at random gaps of 2 h - 4 days",
              "pCVR bias of bursty advertisers (long irregular gaps)",
              {"bursty_share": 0.4, "burst_gap_min_s": 2 * HOUR, "burst_gap_max_s": 4 * DAY}),
-    Scenario("backfill", "a quarter of the advertisers report nothing for 6 days, then "
+    Scenario("backfill", "a quarter of the advertisers report nothing for 4 days, then "
              "backfill those days' conversions in one upload, then report live",
              "pCVR bias of bursty advertisers and overall around a backfill",
              {"bursty_share": 0.25, "bursty_kinds": (("backfill", 1.0),),
-              "backfill_after_s": 6 * DAY}),
+              "backfill_after_s": 4 * DAY}),
     Scenario("bursty_none", "no bursty advertisers: every conversion reported live",
              "streaming bias and AUC when the policy has nothing to wait for",
              {"bursty_share": 0.0}),
@@ -106,9 +106,9 @@ SCENARIOS: dict[str, Scenario] = {s.name: s for s in (
              "pCTR AUC gap to the true rates (numeric encoding)",
              {"numeric_features": True, "numeric_effect_scale": 1.5}),
     Scenario("drift", "30% of advertisers have their CVR multiplied by ~2 or ~1/2 (logit "
-             "+-0.7) from day 4 on",
+             "+-0.7) from day 3 on",
              "pCVR bias over time after a change; per-advertiser share within +-10%",
-             {"drift_share": 0.3, "drift_at_s": 4 * DAY, "drift_logit": 0.7}),
+             {"drift_share": 0.3, "drift_at_s": 3 * DAY, "drift_logit": 0.7}),
     Scenario("skewed_traffic", "advertiser sizes lognormal with sigma 2: a few giants, a long "
              "tail of low-traffic advertisers",
              "per-advertiser share within +-10% (low-traffic advertisers)",
@@ -145,10 +145,10 @@ def random_knobs(seed: int) -> dict[str, Any]:
         "burst_gap_min_s": gap_min,
         "burst_gap_max_s": gap_min + log_uniform(12 * HOUR, 4 * DAY),
         "dump_period_s": float(rng.choice([6 * HOUR, 12 * HOUR, DAY])),
-        "backfill_after_s": float(rng.uniform(3, 7)) * DAY,
+        "backfill_after_s": float(rng.uniform(2, 5)) * DAY,
         "numeric_features": bool(rng.random() < 0.5),
         "drift_share": float(rng.uniform(0.0, 0.4)) if rng.random() < 0.5 else 0.0,
-        "drift_at_s": float(rng.uniform(3, 7)) * DAY,
+        "drift_at_s": float(rng.uniform(2, 5)) * DAY,
         "advertiser_size_sigma": float(rng.uniform(0.7, 2.0)),
         "diurnal_amplitude": float(rng.uniform(0.0, 0.7)),
         "position_bias": (1.0, pb2, pb2 * float(rng.uniform(0.5, 0.9))),
