@@ -312,3 +312,51 @@ def test_replay_runs_with_a_zoo_model(tmp_path: Path,
                "--model", "hmoe", "--model-params", '{"tables": [4], "experts": '
                '[{"type": "ipnn", "table": 1}]}'])
     assert rc == 2 and "table must be an integer 0..0" in capsys.readouterr().err
+
+
+ZOO = ["gwpfm", "hmoe", "dcnv2", "ipnn", "flatdnn"]
+
+
+@pytest.mark.parametrize("name", ZOO)
+def test_the_service_serves_a_zoo_model_with_its_posterior(
+        name: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Published, hot-loaded and scored: the pCTRs are the model's own, and exploration draws
+    from the (architecture-independent) GP posterior."""
+    from fastapi.testclient import TestClient
+    from service_fakes import RecordingSink
+
+    from ctrloop.core.features import FeatureEncoder
+    from ctrloop.core.posterior import LogitPosterior, PosteriorConfig
+    from ctrloop.io.registry import InMemoryRegistry
+    from ctrloop.service.app import create_app
+    from ctrloop.service.settings import ServiceSettings
+
+    monkeypatch.delenv("PROMETHEUS_MULTIPROC_DIR", raising=False)
+    torch.manual_seed(0)
+    posterior = LogitPosterior(SPEC, PosteriorConfig())
+    learner = OnlineLearner(build_model(name, SPEC), LearnerConfig(model=name, batch_size=64),
+                            posterior)
+    x, y = _learnable()
+    for _ in range(3):
+        learner.learn(x, y)
+    registry = InMemoryRegistry()
+    registry.publish(1, encode_snapshot(learner.model, 1), {})
+    req = {"request_id": "r", "user_id": "u1", "ts": 1767225600.0,
+           "features": {"user.age": "25-34", "ctx.device": "ios"},
+           "candidates": [{"ad_id": f"a{j}", "advertiser_id": "adv", "features": {"ad.bid": j}}
+                          for j in range(8)]}
+    rows = FeatureEncoder(SPEC).encode_request(
+        req["features"], req["user_id"],
+        [(c["ad_id"], c["advertiser_id"], c["features"]) for c in req["candidates"]])
+    want = learner.predict(rows)
+    app = create_app(ServiceSettings(reload_poll_s=3600, explore_temperature=1.0),
+                     registry=registry, sink=RecordingSink())  # type: ignore[arg-type]
+    with TestClient(app) as client:
+        client.app.state.service.reloader.check()  # type: ignore[attr-defined]
+        body = client.post("/v1/score", json={**req, "options": {"rank_by": "pctr"}}).json()
+        got = {c["ad_id"]: c["pctr"] for c in body["candidates"]}
+        assert body["model_version"] == "1"
+        assert [got[f"a{j}"] for j in range(8)] == pytest.approx(want.tolist(), rel=1e-6)
+        explored = client.post("/v1/score", json={**req, "options": {"explore": True,
+                                                                      "seed": 1}}).json()
+        assert explored["explored"] is True
