@@ -173,6 +173,8 @@ class Metrics:
         )
         self.delays = DelayGauges()
         reg.register(self.delays)
+        self.collapse = CollapseGauges()
+        reg.register(self.collapse)
 
     def explore_decision(self, decision: str) -> Any:
         """The decision's counter child, looked up once: `labels()` costs ~10 us a call."""
@@ -242,11 +244,59 @@ class DelayGauges(Collector):
             yield g
 
 
+class CollapseGauges(Collector):
+    """Information Abundance per field and embedding table of the served models (paper §7,
+    ctrloop/core/analysis.py), from the "collapse" entry the trainer puts in each head's
+    record: dimensional collapse watched like latency. A field whose IA falls toward 1 spans
+    fewer and fewer directions.
+
+    Built at scrape time from the served records (`update`), like DelayGauges: a field or table
+    of an older model disappears with it. `rows` is how many trained rows the IA is over (a
+    field with 2 values has IA <= 2 however healthy).
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._heads: dict[str, dict[str, Any]] = {}
+
+    def update(self, heads: dict[str, dict[str, Any] | None]) -> None:
+        """`heads`: head name ("pctr", "pcvr") -> its record's "collapse" entry (or None)."""
+        with self._lock:
+            self._heads = {h: c for h, c in heads.items() if isinstance(c, dict)}
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        with self._lock:
+            heads = self._heads
+        if not heads:
+            return
+        ia = GaugeMetricFamily("ctrloop_model_information_abundance",
+                               "Information Abundance (sum sigma / max sigma) of a field's "
+                               "trained embedding rows, L2-normalised, per table, in the served "
+                               "model", labels=["head", "table", "field"])
+        rows = GaugeMetricFamily("ctrloop_model_embedding_rows_trained",
+                                 "Trained embedding rows of a field the IA is computed over",
+                                 labels=["head", "table", "field"])
+        for head, entry in heads.items():
+            tables = entry.get("tables")
+            for table, fields in (tables.items() if isinstance(tables, dict) else ()):
+                for name, v in (fields.items() if isinstance(fields, dict) else ()):
+                    try:
+                        value, count = float(v["ia"]), float(v["rows"])
+                    except (KeyError, TypeError, ValueError):
+                        continue  # a record from another writer must not break the scrape
+                    labels = [head, str(table), str(name)]
+                    ia.add_metric(labels, value)
+                    rows.add_metric(labels, count)
+        yield ia
+        yield rows
+
+
 def render(metrics: Metrics) -> bytes:
     if "PROMETHEUS_MULTIPROC_DIR" in os.environ:
         reg = CollectorRegistry()
         multiprocess.MultiProcessCollector(reg)
-        # Per process by design: the report travels with the model this worker serves.
+        # Per process by design: the reports travel with the model this worker serves.
         reg.register(metrics.delays)
+        reg.register(metrics.collapse)
         return generate_latest(reg)
     return generate_latest(metrics.registry)

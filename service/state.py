@@ -57,6 +57,9 @@ class ServiceState:
         cvr_record = getattr(served, "cvr_record", None)
         meta = cvr_record.meta if cvr_record is not None else {}
         m.delays.update(meta.get("delays"), meta.get("delays_by_type"))
+        m.collapse.update({
+            "pctr": served.record.meta.get("collapse") if served.record is not None else None,
+            "pcvr": meta.get("collapse")})
 
     def _failed(self, reason: str) -> None:
         self.metrics.reload_failures.labels(reason).inc()

@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 import numpy as np
 import torch
 
+from ctrloop.core.analysis import CollapseWatch
 from ctrloop.core.delay_report import DEFAULT_TOP_N, CvrMonitor, delay_report
 from ctrloop.core.delays import CvrSample, DelayPolicy, build_policy
 from ctrloop.core.errors import ConfigError
@@ -65,6 +66,10 @@ class Head(Protocol):
         """The registry record's meta (small, readable without the blob)."""
         ...
 
+    def watch_collapse(self) -> None:
+        """A publication: recompute the IA per field its snapshot and record carry, if due."""
+        ...
+
     def state(self) -> dict[str, Any]:
         """Checkpoint entries (plain containers of tensors, numbers, strings)."""
         ...
@@ -92,6 +97,7 @@ class CtrHead:
         self.ready: list[Sample] = []
         self.warmup_until: float | None = None  # set from the first event's ts
         self.warm = False
+        self.collapse = CollapseWatch(config.collapse_every, config.collapse_max_rows)
 
     def waiting(self) -> int:
         return len(self.ready)
@@ -137,10 +143,14 @@ class CtrHead:
     def snapshot(self, version: int, meta: dict[str, Any]) -> bytes:
         from ctrloop.core.snapshot import encode_snapshot  # publication only
 
-        return encode_snapshot(self.learner.model, version, meta)
+        return encode_snapshot(self.learner.model, version, {**meta, **self.collapse.meta})
 
     def record_meta(self, meta: dict[str, Any], top_n: int = DEFAULT_TOP_N) -> dict[str, Any]:
-        return meta  # the main record: what the publisher says (event time, metrics, ...)
+        # The main record: what the publisher says (event time, metrics, ...) and the IA.
+        return {**meta, **self.collapse.meta}
+
+    def watch_collapse(self) -> None:
+        self.collapse.update(self.learner.model)
 
     def state(self) -> dict[str, Any]:
         ready = self.ready
@@ -194,6 +204,7 @@ class CvrHead:
         self.unscored_clicks: list[tuple[str, int, float, list[int]]] = []
         # Observability/benchmark hook: sees every pCVR sample as it is learned.
         self.on_samples: Callable[[list[CvrSample]], None] | None = None
+        self.collapse = CollapseWatch(config.collapse_every, config.collapse_max_rows)
 
     def _build_learner(self, spec: FeatureSpec) -> OnlineLearner:
         cc = self.config.cvr_learner or self.config.learner
@@ -345,8 +356,12 @@ class CvrHead:
         cvr = self.learner
         head_meta = {**meta, "head": "pcvr", "delay_policy": self.policies[0].name,
                      "samples_seen": cvr.samples_seen, "positives_seen": cvr.positives_seen,
-                     "metrics": cvr.metrics.report().as_dict(), **self.task_meta()}
+                     "metrics": cvr.metrics.report().as_dict(), **self.task_meta(),
+                     **self.collapse.meta}
         return encode_snapshot(cvr.model, version, head_meta)
+
+    def watch_collapse(self) -> None:
+        self.collapse.update(self.learner.model)
 
     def task_meta(self) -> dict[str, Any]:
         if not self.config.conversion_types:
@@ -359,7 +374,7 @@ class CvrHead:
         """Small and readable without the blob (the service exports the "delays" report on
         /metrics; `ctrloop delay-report` prints it), bounded by `top_n` advertisers."""
         out = {"head": self.name, "delay_policy": self.policies[0].name,
-               "delays": self.delay_report(top_n)}
+               "delays": self.delay_report(top_n), **self.collapse.meta}
         if self.config.conversion_types:
             # "delays" stays the first type's report (what older readers expect).
             out.update(self.task_meta())

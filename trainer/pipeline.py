@@ -88,6 +88,11 @@ class PipelineConfig:
     # wait or the oldest has waited `max_learn_wait` event seconds. 1: every tick (exact).
     min_learn_samples: int = 1
     max_learn_wait: float = 60.0
+    # Dimensional collapse watched like latency: each head's IA per field (ctrloop/core/
+    # analysis.py) goes into the metadata of the snapshots it publishes, recomputed every this
+    # many publications (0: off) over at most this many trained rows per field.
+    collapse_every: int = 1
+    collapse_max_rows: int = 2048
 
     def __post_init__(self) -> None:
         if not self.publish_interval > 0:
@@ -100,6 +105,9 @@ class PipelineConfig:
             raise ConfigError("min_learn_samples must be >= 1 (1: learn at every tick)")
         if not self.max_learn_wait >= 0:
             raise ConfigError("max_learn_wait must be >= 0 event seconds")
+        if self.collapse_every < 0 or self.collapse_max_rows < 1:
+            raise ConfigError("collapse_every must be >= 0 publications (0: off) and "
+                              "collapse_max_rows >= 1")
         # Fail at configuration time on a bad name (oracle is checked when its truth is given).
         build_policy(self.delay_policy, self.policy, converted=())
         types = self.conversion_types
@@ -297,7 +305,10 @@ class Pipeline:
     def bundle(self, version: int, meta: dict[str, Any]) -> dict[str, tuple[bytes, dict[str, Any]]]:
         """Every head as of `version`: name -> (snapshot blob, registry record meta). "pctr"
         is the main model (its record meta is `meta`); the others are published under
-        `ModelRegistry.head(name)` with the same version, before the main one."""
+        `ModelRegistry.head(name)` with the same version, before the main one. Each head's
+        snapshot and record carry its IA per field ("collapse", `config.collapse_every`)."""
+        for h in self.heads:
+            h.watch_collapse()
         return {h.name: (h.snapshot(version, meta), h.record_meta(meta)) for h in self.heads}
 
     def head_snapshots(self, version: int, meta: dict[str, Any]) -> dict[str, bytes]:
