@@ -217,7 +217,8 @@ def simulate_job(job: tuple[str, int, int, str]) -> dict[str, Any]:
         return json.loads(summary.read_text())
     cfg = scenarios.build(name, seed)
     sim = write_files(cfg, n, events, truth)
-    sim["bursty_kinds"] = dict(cfg.bursty_kinds)
+    # The world's own knobs (a random scenario's differ per seed).
+    sim["knobs"] = {k: v for k, v in scenarios.knobs_of(cfg).items() if k != "seed"}
     summary.write_text(json.dumps(sim, default=str))
     return sim
 
@@ -234,8 +235,9 @@ def replay_job(job: tuple[str, int, str, str, float, int]) -> dict[str, Any]:
     settings = LearningSettings(delay_policy=policy, publish_interval=publish_interval,
                                 click_window=CLICK_WINDOW, seed=0)
     t0 = time.perf_counter()
-    summary = replay(d / "events.jsonl", outputs_for(pred), None, settings.pipeline_config(),
-                     0, truth=d / "truth.jsonl")
+    outputs = outputs_for(pred)
+    summary = replay(d / "events.jsonl", outputs, None, settings.pipeline_config(), 0,
+                     truth=d / "truth.jsonl")
     truth = load_truth(d / "truth.jsonl")
     pctr, pcvr = load_predictions(pred, truth.ids)
     out = {"scenario": name, "seed": seed, "policy": policy,
@@ -243,7 +245,9 @@ def replay_job(job: tuple[str, int, str, str, float, int]) -> dict[str, Any]:
            "pcvr": score_pcvr(truth, pcvr, min_clicks)}
     if policy == PCTR_RUN:
         out["pctr"] = score_pctr(truth, pctr)
-    pred.unlink(missing_ok=True)  # scored: ~100 bytes per impression not worth keeping
+    # Scored: ~100 bytes per impression, not worth keeping (nor replay's side files).
+    for path in (pred, outputs.rejects, outputs.spec):
+        path.unlink(missing_ok=True)
     return out
 
 
