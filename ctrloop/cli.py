@@ -327,6 +327,141 @@ def cmd_delay_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_analyze(args: argparse.Namespace) -> int:
+    """Collapse analysis of a model (ctrloop/core/analysis.py): per field and embedding table,
+    the trained rows, IA and top singular values; an SVG of the normalised spectra; with
+    --events, the feature-label mutual information per field."""
+    from ctrloop.core.analysis import collapse_report, render_spectra_svg, render_table
+
+    model, accumulators, source = _analyzed_model(args)
+    spectra = collapse_report(model, args.max_rows, accumulators=accumulators)
+    if not spectra:
+        raise CtrloopError(f"{source}: model {model.name!r} has no embedding table to analyse")
+    out: dict[str, Any] = {"source": source, "model": model.name, "hparams": model.hparams,
+                           "fields": [s.as_dict() for s in spectra]}
+    if args.events is not None:
+        out["mutual_information"] = [m.as_dict() for m in
+                                     _events_mutual_information(args.events, model.spec,
+                                                                args.mi_sample)]
+    args.plot.write_text(render_spectra_svg(spectra, f"{source}: {model.name}"))
+    if args.json:
+        _print_json(out)
+    else:
+        print(f"{source}: {model.name} {json.dumps(model.hparams)}")
+        print(render_table(spectra))
+        for m in out.get("mutual_information", []):
+            print(f"MI {m['field']:<24} {m['mi_corrected']:.5f} nats (plug-in {m['mi']:.5f}, "
+                  f"{m['values']} values, H(label) {m['label_entropy']:.4f})")
+    print(f"spectra plotted to {args.plot}", file=sys.stderr)
+    return 0
+
+
+def _analyzed_model(args: argparse.Namespace) -> tuple[Any, Any, str]:
+    """(model, a checkpoint's accumulators or None, a name for the source) from exactly one of
+    --snapshot (registry), --snapshot-file, --checkpoint."""
+    from ctrloop.core.snapshot import build_from_snapshot, decode_snapshot
+
+    sources = [x for x in (args.snapshot, args.snapshot_file, args.checkpoint) if x is not None]
+    if len(sources) != 1:
+        raise CtrloopError("analyze reads one model: --snapshot VERSION|current (from the "
+                           "registry at --redis-url), --snapshot-file PATH, or --checkpoint DIR")
+    if args.checkpoint is not None:
+        return _checkpoint_model(args)
+    if args.snapshot_file is not None:
+        try:
+            data = args.snapshot_file.read_bytes()
+        except OSError as e:
+            raise CtrloopError(f"cannot read {args.snapshot_file}: {e}") from None
+        source = str(args.snapshot_file)
+    else:
+        data, source = _registry_snapshot(args)
+    return build_from_snapshot(decode_snapshot(data), inference=True), None, source
+
+
+def _registry_snapshot(args: argparse.Namespace) -> tuple[bytes, str]:
+    import os
+
+    from ctrloop.io.registry import RedisRegistry
+
+    url = args.redis_url or os.environ.get("CTRLOOP_REDIS_URL")
+    if url is None:
+        raise CtrloopError("--snapshot reads the registry: pass --redis-url (or set "
+                           "CTRLOOP_REDIS_URL)")
+    try:
+        registry = RedisRegistry.from_url(url, args.namespace)
+        if args.head != "pctr":
+            registry = registry.head(args.head)  # type: ignore[assignment]
+        if args.snapshot == "current":
+            record = registry.current()
+            if record is None:
+                raise CtrloopError(f"no {args.head} model published under {args.namespace!r}")
+            version = record.version
+        else:
+            try:
+                version = int(args.snapshot)
+            except ValueError:
+                raise CtrloopError(f"--snapshot takes a version number or 'current', not "
+                                   f"{args.snapshot!r}") from None
+        return registry.fetch(version), f"{args.head} version {version}"
+    except RegistryError as e:
+        raise RegistryError(f"{e} (--redis-url {url})") from e
+
+
+def _checkpoint_model(args: argparse.Namespace) -> tuple[Any, Any, str]:
+    from ctrloop.core.features import FeatureSpec
+    from ctrloop.core.models import build_model
+    from ctrloop.trainer.checkpoint import load_checkpoint
+
+    state = load_checkpoint(args.checkpoint)
+    if state is None:
+        raise CtrloopError(f"no checkpoint in {args.checkpoint}")
+    pipeline = state["pipeline"]
+    learner = pipeline.get("learner" if args.head == "pctr" else "cvr_learner")
+    if learner is None:
+        raise CtrloopError(f"the checkpoint in {args.checkpoint} has no {args.head} learner")
+    try:
+        hparams = json.loads(args.hparams)
+    except ValueError as e:
+        raise CtrloopError(f"--hparams is not JSON: {e}") from None
+    name = args.model
+    if args.head == "pcvr" and pipeline.get("cvr_types"):
+        name, hparams = "stem", {**hparams, "tasks": list(pipeline["cvr_types"])}
+    model = build_model(name, FeatureSpec.from_dict(state["spec"]), **hparams)
+    try:
+        model.load_state_dict(learner["model"])
+    except RuntimeError as e:
+        raise CtrloopError(f"the checkpoint's {args.head} weights do not fit model {name!r} "
+                           f"{json.dumps(hparams)}: pass the trainer's --model and --hparams "
+                           f"(e.g. '{{\"dim\": 16}}'); {str(e)[:300]}") from None
+    return model.eval(), learner.get("accumulators"), f"checkpoint {args.checkpoint} {args.head}"
+
+
+def _events_mutual_information(path: Path, spec: Any, limit: int) -> list[Any]:
+    """Feature-label MI per field over the first `limit` impressions of an events file; the
+    label is whether the impression was ever clicked in the file."""
+    import numpy as np
+
+    from ctrloop.core.analysis import field_mutual_information
+    from ctrloop.core.events import Click, Impression
+    from ctrloop.core.features import FeatureEncoder
+    from ctrloop.trainer.replay import read_events
+
+    encoder = FeatureEncoder(spec)
+    ids: list[str] = []
+    rows: list[list[int]] = []
+    clicked: set[str] = set()
+    for e in read_events(path):
+        if isinstance(e, Impression) and len(rows) < limit:
+            ids.append(e.impression_id)
+            rows.append(encoder.encode(e))
+        elif isinstance(e, Click):
+            clicked.add(e.impression_id)
+    if not rows:
+        raise CtrloopError(f"{path} has no impression to measure mutual information on")
+    labels = np.fromiter((i in clicked for i in ids), dtype=np.int64, count=len(ids))
+    return field_mutual_information(np.asarray(rows, dtype=np.int64), labels, spec)
+
+
 def _conversion_mix_flag(p: argparse.ArgumentParser) -> None:
     # numpy only (no torch), so --help stays quick; the choices follow the preset table.
     from ctrloop.sim.world import CONVERSION_MIXES
@@ -475,6 +610,35 @@ def build_parser() -> argparse.ArgumentParser:
                    "type's report (default the first type's)")
     p.add_argument("--json", action="store_true", help="the report as JSON")
     p.set_defaults(func=cmd_delay_report)
+
+    p = sub.add_parser("analyze",
+                       help="dimensional collapse of a model: per field and embedding table, "
+                            "the singular spectrum and Information Abundance; feature-label MI")
+    src = p.add_argument_group("the model (one of)")
+    src.add_argument("--snapshot", metavar="VERSION", help="a published version (or 'current') "
+                     "from the registry at --redis-url")
+    src.add_argument("--snapshot-file", type=Path, help="a snapshot blob on disk")
+    src.add_argument("--checkpoint", type=Path, metavar="DIR",
+                     help="the trainer's checkpoint directory (exact trained rows from the "
+                          "optimizer state)")
+    p.add_argument("--redis-url", help="model registry (default CTRLOOP_REDIS_URL)")
+    p.add_argument("--namespace", default="ctrloop", help="registry namespace (default ctrloop)")
+    p.add_argument("--head", choices=["pctr", "pcvr"], default="pctr",
+                   help="which model of the version (default pctr)")
+    p.add_argument("--model", default="fwfm",
+                   help="with --checkpoint: the trainer's architecture (default fwfm)")
+    p.add_argument("--hparams", default="{}",
+                   help="with --checkpoint: its hyper-parameters as JSON, e.g. '{\"dim\": 16}'")
+    p.add_argument("--max-rows", type=int, help="subsample fields with more trained rows than "
+                   "this (default: every trained row)")
+    p.add_argument("--plot", type=Path, default=Path("spectra.svg"),
+                   help="SVG of the normalised singular spectra (default spectra.svg)")
+    p.add_argument("--events", type=Path, help="also feature-label mutual information per "
+                   "field, over impressions of this events file (label: clicked)")
+    p.add_argument("--mi-sample", type=int, default=200_000,
+                   help="impressions read for the mutual information (default 200000)")
+    p.add_argument("--json", action="store_true", help="the report as JSON")
+    p.set_defaults(func=cmd_analyze)
     return parser
 
 

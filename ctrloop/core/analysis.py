@@ -521,8 +521,8 @@ def render_spectra_svg(spectra: Sequence[FieldSpectrum], title: str = "") -> str
         x0 = 10 + p * (pw + legend) + ml
         rows = [s for s in spectra if s.table == table and s.rows_used > 0]
         dim = max((s.dim for s in rows), default=1)
-        out.append(f'<text x="{x0}" y="{mt - 8}">table {_esc(table)}: sigma_k / sigma_1 '
-                   f'(log), rows L2-normalised</text>')
+        out.append(f'<text x="{x0}" y="{mt - 8}">{_esc(table)}: sigma_k / sigma_1 (log), '
+                   'trained rows L2-normalised</text>')
         out.append(f'<rect x="{x0}" y="{mt}" width="{pw - ml}" height="{ph - 40}" '
                    'fill="none" stroke="#999"/>')
 

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import json
 import math
 import xml.etree.ElementTree as ET
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
+from ctrloop.cli import main
 from ctrloop.core.analysis import (
     CollapseWatch,
     FieldMatrix,
@@ -302,3 +305,84 @@ def test_collapse_watch_recomputes_every_n_publications() -> None:
     assert CollapseWatch(every=0).update(learner.model) == {}
     with pytest.raises(ValueError):
         CollapseWatch(every=-1)
+
+
+# --- `ctrloop analyze` --------------------------------------------------------------------------
+
+
+def _events_file(path: Path) -> Path:
+    """Impressions whose click depends on ctx.hour only (its 4 values share SPEC's 7 buckets, so
+    less than the ~0.17 nats of the values themselves): its MI is the largest."""
+    rng = np.random.default_rng(3)
+    lines = []
+    for i in range(600):
+        hour = int(rng.integers(0, 4))
+        lines.append(json.dumps({
+            "type": "impression", "impression_id": f"i{i}", "ts": 1767225600.0 + i,
+            "user_id": f"u{rng.integers(0, 50)}", "ad_id": f"a{rng.integers(0, 20)}",
+            "advertiser_id": "v1", "features": {"ctx.hour": str(hour)}}))
+        if rng.random() < (0.6 if hour == 0 else 0.05):
+            lines.append(json.dumps({"type": "click", "impression_id": f"i{i}",
+                                     "ts": 1767225600.0 + i + 1}))
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def test_cli_analyzes_a_snapshot_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    learner = _trained_fwfm()
+    snap = tmp_path / "m.snapshot"
+    snap.write_bytes(encode_snapshot(learner.model, 7, {}))
+    plot = tmp_path / "s.svg"
+    events = _events_file(tmp_path / "events.jsonl")
+    assert main(["analyze", "--snapshot-file", str(snap), "--plot", str(plot), "--json",
+                 "--events", str(events)]) == 0
+    out = json.loads(capsys.readouterr().out)
+    live = collapse_report(learner.model, None)
+    assert [f["ia"] for f in out["fields"]] == pytest.approx([s.ia for s in live])
+    assert [f["rows_trained"] for f in out["fields"]] == [5, 5, 5]
+    mi = {m["field"]: m["mi_corrected"] for m in out["mutual_information"]}
+    assert mi["ctx.hour"] > 0.01 and mi["ctx.hour"] == max(mi.values())
+    ET.fromstring(plot.read_text())
+    assert main(["analyze", "--snapshot-file", str(snap), "--plot", str(plot)]) == 0
+    text = capsys.readouterr().out
+    assert "user.id" in text and "5/64" in text
+
+
+def test_cli_analyzes_a_checkpoint_with_its_accumulators(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from ctrloop.trainer.checkpoint import save_checkpoint
+
+    learner = _trained_fwfm()
+    state = {"spec": SPEC.to_dict(), "pipeline": {"learner": learner.state_dict()},
+             "offsets": {}}
+    save_checkpoint(tmp_path / "ckpt", state)
+    argv = ["analyze", "--checkpoint", str(tmp_path / "ckpt"), "--plot",
+            str(tmp_path / "s.svg"), "--json"]
+    assert main([*argv, "--hparams", '{"dim": 4}']) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert [f["rows_trained"] for f in out["fields"]] == [5, 5, 5]
+    assert main(argv) == 2  # default dim 16 does not fit: says to pass --hparams
+    assert "--hparams" in capsys.readouterr().err
+    assert main([*argv, "--head", "pcvr"]) == 2
+    assert "no pcvr learner" in capsys.readouterr().err
+
+
+def test_cli_reads_a_registry_version(monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
+                                      capsys: pytest.CaptureFixture[str]) -> None:
+    from ctrloop.io.registry import InMemoryRegistry, RedisRegistry
+
+    registry = InMemoryRegistry()
+    monkeypatch.setattr(RedisRegistry, "from_url", classmethod(lambda cls, *a: registry))
+    learner = _trained_fwfm()
+    v = registry.next_version()
+    registry.publish(v, encode_snapshot(learner.model, v, {}), {})
+    plot = str(tmp_path / "s.svg")
+    base = ["analyze", "--redis-url", "redis://x", "--plot", plot, "--json"]
+    for which in (str(v), "current"):
+        assert main([*base, "--snapshot", which]) == 0
+        out = json.loads(capsys.readouterr().out)
+        assert out["source"] == f"pctr version {v}" and len(out["fields"]) == 3
+    assert main([*base, "--snapshot", "current", "--head", "pcvr"]) == 2
+    assert "no pcvr model published" in capsys.readouterr().err
+    assert main(["analyze", "--plot", plot]) == 2  # no source
+    assert main([*base, "--snapshot", "1", "--snapshot-file", plot]) == 2  # two sources
