@@ -1,0 +1,189 @@
+"""The model zoo on simulated worlds (issue 12): served AUC and logloss after warm-up, training
+examples/s and parameter count per architecture.
+
+Each architecture replays the same `ctrloop simulate` worlds through the trainer's pipeline
+(`ctrloop.trainer.replay.replay`, the code `ctrloop replay` runs) and its *served* predictions
+(every impression scored by the last published snapshot, before its label is known) are
+evaluated against the simulator's truth over the impressions after the first 20%. Seed 0 is the
+tuning world (what defaults and configs were chosen on); seeds 1, 2, 3 are held out and are the
+ones reported, as the mean over seeds ± the 95% t-interval, and as the paired difference from
+FwFM on the same world (the same clicks), which is the tighter comparison.
+
+Throughput: `OnlineLearner.learn` on 1024-row minibatches of the tuning world's encoded
+impressions, one thread, after one warm-up minibatch: examples/s of training alone.
+
+    nice -n 10 python -m benchmarks.models --impressions 120000 --jobs 2 --out runs/models
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import multiprocessing
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from ctrloop.core.evaluate import evaluate
+from ctrloop.core.events import Impression
+from ctrloop.core.features import FeatureEncoder, FeatureSpec
+from ctrloop.core.learner import LearnerConfig, OnlineLearner
+from ctrloop.core.models import build_model
+from ctrloop.sim import WorldConfig, write_files
+from ctrloop.trainer.replay import infer_spec, outputs_for, read_events, replay
+from ctrloop.trainer.settings import LearningSettings
+
+# name -> (model, model params). hmoe-T: T tables of 16; the experts of the paper's example
+# (GwPFM, FlatDNN, IPNN) spread over the tables, so 1 -> 2 -> 4 tables adds tables, not kinds.
+ARCHS: dict[str, tuple[str, dict[str, Any]]] = {
+    "fwfm": ("fwfm", {"dim": 16}),
+    "gwpfm": ("gwpfm", {"dim": 8, "parts": 2}),  # 2 parts x 8: 16 floats a feature, as FwFM
+    "dcnv2": ("dcnv2", {"dim": 16, "layers": 2}),
+    "hmoe-1": ("hmoe", {"tables": [16], "experts": [
+        {"type": "gwpfm", "table": 0}, {"type": "flatdnn", "table": 0},
+        {"type": "ipnn", "table": 0}]}),
+    "hmoe-2": ("hmoe", {"tables": [16, 16], "experts": [
+        {"type": "gwpfm", "table": 0}, {"type": "flatdnn", "table": 0},
+        {"type": "ipnn", "table": 1}]}),
+    "hmoe-4": ("hmoe", {"tables": [16, 16, 16, 16], "experts": [
+        {"type": "gwpfm", "table": 0}, {"type": "flatdnn", "table": 1},
+        {"type": "ipnn", "table": 2}, {"type": "gwpfm", "table": 3}]}),
+}
+TUNING_SEED = 0
+HELD_OUT = (1, 2, 3)
+T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571}  # two-sided 95% t, by dof
+
+
+def settings_for(arch: str) -> LearningSettings:
+    model, params = ARCHS[arch]
+    return LearningSettings(model=model, model_params=json.dumps(params))
+
+
+def world(out: Path, seed: int, impressions: int) -> tuple[Path, Path]:
+    events, truth = out / f"events_{seed}.jsonl", out / f"truth_{seed}.jsonl"
+    if not truth.exists():
+        write_files(WorldConfig(seed=seed), impressions, events, truth)
+    return events, truth
+
+
+def run_job(job: tuple[str, int, str]) -> dict[str, Any]:
+    arch, seed, out_s = job
+    out = Path(out_s)
+    events, truth = out / f"events_{seed}.jsonl", out / f"truth_{seed}.jsonl"
+    settings = settings_for(arch)
+    outputs = outputs_for(out / f"preds_{arch}_{seed}.jsonl")
+    summary = replay(events, outputs, None, settings.pipeline_config(), settings.seed)
+    ev = evaluate(outputs.predictions, truth, settings.click_window)["after_skip"]
+    outputs.predictions.unlink()  # large; the metrics are what is kept
+    return {"arch": arch, "seed": seed, "auc": ev["auc"], "logloss": ev["logloss"],
+            "calibration": ev["calibration"], "oracle_auc": ev["oracle_auc"],
+            "replay_s": summary["seconds"], "events_per_s": summary["events_per_s"]}
+
+
+def parameter_count(arch: str, spec: FeatureSpec) -> dict[str, int]:
+    model_name, params = ARCHS[arch]
+    model = build_model(model_name, spec, **params)
+    embedding = sum(t.weight.numel() for t in model.hash_embeddings())
+    dense = sum(p.numel() for p in model.dense_parameters())
+    return {"embedding": embedding, "dense": dense, "total": embedding + dense}
+
+
+def throughput(arch: str, spec: FeatureSpec, rows: np.ndarray, batches: int = 20,
+               bs: int = 1024) -> float:
+    """Training examples/s over `batches` minibatches of `bs` rows (after one warm-up)."""
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    model_name, params = ARCHS[arch]
+    learner = OnlineLearner(build_model(model_name, spec, **params),
+                            LearnerConfig(model=model_name, batch_size=bs))
+    labels = (np.random.default_rng(0).random(len(rows)) < 0.03).astype(np.float32)
+    learner.learn(rows[:bs], labels[:bs])
+    n = min(batches * bs, len(rows) - bs)
+    start = time.perf_counter()
+    learner.learn(rows[bs:bs + n], labels[bs:bs + n])
+    return n / (time.perf_counter() - start)
+
+
+def encoded_rows(events: Path, spec: FeatureSpec, n: int) -> np.ndarray:
+    imps: list[Impression] = []
+    for e in read_events(events):
+        if isinstance(e, Impression):
+            imps.append(e)
+            if len(imps) == n:
+                break
+    return FeatureEncoder(spec).encode_batch(imps)
+
+
+def interval(xs: list[float]) -> tuple[float, float]:
+    """Mean and the half-width of its 95% t-interval."""
+    m = float(np.mean(xs))
+    if len(xs) < 2:
+        return m, math.nan
+    return m, T975[len(xs) - 1] * float(np.std(xs, ddof=1)) / math.sqrt(len(xs))
+
+
+def report(results: list[dict[str, Any]], params: dict[str, dict[str, int]],
+           speed: dict[str, float], archs: list[str]) -> str:
+    by = {(r["arch"], r["seed"]): r for r in results}
+    lines = ["| model | params (embedding + dense) | train ex/s | tuning seed 0 AUC | held-out "
+             "AUC (mean ± 95%) | ΔAUC vs fwfm (paired) | held-out logloss | Δlogloss vs fwfm |"
+             " calibration |", "|---|---|---|---|---|---|---|---|---|"]
+    for a in archs:
+        held = [by[(a, s)] for s in HELD_OUT if (a, s) in by]
+        base = [by[("fwfm", s)] for s in HELD_OUT if ("fwfm", s) in by and (a, s) in by]
+        auc, auc_hw = interval([r["auc"] for r in held])
+        ll, ll_hw = interval([r["logloss"] for r in held])
+        d_auc = interval([r["auc"] - b["auc"] for r, b in zip(held, base, strict=True)])
+        d_ll = interval([r["logloss"] - b["logloss"] for r, b in zip(held, base, strict=True)])
+        cal = np.mean([r["calibration"] for r in held])
+        tune = by.get((a, TUNING_SEED), {}).get("auc", math.nan)
+        p = params[a]
+        lines.append(f"| {a} | {p['total']:,} ({p['embedding']:,} + {p['dense']:,}) | "
+                     f"{speed.get(a, math.nan):,.0f} | {tune:.4f} | {auc:.4f} ± {auc_hw:.4f} | "
+                     f"{d_auc[0]:+.4f} ± {d_auc[1]:.4f} | {ll:.5f} ± {ll_hw:.5f} | "
+                     f"{d_ll[0]:+.5f} ± {d_ll[1]:.5f} | {cal:.3f} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--impressions", type=int, default=120_000)
+    ap.add_argument("--archs", default=",".join(ARCHS))
+    ap.add_argument("--seeds", default="0,1,2,3", help="0 is the tuning world")
+    ap.add_argument("--jobs", type=int, default=2)
+    ap.add_argument("--out", type=Path, default=Path("runs/models"))
+    args = ap.parse_args(argv)
+    archs = [a for a in args.archs.split(",") if a]
+    unknown = [a for a in archs if a not in ARCHS]
+    if unknown or "fwfm" not in archs:
+        ap.error(f"--archs: choose from {sorted(ARCHS)}, fwfm included (the baseline)")
+    seeds = [int(s) for s in args.seeds.split(",")]
+    args.out.mkdir(parents=True, exist_ok=True)
+    for s in seeds:
+        world(args.out, s, args.impressions)
+    start = time.perf_counter()
+    jobs = [(a, s, str(args.out)) for s in seeds for a in archs]
+    with multiprocessing.get_context("spawn").Pool(args.jobs) as pool:
+        results = pool.map(run_job, jobs, chunksize=1)
+    events = args.out / f"events_{seeds[0]}.jsonl"
+    spec = infer_spec(events)
+    rows = encoded_rows(events, spec, 21 * 1024)
+    speed = {a: throughput(a, spec, rows) for a in archs}
+    params = {a: parameter_count(a, spec) for a in archs}
+    table = report(results, params, speed, archs)
+    out = {"impressions": args.impressions, "seeds": seeds, "archs": {a: ARCHS[a] for a in archs},
+           "results": results, "params": params, "train_examples_per_s": speed,
+           "seconds": time.perf_counter() - start, "table": table}
+    (args.out / "models.json").write_text(json.dumps(out, indent=2))
+    print(table)
+    print(f"\n{time.perf_counter() - start:.0f} s; {args.out / 'models.json'}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
