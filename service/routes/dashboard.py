@@ -2,7 +2,8 @@
 
 The page (service/static/dashboard/, uPlot 1.6.32 vendored from npm, MIT) polls
 /dashboard/data every second and draws the rates, latency quantiles and shares itself, from
-the differences between two polls, as Prometheus' `rate()` and `histogram_quantile()` would.
+the differences between polls 5 s apart, as Prometheus' `rate()` and `histogram_quantile()`
+would.
 
 Several uvicorn workers: each poll may land on another worker, so the feed's metrics are those
 /metrics shows (`metrics.render`: in multiprocess mode every worker's files summed), never one
@@ -59,12 +60,14 @@ _PAGE = """<!doctype html>
   <div id="status" class="status">connecting&hellip;</div>
 </header>
 <main id="panels"
-      data-feed="{root}/dashboard/data" data-poll-ms="1000" data-window-s="600"></main>
+      data-feed="{root}/dashboard/data" data-poll-ms="1000" data-window-s="600"
+      data-rate-s="5"></main>
 <footer class="muted">
   Polled every second from <code>{root}/dashboard/data</code>, which reads what
-  <a href="{root}/metrics">/metrics</a> exposes (every worker summed). Rates and quantiles are
-  taken between two polls, as Prometheus' <code>rate()</code> and
-  <code>histogram_quantile()</code> would. Charts keep the last 10 minutes this page has seen.
+  <a href="{root}/metrics">/metrics</a> exposes (every worker summed). Rates, shares and
+  quantiles are over the last 5 s, as Prometheus' <code>rate(...[5s])</code> and
+  <code>histogram_quantile()</code> would take them. Charts keep the last 10 minutes this page
+  has seen; the simulator's panels, the whole run.
   <a href="{root}/docs">API docs</a>
 </footer>
 <script src="{root}{assets}/uPlot.iife.min.js"></script>

@@ -98,7 +98,11 @@ class Browser:
         targets = httpx.get(f"http://127.0.0.1:{port}/json/list", timeout=10).json()
         page = next(t for t in targets if t["type"] == "page")
         return self._exit.enter_context(
-            connect(page["webSocketDebuggerUrl"], max_size=None, open_timeout=10))
+            # Events queue up between commands (a polling page makes several a second):
+            # an unbounded queue, and no keepalive pings that a full queue would leave
+            # unanswered (the connection is loopback, to a child process).
+            connect(page["webSocketDebuggerUrl"], max_size=None, max_queue=None,
+                    ping_interval=None, open_timeout=10))
 
     def log_tail(self, n: int = 3000) -> str:
         self.log.flush()
@@ -115,6 +119,15 @@ class Browser:
                 return dict(msg.get("result", {}))
             if "method" in msg:
                 self.events.append(msg)
+
+    def pump(self, seconds: float) -> None:
+        """Receive events for `seconds` (while the page runs on its own)."""
+        deadline = time.monotonic() + seconds
+        while (left := deadline - time.monotonic()) > 0:
+            with contextlib.suppress(TimeoutError):
+                msg = json.loads(self.ws.recv(timeout=left))
+                if "method" in msg:
+                    self.events.append(msg)
 
     def evaluate(self, expression: str) -> Any:
         result = self.call("Runtime.evaluate", expression=expression, returnByValue=True)
@@ -134,7 +147,7 @@ class Browser:
                 value = self.evaluate(expression)
                 if value:
                     return value
-            time.sleep(0.25)
+            self.pump(0.25)
         raise AssertionError(f"{what}: not within {timeout:.0f} s; page problems: "
                              f"{self.problems()}; requests: {self.requests()[-10:]}")
 
@@ -163,11 +176,11 @@ class Browser:
         """The whole page, `width` CSS pixels wide, as a PNG."""
         self.call("Emulation.setDeviceMetricsOverride", width=width, height=1000,
                   deviceScaleFactor=1, mobile=False)
-        time.sleep(1.5)  # the charts resize to the new width
+        self.pump(1.5)  # the charts resize to the new width
         size = self.call("Page.getLayoutMetrics")["cssContentSize"]
         self.call("Emulation.setDeviceMetricsOverride", width=width,
                   height=int(size["height"]) + 1, deviceScaleFactor=1, mobile=False)
-        time.sleep(1.5)
+        self.pump(1.5)
         shot = self.call("Page.captureScreenshot", format="png", captureBeyondViewport=True)
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_bytes(base64.b64decode(shot["data"]))
@@ -334,7 +347,7 @@ def screenshot(url: str, out: Path, wait_s: float, ready: Callable[[Browser], bo
     try:
         b.goto(f"{url.rstrip('/')}/dashboard")
         b.wait_for("document.body.dataset.ready === '1'", PAGE_TIMEOUT_S, "dashboard data")
-        time.sleep(wait_s)
+        b.pump(wait_s)
         if not ready(b):
             print("note: some panels have no data yet")
         b.screenshot(out)

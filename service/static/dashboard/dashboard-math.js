@@ -26,30 +26,41 @@
     return after >= before ? after - before : after;
   }
 
-  // rate(name{match}) between two polls, per second of the server's clock.
+  const key = (labels) => JSON.stringify(Object.entries(labels).sort());
+
+  // Each series' increase between two polls, [[labels, increase], ...], as PromQL takes it:
+  // per series (one series reset does not cancel another's counts), then summed. A series
+  // absent from the earlier poll was created since: all of its value is new.
+  function seriesIncrease(prev, cur, name, match) {
+    const before = new Map(samples(prev, name, match).map(([l, v]) => [key(l), v]));
+    return samples(cur, name, match)
+      .filter(([, v]) => Number.isFinite(v))
+      .map(([l, v]) => [l, increase(before.has(key(l)) ? before.get(key(l)) : 0, v)]);
+  }
+
+  // sum(increase(name{match})) between two polls; null when no series matches.
+  function totalIncrease(prev, cur, name, match) {
+    const rows = seriesIncrease(prev, cur, name, match);
+    return rows.length ? rows.reduce((acc, [, v]) => acc + v, 0) : null;
+  }
+
+  // sum(rate(name{match})) between two polls, per second of the server's clock.
   function rate(prev, cur, name, match) {
     const dt = cur.now - prev.now;
     if (!(dt > 0)) return null;
-    const inc = increase(total(prev, name, match), total(cur, name, match));
+    const inc = totalIncrease(prev, cur, name, match);
     return inc === null ? null : inc / dt;
   }
 
   // The increase of each bucket of histogram `name` between two polls, summed over every
   // label but `le`: [[upper bound, cumulative count], ...] sorted by bound.
   function bucketIncrease(prev, cur, name, match) {
-    const byLe = (feed) => {
-      const m = new Map();
-      for (const [labels, v] of samples(feed, name + "_bucket", match)) {
-        const le = labels.le === "+Inf" ? Infinity : Number(labels.le);
-        m.set(le, (m.get(le) || 0) + v);
-      }
-      return m;
-    };
-    const before = byLe(prev);
-    const after = byLe(cur);
-    const out = [];
-    for (const [le, v] of after) out.push([le, increase(before.get(le) || 0, v)]);
-    return out.sort((a, b) => a[0] - b[0]);
+    const m = new Map();
+    for (const [labels, v] of seriesIncrease(prev, cur, name + "_bucket", match)) {
+      const le = labels.le === "+Inf" ? Infinity : Number(labels.le);
+      m.set(le, (m.get(le) || 0) + v);
+    }
+    return [...m.entries()].sort((a, b) => a[0] - b[0]);
   }
 
   // histogram_quantile(q, ...): linear inside the bucket the rank falls in; the lowest bucket
@@ -80,7 +91,8 @@
     return part / whole;
   }
 
-  const api = { samples, total, increase, rate, bucketIncrease, histogramQuantile, share };
+  const api = { samples, total, increase, seriesIncrease, totalIncrease, rate, bucketIncrease,
+                histogramQuantile, share };
   if (typeof module !== "undefined" && module.exports) module.exports = api;
   else root.DashMath = api;
 })(this);

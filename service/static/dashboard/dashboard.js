@@ -10,6 +10,9 @@
   const FEED = main.dataset.feed;
   const POLL_MS = Number(main.dataset.pollMs) || 1000;
   const WINDOW_S = Number(main.dataset.windowS) || 600;
+  // Rates and quantiles over the last RATE_S seconds (PromQL's rate(x[5s])): between two
+  // consecutive polls a p99 rests on a few dozen requests and jumps about.
+  const RATE_S = Number(main.dataset.rateS) || 5;
   const COLORS = ["#2563eb", "#dc2626", "#16a34a", "#9333ea", "#ea580c", "#0891b2"];
   const SCORE = { route: "/v1/score" };
   const EVENTS = { route: "/v1/events" };
@@ -137,7 +140,7 @@
       "Answered requests by route, and 4xx/5xx answers of either, from ctrloop_requests_total.",
       [{ label: "/v1/score" }, { label: "/v1/events" }, { label: "4xx + 5xx" }]),
     latency: new Panel("latency", "/v1/score latency",
-      "p50 and p99 of the handler's time between two polls (ctrloop_request_seconds: the " +
+      "p50 and p99 of the handler's time over the last 5 s (ctrloop_request_seconds: the " +
       "service's own time, not the queueing in front of it).",
       [{ label: "p50", axis: (v) => fmt(1000 * v, 1) + " ms" }, { label: "p99" }]),
     model: new Panel("model", "Served model",
@@ -177,20 +180,32 @@
     "Per advertiser, from the served pCVR head's record (ctrloop_delay_*, ctrloop_cvr_*, " +
     "ctrloop_pcvr_calibration). None yet: no served model carries a delay report.");
   const delayTable = node("table");
-  delays.append(delayNote, delayTable);
+  const delayBox = node("div", { class: "scroll" });
+  delayBox.append(delayTable);
+  delays.append(delayNote, delayBox);
   main.append(delays);
 
   window.addEventListener("resize", () => Object.values(panels).forEach((p) => p.resize()));
 
   // ------------------------------------------------------------------ one poll
 
-  let prev = null;
+  let feeds = []; // the polls of the last RATE_S seconds, oldest first
   const swaps = new Map(); // "pid/version" -> lag seen already (one dot per worker's swap)
   const status = document.getElementById("status");
+
+  // The poll to take differences from: the newest at least RATE_S old, else the oldest.
+  function base(cur) {
+    feeds.push(cur);
+    let k = 0;
+    while (k + 1 < feeds.length - 1 && cur.now - feeds[k + 1].now >= RATE_S) k += 1;
+    feeds = feeds.slice(k);
+    return feeds.length > 1 ? feeds[0] : null;
+  }
 
   function update(cur) {
     const t = cur.now;
     const v = (name, match) => M.total(cur, name, match);
+    const prev = base(cur);
     if (prev) {
       const errors = ["4xx", "5xx"].reduce((acc, c) => acc + (M.rate(prev, cur, "ctrloop_requests_total", { status: c }) || 0), 0);
       const score = M.rate(prev, cur, "ctrloop_requests_total", SCORE);
@@ -206,11 +221,11 @@
       panels.latency.push(t, [p50, p99]);
       panels.latency.show([["p50_s", "p50", p50, ms(p50)], ["p99_s", "p99", p99, ms(p99)]]);
 
-      const decided = M.increase(M.total(prev, "ctrloop_explore_decisions_total"), v("ctrloop_explore_decisions_total"));
-      const explored = M.increase(M.total(prev, "ctrloop_explore_decisions_total", { decision: "explored" }),
-                                  v("ctrloop_explore_decisions_total", { decision: "explored" }));
-      const costSum = M.increase(M.total(prev, "ctrloop_explore_cost_sum"), v("ctrloop_explore_cost_sum"));
-      const costN = M.increase(M.total(prev, "ctrloop_explore_cost_count"), v("ctrloop_explore_cost_count"));
+      const inc = (name, match) => M.totalIncrease(prev, cur, name, match);
+      const decided = inc("ctrloop_explore_decisions_total");
+      const explored = inc("ctrloop_explore_decisions_total", { decision: "explored" });
+      const costSum = inc("ctrloop_explore_cost_sum");
+      const costN = inc("ctrloop_explore_cost_count");
       const sh = M.share(explored === null ? 0 : explored, decided);
       const cost = M.share(costSum, costN);
       panels.explore.push(t, [sh, cost]);
@@ -355,7 +370,6 @@
       if (!resp.ok) throw new Error(FEED + " answered " + resp.status);
       const cur = await resp.json();
       update(cur);
-      prev = cur;
       document.body.dataset.polls = String(Number(document.body.dataset.polls) + 1);
       if (panels.traffic.section.dataset.hasData === "1") document.body.dataset.ready = "1";
       status.classList.remove("down");
