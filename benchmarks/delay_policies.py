@@ -39,10 +39,16 @@ COLORS = {"oracle": "#000000", "variance": "#d62728", "naive": "#1f77b4", "fnw":
           "fixed:3600": "#9467bd", "fixed:86400": "#ff7f0e"}
 
 
-def world_config(args: argparse.Namespace) -> WorldConfig:
-    return WorldConfig(seed=args.seed, impressions_per_second=args.rate, base_ctr=args.ctr,
+def world_config(args: argparse.Namespace, seed: int | None = None) -> WorldConfig:
+    return WorldConfig(seed=args.seed if seed is None else seed,
+                       impressions_per_second=args.rate, base_ctr=args.ctr,
                        base_cvr=args.cvr, bursty_share=args.bursty_share,
-                       n_advertisers=args.advertisers)
+                       n_advertisers=args.advertisers,
+                       conversion_delay_median_min_s=args.delay_median_min,
+                       conversion_delay_median_max_s=args.delay_median_max,
+                       conversion_delay_sigma=args.delay_sigma,
+                       burst_gap_min_s=args.burst_gap_min, burst_gap_max_s=args.burst_gap_max,
+                       ad_churn_per_hour=args.churn)
 
 
 def parse_policy(label: str) -> tuple[str, PolicyConfig]:
@@ -68,9 +74,15 @@ def run_policy(job: tuple[str, str, str, str, float, int]) -> dict[str, Any]:
     safe = "".join(c if c.isalnum() else "_" for c in policy)
     preds_path = out / f"preds_{safe}.jsonl"
     delays: list[tuple[int, float]] = []
+    # (key, kind) -> [samples, sum of label * weight]: where the label mass comes from.
+    flow: dict[tuple[Any, str], list[float]] = {}
 
     def record(samples: list[CvrSample]) -> None:
         delays.extend((s.key, s.release_ts - s.click_ts) for s in samples if s.kind == "click")
+        for s in samples:
+            cell = flow.setdefault((s.key, s.kind), [0.0, 0.0])
+            cell[0] += 1.0
+            cell[1] += s.label * s.weight
 
     start = time.perf_counter()
     with open(preds_path, "wb") as pf:
@@ -101,6 +113,8 @@ def run_policy(job: tuple[str, str, str, str, float, int]) -> dict[str, Any]:
         "policy_report": pipe.cvr_policy.report(),
         "evaluation": evaluate_cvr(preds_path, Path(truth)),
         "release_delays": [[pipe.advertiser_names.get(k, str(k)), d] for k, d in delays],
+        "label_flow": [[pipe.advertiser_names.get(k, str(k)), kind, n, mass]
+                       for (k, kind), (n, mass) in flow.items()],
     }
     if snapshots:
         result["statistic_snapshots"] = snapshots
@@ -118,6 +132,29 @@ def release_delay_summary(result: dict[str, Any], bursty: set[str]) -> dict[str,
         out[name] = {"clicks": int(d.size),
                      "median_s": float(np.median(d)) if d.size else math.nan,
                      "p90_s": float(np.quantile(d, 0.9)) if d.size else math.nan}
+    return out
+
+
+def label_flow_summary(result: dict[str, Any], bursty: set[str]) -> dict[str, Any]:
+    """Per reporting kind: samples and label mass (sum of label x weight) by sample kind, so
+    how often the late correction fires and what it adds to the label sum can be read off."""
+    out: dict[str, Any] = {}
+    rows = result.pop("label_flow")
+    for name, volatile in (("streaming", False), ("bursty", True)):
+        kinds: dict[str, list[float]] = {}
+        for adv, kind, n, mass in rows:
+            if (adv in bursty) == volatile:
+                cell = kinds.setdefault(kind, [0.0, 0.0])
+                cell[0] += n
+                cell[1] += mass
+        clicks = kinds.get("click", [0.0, 0.0])
+        late = kinds.get("late", [0.0, 0.0])
+        out[name] = {"by_kind": {k: {"samples": int(v[0]), "label_mass": v[1]}
+                                 for k, v in sorted(kinds.items())},
+                     "clicks": int(clicks[0]),
+                     "late_share_of_positives": late[0] / (late[0] + clicks[1])
+                     if late[0] + clicks[1] > 0 else math.nan,
+                     "net_label_mass": sum(v[1] for v in kinds.values())}
     return out
 
 
@@ -208,48 +245,129 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--bursty-share", type=float, default=0.3)
     ap.add_argument("--advertisers", type=int, default=200,
                     help="advertisers in the world (fewer: more reports per advertiser)")
+    defaults = WorldConfig()
+    ap.add_argument("--delay-median-min", type=float,
+                    default=defaults.conversion_delay_median_min_s,
+                    help="per-advertiser median conversion delay: log-uniform in [min, max] s")
+    ap.add_argument("--delay-median-max", type=float,
+                    default=defaults.conversion_delay_median_max_s)
+    ap.add_argument("--delay-sigma", type=float, default=defaults.conversion_delay_sigma)
+    ap.add_argument("--burst-gap-min", type=float, default=defaults.burst_gap_min_s,
+                    help="bursty advertisers: gaps between uploads uniform in [min, max] s")
+    ap.add_argument("--burst-gap-max", type=float, default=defaults.burst_gap_max_s)
+    ap.add_argument("--churn", type=float, default=defaults.ad_churn_per_hour,
+                    help="share of the ad pool replaced per event hour")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--seeds", default=None,
+                    help="comma-separated world seeds (overrides --seed): one run per seed "
+                         "and a table of means with 95%% intervals across seeds")
     ap.add_argument("--publish-interval", type=float, default=60.0,
                     help="event seconds between snapshots (1 s is needlessly slow at low rates)")
     ap.add_argument("--policies", default=",".join(POLICIES))
     ap.add_argument("--jobs", type=int, default=2)
     ap.add_argument("--out", type=Path, default=Path("runs/delay_policies"))
     args = ap.parse_args(argv)
-    args.out.mkdir(parents=True, exist_ok=True)
-    cfg = world_config(args)
-    events, truth = args.out / "events.jsonl", args.out / "truth.jsonl"
+    seeds = [int(x) for x in args.seeds.split(",")] if args.seeds else [args.seed]
+    tables = []
+    for seed in seeds:
+        out = args.out / f"seed{seed}" if args.seeds else args.out
+        tables.append(run_seed(args, seed, out))
+    if args.seeds:
+        agg = aggregate(tables)
+        (args.out / "across_seeds.json").write_text(json.dumps(
+            {"config": {**vars(args), "out": str(args.out)}, "seeds": seeds, "rows": agg},
+            indent=1, default=str))
+        print(f"\nacross seeds {seeds} (mean [95% interval], t over seeds)")
+        print(render_aggregate(agg))
+    return 0
+
+
+def run_seed(args: argparse.Namespace, seed: int, out: Path) -> list[dict[str, Any]]:
+    """Simulate one world, replay every policy on it, write the JSON and plots; the table."""
+    out.mkdir(parents=True, exist_ok=True)
+    cfg = world_config(args, seed)
+    events, truth = out / "events.jsonl", out / "truth.jsonl"
     n = int(args.days * 86400 * args.rate)
     t0 = time.perf_counter()
     sim = write_files(cfg, n, events, truth)
-    print(f"simulated {n:,} impressions, {sim['clicks']:,} clicks, {sim['conversions']:,} "
-          f"conversions in {time.perf_counter() - t0:.0f} s", file=sys.stderr, flush=True)
+    print(f"seed {seed}: simulated {n:,} impressions, {sim['clicks']:,} clicks, "
+          f"{sim['conversions']:,} conversions in {time.perf_counter() - t0:.0f} s",
+          file=sys.stderr, flush=True)
     world = World(cfg)
     bursty = {adv.id for adv, p in zip(world.advertisers, world.conversion_profiles, strict=True)
               if p.reporting == "bursty"}
     policies = [p.strip() for p in args.policies.split(",") if p.strip()]
-    jobs = [(p, str(events), str(truth), str(args.out), args.publish_interval, args.seed)
+    jobs = [(p, str(events), str(truth), str(out), args.publish_interval, seed)
             for p in policies]
     with multiprocessing.get_context("spawn").Pool(args.jobs) as pool:
         results = pool.map(run_policy, jobs, chunksize=1)
     for r in results:
         r["release_delay"] = release_delay_summary(r, bursty)
+        r["label_flow"] = label_flow_summary(r, bursty)
         if "statistic_snapshots" in r:
             r["dispersion_check"] = [
                 {"ts": snap["ts"], **dispersion_check(snap["advertisers"], bursty)}
                 for snap in r["statistic_snapshots"]]
-    summary = {"config": {**vars(args), "out": str(args.out)}, "world": cfg.__dict__,
+    summary = {"config": {**vars(args), "out": str(out), "seed": seed}, "world": cfg.__dict__,
                "simulation": sim, "results": results, "table": table(results)}
-    (args.out / "delay_policies.json").write_text(json.dumps(summary, indent=1, default=str))
+    (out / "delay_policies.json").write_text(json.dumps(summary, indent=1, default=str))
     for key, title in (("bias", "pCVR bias per day (sum pred / sum conversions - 1), all clicks"),
                        ("bias_new_ads", "pCVR bias per day, new ads (< 3 days old)"),
                        ("bias_bursty", "pCVR bias per day, bursty advertisers")):
-        (args.out / f"bias_{key}.svg").write_text(svg_plot(results, key, title))
+        (out / f"bias_{key}.svg").write_text(svg_plot(results, key, title))
     print(render(summary["table"]))
     for r in results:
         if "dispersion_check" in r:
             print(f"\n{r['policy']}: advertisers by reporting kind and window (5-day "
                   f"snapshots)\n{render_confusion(r['dispersion_check'])}")
-    return 0
+    return summary["table"]
+
+
+# Two-sided 95% quantiles of Student's t by degrees of freedom (no scipy here).
+T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306,
+        9: 2.262, 10: 2.228}
+AGG_COLUMNS = ("auc_vs_oracle", "bias_vs_true_new_ads", "bias_vs_true_bursty",
+               "bias_vs_true_streaming", "bias_new_ads", "bias_bursty", "bias_streaming", "auc")
+
+
+def mean_interval(values: list[float]) -> tuple[float, float, float]:
+    """Mean and a 95% t-interval across seeds (the interval is the mean with one seed)."""
+    v = np.asarray([x for x in values if x is not None and math.isfinite(x)], np.float64)
+    if v.size == 0:
+        return math.nan, math.nan, math.nan
+    m = float(v.mean())
+    if v.size < 2:
+        return m, m, m
+    half = T975.get(v.size - 1, 1.96) * float(v.std(ddof=1)) / math.sqrt(v.size)
+    return m, m - half, m + half
+
+
+def aggregate(tables: list[list[dict[str, Any]]]) -> list[dict[str, Any]]:
+    """One row per policy: each column's mean and 95% interval across the seeds' tables."""
+    policies = [r["policy"] for r in tables[0]]
+    rows = []
+    for p in policies:
+        per_seed = [next(r for r in t if r["policy"] == p) for t in tables]
+        rows.append({"policy": p, "seeds": len(per_seed),
+                     **{c: mean_interval([r[c] for r in per_seed]) for c in AGG_COLUMNS}})
+    return rows
+
+
+def render_aggregate(rows: list[dict[str, Any]]) -> str:
+    head = ("| policy | ΔAUC vs oracle | bias new ads | bias bursty | bias streaming | "
+            "vs true CVR: new ads | bursty | streaming |")
+    lines = [head, "|" + "---|" * 8]
+
+    def pct(c: tuple[float, float, float]) -> str:
+        return f"{c[0]:+.1%} [{c[1]:+.1%}, {c[2]:+.1%}]"
+
+    for r in rows:
+        d = r["auc_vs_oracle"]
+        lines.append(f"| {r['policy']} | {d[0]:+.4f} [{d[1]:+.4f}, {d[2]:+.4f}] | "
+                     f"{pct(r['bias_new_ads'])} | {pct(r['bias_bursty'])} | "
+                     f"{pct(r['bias_streaming'])} | {pct(r['bias_vs_true_new_ads'])} | "
+                     f"{pct(r['bias_vs_true_bursty'])} | {pct(r['bias_vs_true_streaming'])} |")
+    return "\n".join(lines)
 
 
 def table(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -268,6 +386,9 @@ def table(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
             "bias_bursty": ev["bursty"]["bias"],
             "bias_streaming": ev["streaming"]["bias"],
             "bias_vs_true_cvr_new_ads": ev["new_ads"]["bias_vs_true_cvr"],
+            "bias_vs_true_new_ads": ev["new_ads"]["bias_vs_true_cvr"],
+            "bias_vs_true_bursty": ev["bursty"]["bias_vs_true_cvr"],
+            "bias_vs_true_streaming": ev["streaming"]["bias_vs_true_cvr"],
             "median_release_stable_s": r["release_delay"]["stable"]["median_s"],
             "median_release_volatile_s": r["release_delay"]["volatile"]["median_s"],
             "events_per_s": r["events_per_s"],

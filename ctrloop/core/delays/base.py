@@ -33,6 +33,9 @@ class CvrSample:
     task: int = 0  # the conversion type's index, set by the pipeline (one policy per type)
 
 
+WAIT_RULES = ("delay", "dispersion")
+
+
 @dataclass(frozen=True)
 class PolicyConfig:
     remember_s: float = 9 * 86_400.0  # attribution horizon (7 d) + longest upload gap (2 d)
@@ -49,6 +52,12 @@ class PolicyConfig:
     shrink_reports: float = 10.0
     prior_dispersion: float = 8.0  # before any report: assume volatile (wait the ceiling)
     half_life_s: float = 7 * 86_400.0  # of the rate and delay statistics
+    # How the variance policy maps its statistics to a wait (package docstring):
+    # "delay": the `wait_quantile` of the advertiser's click-to-report delays (shrunk toward
+    # the pool's), so at most 1 - q of its conversions come after the release, whatever its
+    # reporting; "dispersion": the index of dispersion's mapping alone (before issue 11).
+    wait_rule: str = "delay"
+    wait_quantile: float = 0.9
     soft_labels: bool = False  # expected labels, settled at settle_s: unstable (docstring)
     settle_s: float = 3 * 86_400.0  # soft labels: when an unconverted click becomes a 0
 
@@ -63,6 +72,10 @@ class PolicyConfig:
             raise ConfigError("need 1 <= d_lo < d_hi")
         if self.bucket_s <= 0 or self.window_buckets < 2 or self.half_life_s <= 0:
             raise ConfigError("bucket_s, half_life_s must be > 0 and window_buckets >= 2")
+        if self.wait_rule not in WAIT_RULES:
+            raise ConfigError(f"wait_rule must be one of {', '.join(WAIT_RULES)}")
+        if not 0.0 < self.wait_quantile < 1.0:
+            raise ConfigError("need 0 < wait_quantile < 1")
         if self.soft_labels and not 0 <= self.settle_s <= self.remember_s:
             # A soft label is settled while its click is still remembered, or never.
             raise ConfigError("need 0 <= settle_s <= remember_s")

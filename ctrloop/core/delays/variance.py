@@ -148,10 +148,30 @@ class VariancePolicy(DelayPolicy):
         t = (math.log(dispersion) - math.log(c.d_lo)) / (math.log(c.d_hi) - math.log(c.d_lo))
         return c.floor_s * (c.ceiling_s / c.floor_s) ** t
 
+    def delay_wait(self, key: Hashable) -> float:
+        """The `wait_quantile` of the key's click-to-report delays, shrunk toward the pool's
+        (`shrink_reports` pseudo-reports), within [floor, ceiling]; the ceiling before any
+        report anywhere. No side effects."""
+        c = self.config
+        pool = self._pooled_cache[2]
+        p_total = float(pool.sum())
+        ks = self._keys.get(key)
+        own = np.asarray(ks.delays_w, np.float64) if ks is not None else np.zeros(len(pool))
+        hist = own + (c.shrink_reports / p_total) * pool if p_total > 0 else own
+        if float(hist.sum()) <= 0:
+            return c.ceiling_s
+        return min(max(_quantile(hist, c.wait_quantile), c.floor_s), c.ceiling_s)
+
+    def wait_of(self, key: Hashable) -> float:
+        """The wait the key's next click would get by the configured rule (no side effects)."""
+        if self.config.wait_rule == "dispersion":
+            return self.wait_for(self.shrunk_dispersion(key))
+        return self.delay_wait(key)
+
     def _wait(self, key: Hashable, click_ts: float) -> float:
         ks = self._ks(key)
         if ks.wait < 0:
-            ks.wait = self.wait_for(self.shrunk_dispersion(key))
+            ks.wait = self.wait_of(key)
         return ks.wait
 
     def _pooled(self) -> tuple[float, float, np.ndarray]:
@@ -205,13 +225,13 @@ class VariancePolicy(DelayPolicy):
         for k, ks in self._keys.items():
             out.append({
                 "advertiser": names(k),
-                "wait_s": self.wait_for(self.shrunk_dispersion(k)),
+                "wait_s": self.wait_of(k),
                 "dispersion": ks.dispersion,
                 "dispersion_shrunk": self.shrunk_dispersion(k),
                 "window_reports": ks.window_reports,
                 "history_cvr": ks.reports_w / ks.clicks_w if ks.clicks_w > 0 else math.nan,
-                "expected_label_at_wait": self.expected_label(
-                    k, self.wait_for(self.shrunk_dispersion(k))),
+                "delay_wait_s": self.delay_wait(k),
+                "expected_label_at_wait": self.expected_label(k, self.wait_of(k)),
             })
         return out
 
@@ -222,7 +242,7 @@ class VariancePolicy(DelayPolicy):
         ks = self._keys.get(key)
         shrunk = self.shrunk_dispersion(key)
         # The cached wait is what clicks of this key get until the next bucket.
-        wait = ks.wait if ks is not None and ks.wait >= 0 else self.wait_for(shrunk)
+        wait = ks.wait if ks is not None and ks.wait >= 0 else self.wait_of(key)
         return {"wait_s": wait,
                 "dispersion": None if ks is None or math.isnan(ks.dispersion)
                 else ks.dispersion,
@@ -230,14 +250,39 @@ class VariancePolicy(DelayPolicy):
                 "window_reports": 0.0 if ks is None else ks.window_reports}
 
     def pool_view(self) -> dict[str, Any]:
+        # A never-seen key's wait is the pool's, by either rule.
         return {"dispersion": self._pool_dispersion,
-                "wait_s": self.wait_for(self._pool_dispersion)}
+                "wait_s": self.wait_of(_NEVER_SEEN)}
 
     def report(self) -> dict[str, Any]:
         out = super().report()
         out["pool_dispersion"] = self._pool_dispersion
         out["advertisers"] = len(self._keys)
         return out
+
+
+def _quantile(hist: np.ndarray, q: float) -> float:
+    """The delay below which a share `q` of the histogram's mass lies: log-linear inside a
+    bin (bins are log-spaced), linear in the first ([0, 1 min]); the last bin (over 16 days)
+    answers its lower edge."""
+    cum = np.cumsum(hist)
+    target = q * float(cum[-1])
+    i = int(np.searchsorted(cum, target, side="left"))
+    if i >= len(DELAY_EDGES):
+        return float(DELAY_EDGES[-1])
+    below = float(cum[i - 1]) if i > 0 else 0.0
+    frac = (target - below) / float(hist[i]) if hist[i] > 0 else 1.0
+    if i == 0:
+        return float(DELAY_EDGES[0]) * frac
+    lo, hi = float(DELAY_EDGES[i - 1]), float(DELAY_EDGES[i])
+    return lo * (hi / lo) ** frac
+
+
+class _NeverSeen:
+    """A key no advertiser has (the pool's view)."""
+
+
+_NEVER_SEEN = _NeverSeen()
 
 
 def _cdf_at(hist: np.ndarray, elapsed: float) -> float:
