@@ -258,6 +258,8 @@ class Traffic(threading.Thread):
 
 
 def _publish_model(redis_url: str, namespace: str) -> None:
+    """Version 1: an FwFM whose record carries the IA per field, as the trainer's does."""
+    from ctrloop.core.analysis import CollapseWatch
     from ctrloop.core.features import FeatureSpec, Field
     from ctrloop.core.models import build_model
     from ctrloop.core.snapshot import encode_snapshot
@@ -268,11 +270,11 @@ def _publish_model(redis_url: str, namespace: str) -> None:
                         Field("ad.id", "categorical", "ad", 64),
                         Field("ad.advertiser_id", "categorical", "ad", 16)))
     torch.manual_seed(0)
-    model = build_model("lr", spec).eval()
+    model = build_model("fwfm", spec, dim=4).eval()
+    meta = {"samples_seen": 4321, **CollapseWatch().update(model)}
     registry = RedisRegistry.from_url(redis_url, namespace)
     v = registry.next_version()
-    registry.publish(v, encode_snapshot(model, v, {"samples_seen": 4321}),
-                     {"samples_seen": 4321})
+    registry.publish(v, encode_snapshot(model, v, meta), meta)
 
 
 def _values(b: Browser) -> dict[str, float]:
@@ -317,9 +319,11 @@ def test_dashboard_and_docs_render_offline_with_live_data(
         assert values["ctr_served"] == pytest.approx(last[-1]["expected_ctr"]), values
         assert values["ctr_oracle"] == pytest.approx(last[-1]["oracle_ctr"]), values
         assert values["auc_true_ctr"] == pytest.approx(status["fresh_auc"][-1]["auc_true_ctr"])
-        for panel in ("traffic", "latency", "model", "ctr", "calibration", "auc", "explore"):
+        for panel in ("traffic", "latency", "model", "ctr", "calibration", "auc", "explore",
+                      "ia"):
             assert browser.evaluate(
                 f"document.querySelector('#{panel} canvas') !== null"), f"{panel}: no chart"
+        assert browser.evaluate("document.querySelectorAll('#ia table.ia tr').length") == 1 + 4
         assert browser.evaluate("Number(document.body.dataset.errors)") == 0
         assert browser.problems() == []
         assert only_local(browser.requests(), service.url) == []

@@ -343,6 +343,7 @@ def exposed() -> dict[str, list[dict[str, str]]]:
     from test_service_app import SPEC, score_request
     from test_service_explore import explorable_model
 
+    from ctrloop.core.analysis import CollapseWatch
     from ctrloop.core.delay_report import delay_report
     from ctrloop.core.delays import build_policy
     from ctrloop.core.models import build_model
@@ -358,10 +359,12 @@ def exposed() -> dict[str, list[dict[str, str]]]:
             v = registry.next_version()
             report = delay_report(build_policy("variance"), busy_monitor(12),
                                   lambda k: f"adv{k}", top_n=3)
-            registry.head("pcvr").publish(v, encode_snapshot(build_model("lr", SPEC), v, {}),
-                                          {"head": "pcvr", "delays": report})
-            registry.publish(v, encode_snapshot(explorable_model(), v, {"samples_seen": 10}),
-                             {"samples_seen": 10})
+            # Each head's record as the trainer writes it: the IA per field ("collapse").
+            cvr, ctr = build_model("fwfm", SPEC, dim=4), explorable_model()
+            cvr_meta = {"head": "pcvr", "delays": report, **CollapseWatch().update(cvr)}
+            ctr_meta = {"samples_seen": 10, **CollapseWatch().update(ctr)}
+            registry.head("pcvr").publish(v, encode_snapshot(cvr, v, {}), cvr_meta)
+            registry.publish(v, encode_snapshot(ctr, v, ctr_meta), ctr_meta)
             state = app.state.service
             assert state.reloader.check()
             for seed in range(20):

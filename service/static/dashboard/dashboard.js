@@ -85,6 +85,23 @@
       this.draw();
     }
 
+    // One point per named series, for series that come and go (one per embedding field): a
+    // new name starts with gaps, and the chart is rebuilt with the new set.
+    pushNamed(t, named) {
+      const labels = [...named.keys()].sort();
+      const current = this.series.map((s) => s.label);
+      if (labels.join("\n") !== current.join("\n")) {
+        const old = new Map(current.map((l, i) => [l, this.ys[i]]));
+        this.series = labels.map((l) => ({ label: l, axis: this.opts.axis }));
+        this.ys = labels.map((l) => old.get(l) || this.x.map(() => null));
+        if (this.plot) {
+          this.plot.destroy();
+          this.plot = null;
+        }
+      }
+      this.push(t, labels.map((l) => named.get(l)));
+    }
+
     // Replace the whole history (the simulator's status carries its own).
     replace(xs, ys) {
       this.x = xs;
@@ -172,6 +189,16 @@
       [{ label: "trainer dead-lettered", axis: (v) => fmt(v, 0) }, { label: "impressions lost" },
        { label: "events rejected" }, { label: "event batches 503" }]),
   };
+
+  // Information Abundance per field: a chart over time and a table of the latest values.
+  panels.ia = new Panel("ia", "Information Abundance per embedding field",
+    "None yet: no served model's record carries the trainer's collapse report.",
+    [], { axis: (v) => fmt(v, 1) });
+  const iaTable = node("table", { class: "ia" });
+  const iaBox = node("div", { class: "scroll short" });
+  iaBox.append(iaTable);
+  panels.ia.section.classList.add("wide");
+  panels.ia.section.append(iaBox);
 
   // The delay report: a table (one row per advertiser), not a chart.
   const delays = node("section", { id: "delays", class: "wide", "data-has-data": "0" });
@@ -266,6 +293,7 @@
                                              panels.losses.series[i].label, x, fmt(x, 0)]));
 
     updateDelays(cur);
+    updateIA(cur, t);
     updateSim(cur.sim);
     const kafka = v("ctrloop_kafka_available");
     status.textContent = [
@@ -312,6 +340,42 @@
       body.push(tr);
     }
     delayTable.replaceChildren(...body);
+  }
+
+  // ------------------------------------------------------------------ collapse
+
+  function updateIA(cur, t) {
+    const rows = new Map();
+    for (const [l, x] of M.samples(cur, "ctrloop_model_information_abundance")) {
+      rows.set(l.head + "/" + l.table + "/" + l.field, { head: l.head, table: l.table, field: l.field, ia: x });
+    }
+    for (const [l, x] of M.samples(cur, "ctrloop_model_embedding_rows_trained")) {
+      const r = rows.get(l.head + "/" + l.table + "/" + l.field);
+      if (r) r.rows = x;
+    }
+    // A table named "table" is the model's only one: the field alone names the series.
+    const name = (r) => r.head + " " + (r.table === "table" ? "" : r.table + " ") + r.field;
+    panels.ia.pushNamed(t, new Map([...rows.values()].map((r) => [name(r), r.ia])));
+    if (!rows.size) return;
+    panels.ia.setNote("Information Abundance (sum of singular values / the largest) of each field's " +
+      "trained embedding rows in the served model (ctrloop_model_information_abundance, as the " +
+      "answering worker serves it). Falling toward 1: the field's embeddings collapse onto fewer " +
+      "directions. A field with few trained rows has a low ceiling whatever its health.");
+    const sorted = [...rows.values()].sort((a, b) => a.head.localeCompare(b.head) || a.ia - b.ia);
+    const top = Math.max(...sorted.map((r) => r.ia), 1);
+    const head = node("tr");
+    for (const h of ["head", "table", "field", "IA", "rows trained", ""]) head.append(node("th", {}, h));
+    const body = [head];
+    for (const r of sorted) {
+      const tr = node("tr");
+      const bar = node("span", { class: "bar", style: "width:" + (100 * r.ia / top).toFixed(1) + "%" });
+      const cell = node("td", { class: "barcell" });
+      cell.append(bar);
+      tr.append(node("td", {}, r.head), node("td", {}, r.table), node("td", {}, r.field),
+                node("td", {}, fmt(r.ia, 2)), node("td", {}, fmt(r.rows, 0)), cell);
+      body.push(tr);
+    }
+    iaTable.replaceChildren(...body);
   }
 
   // ------------------------------------------------------------------ the simulator's status
