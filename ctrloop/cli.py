@@ -328,13 +328,14 @@ def cmd_delay_report(args: argparse.Namespace) -> int:
 
 
 def cmd_analyze(args: argparse.Namespace) -> int:
-    """Collapse analysis of a model (ctrloop/core/analysis.py): per field and embedding table,
-    the trained rows, IA and top singular values; an SVG of the normalised spectra; with
-    --events, the feature-label mutual information per field."""
+    """Collapse analysis of a model (ctrloop/core/analysis.py): per field and embedding table
+    (and, with several tables, all of them side by side: table "all"), the trained rows, IA
+    and top singular values; an SVG of the normalised spectra; with --events, the
+    feature-label mutual information per field."""
     from ctrloop.core.analysis import collapse_report, render_spectra_svg, render_table
 
     model, accumulators, source = _analyzed_model(args)
-    spectra = collapse_report(model, args.max_rows, accumulators=accumulators)
+    spectra = collapse_report(model, args.max_rows, accumulators=accumulators, all_tables=True)
     if not spectra:
         raise CtrloopError(f"{source}: model {model.name!r} has no embedding table to analyse")
     out: dict[str, Any] = {"source": source, "model": model.name, "hparams": model.hparams,

@@ -285,14 +285,44 @@ def model_field_matrices(model: CTRModel, use_accumulator: bool = True,
     return out
 
 
+ALL_TABLES = "all"
+
+
+def concatenated(matrices: Sequence[FieldMatrix]) -> list[FieldMatrix]:
+    """Per field with several tables: one matrix of its rows in every table side by side,
+    each table's part L2-normalised first (so each table weighs the same), over the rows
+    trained in all of them; table name `ALL_TABLES`. What the field's whole representation
+    spans: T tables in the same subspace give the IA of one, T tables in different ones up
+    to T times it."""
+    by_field: dict[str, list[FieldMatrix]] = {}
+    for m in matrices:
+        by_field.setdefault(m.field, []).append(m)
+    out = []
+    for name, ms in by_field.items():
+        if len(ms) < 2:
+            continue
+        parts = []
+        for m in ms:
+            norms = m.weight.to(torch.float64).norm(dim=1, keepdim=True).clamp_min(1e-30)
+            parts.append(m.weight.to(torch.float64) / norms)
+        trained = torch.stack([m.trained for m in ms]).all(dim=0)
+        out.append(FieldMatrix(ALL_TABLES, name, torch.cat(parts, dim=1), trained))
+    return out
+
+
 def collapse_report(model: CTRModel, max_rows: int | None = DEFAULT_MAX_ROWS,
                     use_accumulator: bool = True,
-                    accumulators: Sequence[torch.Tensor] | None = None) -> list[FieldSpectrum]:
-    """Per table, per field (tables in `embedding_tables()` order, fields in spec order)."""
+                    accumulators: Sequence[torch.Tensor] | None = None,
+                    all_tables: bool = False) -> list[FieldSpectrum]:
+    """Per table, per field (tables in `embedding_tables()` order, fields in spec order);
+    `all_tables`: then, for a model with several tables, each field's tables side by side
+    (`concatenated`)."""
     with torch.no_grad():
-        spectra = field_spectra(model_field_matrices(model, use_accumulator, accumulators),
-                                max_rows)
-    order = {n: i for i, n in enumerate(table_names(model))}
+        matrices = model_field_matrices(model, use_accumulator, accumulators)
+        if all_tables:
+            matrices = matrices + concatenated(matrices)
+        spectra = field_spectra(matrices, max_rows)
+    order = {n: i for i, n in enumerate([*table_names(model), ALL_TABLES])}
     return sorted(spectra, key=lambda s: order[s.table])  # stable: fields stay in spec order
 
 

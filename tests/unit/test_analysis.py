@@ -13,10 +13,12 @@ import torch
 
 from ctrloop.cli import main
 from ctrloop.core.analysis import (
+    ALL_TABLES,
     CollapseWatch,
     FieldMatrix,
     collapse_report,
     compact,
+    concatenated,
     entanglement_report,
     field_mutual_information,
     field_spectrum,
@@ -181,6 +183,23 @@ def test_multi_embedding_tables_each_get_a_spectrum_from_the_live_model_and_snap
     rebuilt = build_from_snapshot(decode_snapshot(encode_snapshot(learner.model, 1, {})),
                                   inference=True)
     assert [s.rows_trained for s in collapse_report(rebuilt)] == [5] * 6  # column 0 decides
+    both = collapse_report(learner.model, all_tables=True)
+    assert [(s.table, s.dim) for s in both[6:]] == [(ALL_TABLES, 12)] * 3
+
+
+def test_tables_side_by_side_add_up_when_they_span_different_directions() -> None:
+    q, _ = torch.linalg.qr(torch.randn(8, 8, dtype=torch.float64))
+    trained = torch.ones(4, dtype=torch.bool)
+    one_dir = torch.ones(4, 1, dtype=torch.float64) * q[:1]  # rank 1 in each table
+    other = torch.tensor([[1.0], [1.0], [-1.0], [-1.0]], dtype=torch.float64) * q[1:2]
+    same = concatenated([FieldMatrix("t0", "f", one_dir, trained),
+                         FieldMatrix("t1", "f", one_dir * 3, trained)])
+    differ = concatenated([FieldMatrix("t0", "f", one_dir, trained),
+                           FieldMatrix("t1", "f", other, trained)])
+    assert [m.table for m in same] == [ALL_TABLES] and same[0].weight.shape == (4, 16)
+    assert field_spectrum(same[0]).ia == pytest.approx(1.0)
+    assert field_spectrum(differ[0]).ia == pytest.approx(2.0)
+    assert concatenated([FieldMatrix("t0", "f", one_dir, trained)]) == []
 
 
 def test_stem_has_a_table_per_task_and_lr_has_none() -> None:
