@@ -50,6 +50,8 @@ class LearningSettings(BaseSettings):
     model_params: str = Field("", description="JSON object of the model's hyper-parameters "
                               "(see ctrloop/core/models/)")
     batch_size: int = Field(1024, ge=1)
+    rank_loss_weight: float = Field(0.0, ge=0, description="weight of the pairwise ranking "
+                                    "loss added to BCE (0: BCE alone)")
     sparse_lr: float = Field(0.05, gt=0)
     dense_lr: float = Field(1e-3, gt=0)
     metrics_window: int = Field(100_000, ge=1)
@@ -145,7 +147,8 @@ class LearningSettings(BaseSettings):
                                 evict=self.evict),
             learner=LearnerConfig(model=self.model, hparams=hparams, batch_size=self.batch_size,
                                   sparse_lr=self.sparse_lr, dense_lr=self.dense_lr,
-                                  metrics_window=self.metrics_window),
+                                  metrics_window=self.metrics_window,
+                                  rank_weight=self.rank_loss_weight),
         )
 
 

@@ -4,6 +4,7 @@ through the loop's seams (training steps, snapshots, bad hyper-parameters, field
 from __future__ import annotations
 
 import json
+import math
 import re
 from pathlib import Path
 from typing import Any
@@ -360,3 +361,80 @@ def test_the_service_serves_a_zoo_model_with_its_posterior(
         explored = client.post("/v1/score", json={**req, "options": {"explore": True,
                                                                       "seed": 1}}).json()
         assert explored["explored"] is True
+
+
+# ------------------------------------------------------------------------- ranking loss
+
+def test_ranking_loss_is_ranknet_over_positive_negative_pairs() -> None:
+    from ctrloop.core.learner import ranking_loss
+
+    s = torch.tensor([2.0, 0.0, 1.0, 3.0])
+    y = torch.tensor([1.0, 0.0, 0.0, 0.6])  # 0.6: a soft label counts as a positive
+    # pairs (0,1), (0,2), (3,1), (3,2): softplus(-(s_pos - s_neg))
+    want = sum(math.log1p(math.exp(-d)) for d in (2.0, 1.0, 3.0, 2.0)) / 4
+    assert ranking_loss(s, y).item() == pytest.approx(want)
+    # Weight <= 0 (a retraction) leaves a sample out; other weights weigh its pairs.
+    w = torch.tensor([1.0, 1.0, -1.0, 3.0])
+    want_w = (math.log1p(math.exp(-2.0)) + 3 * math.log1p(math.exp(-3.0))) / 4
+    assert ranking_loss(s, y, w).item() == pytest.approx(want_w)
+    # Tasks: only pairs within a task.
+    t = torch.tensor([0, 0, 1, 1])
+    want_t = (math.log1p(math.exp(-2.0)) + math.log1p(math.exp(-2.0))) / 2
+    assert ranking_loss(s, y, None, t).item() == pytest.approx(want_t)
+    assert ranking_loss(s, torch.zeros(4)).item() == 0.0  # no positive, no pair
+
+
+def test_ranking_loss_enlarges_the_gradients_on_negatives() -> None:
+    """Sparse positives: BCE's gradient on a negative is p/B, ~the base rate over the batch;
+    the ranking term adds sigmoid(s_neg - s_pos) per pair (paper §6.1)."""
+    from ctrloop.core.learner import ranking_loss
+
+    g = torch.Generator().manual_seed(0)
+    n = 1000
+    y = (torch.arange(n) % 100 == 0).float()  # 1% positives
+    base = torch.logit(torch.tensor(0.01)) + 0.3 * torch.randn(n, generator=g)
+
+    def grads(rank_weight: float) -> torch.Tensor:
+        s = base.clone().requires_grad_()
+        loss = torch.nn.functional.binary_cross_entropy_with_logits(s, y, reduction="sum") / n
+        if rank_weight:
+            loss = loss + rank_weight * ranking_loss(s, y)
+        loss.backward()
+        assert s.grad is not None
+        return s.grad
+
+    bce, combined = grads(0.0), grads(1.0)
+    neg = y == 0
+    assert (bce[neg] > 0).all() and (combined[neg] > bce[neg]).all()
+    assert combined[neg].mean() > 10 * bce[neg].mean()
+    assert (combined[~neg] < bce[~neg]).all()  # positives pushed up harder too
+
+
+def test_rank_weight_zero_is_todays_learner_and_positive_changes_learning() -> None:
+    x, y = _learnable()
+
+    def run(rank_weight: float) -> np.ndarray:
+        torch.manual_seed(0)
+        learner = OnlineLearner(build_model("fwfm", SPEC, dim=4),
+                                LearnerConfig(batch_size=64, rank_weight=rank_weight))
+        for _ in range(3):
+            learner.learn(x, y)
+        return learner.predict(x)
+
+    torch.manual_seed(0)
+    default = OnlineLearner(build_model("fwfm", SPEC, dim=4), LearnerConfig(batch_size=64))
+    for _ in range(3):
+        default.learn(x, y)
+    assert np.array_equal(run(0.0), default.predict(x))
+    assert not np.array_equal(run(0.5), default.predict(x))
+    with pytest.raises(ConfigError, match="rank_weight"):
+        LearnerConfig(rank_weight=-1.0)
+
+
+def test_rank_loss_weight_setting_reaches_the_learner() -> None:
+    from ctrloop.trainer.settings import LearningSettings
+
+    assert LearningSettings(rank_loss_weight=0.3).pipeline_config().learner.rank_weight == 0.3
+    assert LearningSettings().pipeline_config().learner.rank_weight == 0.0
+    with pytest.raises(ValueError, match="rank_loss_weight"):
+        LearningSettings(rank_loss_weight=-1)
