@@ -55,7 +55,7 @@ def _trained(events: list[Event], spec: FeatureSpec, registry: InMemoryRegistry,
 def test_published_snapshots_and_records_carry_ia_per_field(events: list[Event],
                                                             spec: FeatureSpec) -> None:
     registry = InMemoryRegistry()
-    pipe = _trained(events, spec, registry, config())
+    pipe = _trained(events, spec, registry, config(collapse_every=1))
     record = registry.current()
     assert record is not None and pipe.stats.publications > 3
     entry = record.meta["collapse"]
@@ -80,6 +80,7 @@ def test_collapse_every_n_publications_and_off(events: list[Event], spec: Featur
     assert record is not None
     n = pipe.stats.publications
     assert record.meta["collapse"]["publication"] == (n - 1) // 4 * 4
+    assert PipelineConfig().collapse_every == 10  # the default: cheap amortised
     off = InMemoryRegistry()
     _trained(events, spec, off, config(collapse_every=0))
     rec = off.current()
