@@ -22,6 +22,7 @@ it is, with its age. Without it the page says those panels need the simulator.
 from __future__ import annotations
 
 import os
+import re
 import time
 from pathlib import Path
 from typing import Any
@@ -30,7 +31,6 @@ import orjson
 from fastapi import FastAPI, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import HTMLResponse, Response
-from prometheus_client.parser import text_string_to_metric_families
 
 from ctrloop import __version__
 from ctrloop.service.metrics import render
@@ -84,12 +84,37 @@ def page(root: str = "") -> str:
 
 def metric_samples(text: str) -> dict[str, list[list[Any]]]:
     """Prometheus text → {sample name: [[labels, value], ...]} (`_total`, `_bucket`, ... kept
-    as their own names, as PromQL sees them)."""
+    as their own names, as PromQL sees them).
+
+    The exposition format's sample lines only, by regular expression: prometheus_client's
+    parser (character by character) took ~20 ms for the ~350 lines of a running stack, on the
+    service's CPU once a second while a page is open; this takes well under 1 ms. Its results
+    are the same (tests/unit/test_dashboard.py compares them).
+    """
     out: dict[str, list[list[Any]]] = {}
-    for family in text_string_to_metric_families(text):
-        for s in family.samples:
-            out.setdefault(s.name, []).append([s.labels, s.value])
+    for line in text.splitlines():
+        if not line or line.startswith("#"):
+            continue
+        m = _SAMPLE.match(line)
+        if m is None:
+            raise ValueError(f"not a Prometheus sample line: {line!r}")
+        name, labels, value = m.groups()
+        parsed = {k: _unescape(v) for k, v in _LABEL.findall(labels)} if labels else {}
+        out.setdefault(name, []).append([parsed, float(value)])
     return out
+
+
+# name{labels} value [timestamp]; labels greedy up to the last "}" (a value may hold one).
+_SAMPLE = re.compile(r"^([a-zA-Z_:][a-zA-Z0-9_:]*)(?:\{(.*)\})?[ \t]+(\S+)(?:[ \t]+\S+)?$")
+_LABEL = re.compile(r'([a-zA-Z_][a-zA-Z0-9_]*)="((?:[^"\\]|\\.)*)"')
+_ESCAPE = re.compile(r"\\(.)")
+
+
+def _unescape(value: str) -> str:
+    """Label values escape backslash, double quote and newline."""
+    if "\\" not in value:
+        return value
+    return _ESCAPE.sub(lambda m: "\n" if m.group(1) == "n" else m.group(1), value)
 
 
 def read_sim_status(path: str | None, now: float) -> dict[str, Any] | None:

@@ -36,6 +36,8 @@ import pytest
 import torch
 import yaml
 from fastapi.testclient import TestClient
+from prometheus_client import CollectorRegistry, Gauge, generate_latest
+from prometheus_client.parser import text_string_to_metric_families
 from service_fakes import RecordingSink
 
 from ctrloop.dev.stack import _Urls, write_sim_status
@@ -148,7 +150,7 @@ def test_feed_is_what_metrics_exposes(client: TestClient) -> None:
     feed = client.get("/dashboard/data")
     assert feed.headers["content-type"] == "application/json"
     data = feed.json()
-    assert data["metrics"] == dashboard.metric_samples(client.get("/metrics").text)
+    assert data["metrics"] == _reference_samples(client.get("/metrics").text)
     score = [v for labels, v in data["metrics"]["ctrloop_requests_total"]
              if labels == {"route": "/v1/score", "status": "2xx"}]
     assert score == [1.0]
@@ -186,7 +188,7 @@ def test_feed_sums_every_worker_in_multiprocess_mode(tmp_path: Path,
     assert value("ctrloop_request_seconds_count", route="/v1/score") == 2
     assert value("ctrloop_request_seconds_bucket", route="/v1/score", le="0.005") == 1
     assert value("ctrloop_model_version") == 7
-    assert m == dashboard.metric_samples(render(Metrics()).decode())
+    assert m == _reference_samples(render(Metrics()).decode())
 
 
 def _status(path: Path) -> dict[str, Any]:
@@ -336,9 +338,8 @@ def _exprs() -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def exposed() -> dict[str, list[dict[str, str]]]:
-    """The service's /metrics with every labelled series the code can export exercised:
-    {sample name: [labels of each sample]}."""
+def exposition() -> str:
+    """The service's /metrics with every labelled series the code can export exercised."""
     from test_delay_report import busy_monitor
     from test_service_app import SPEC, score_request
     from test_service_explore import explorable_model
@@ -382,13 +383,43 @@ def exposed() -> dict[str, list[dict[str, str]]]:
                 for param in state.holder.served.model.parameters():
                     param.fill_(float("nan"))
             c.post("/v1/score", json=score_request())
-            text = c.get("/metrics").text
+            text: str = c.get("/metrics").text
     finally:
         mp.undo()
-    out: dict[str, list[dict[str, str]]] = {}
-    for name, rows in dashboard.metric_samples(text).items():
-        out[name] = [labels for labels, _ in rows]
+    return text
+
+
+@pytest.fixture(scope="module")
+def exposed(exposition: str) -> dict[str, list[dict[str, str]]]:
+    """{sample name: [labels of each sample]} of `exposition`."""
+    return {name: [labels for labels, _ in rows]
+            for name, rows in dashboard.metric_samples(exposition).items()}
+
+
+def _reference_samples(text: str) -> dict[str, list[list[Any]]]:
+    out: dict[str, list[list[Any]]] = {}
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            out.setdefault(s.name, []).append([s.labels, s.value])
     return out
+
+
+def test_feed_parses_the_exposition_as_prometheus_client_does(exposition: str) -> None:
+    registry = CollectorRegistry()
+    odd = Gauge("odd_labels", "label values the format escapes", ["v"], registry=registry)
+    for value in ['a"b', "back\\slash", "new\nline", "} 5", "", "é ü", "x=\"y\",z"]:
+        odd.labels(value).set(1.5)
+    Gauge("special_values", "", ["k"], registry=registry).labels("nan").set(math.nan)
+    text = exposition + generate_latest(registry).decode()
+    got, want = dashboard.metric_samples(text), _reference_samples(text)
+    assert got.keys() == want.keys()
+    for name in want:
+        assert len(got[name]) == len(want[name]), name
+        for (gl, gv), (wl, wv) in zip(got[name], want[name], strict=True):
+            assert gl == wl and (gv == wv or (math.isnan(gv) and math.isnan(wv))), name
+    assert any(lab == {"v": "} 5"} for lab, _ in got["odd_labels"])
+    with pytest.raises(ValueError, match="not a Prometheus sample"):
+        dashboard.metric_samples("ctrloop_x{broken 1\n")
 
 
 _SELECTOR = re.compile(r"\b(ctrloop_[a-zA-Z0-9_:]*)\s*(?:\{([^}]*)\})?")

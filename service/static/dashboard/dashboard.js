@@ -353,14 +353,27 @@
       const r = rows.get(l.head + "/" + l.table + "/" + l.field);
       if (r) r.rows = x;
     }
-    // A table named "table" is the model's only one: the field alone names the series.
-    const name = (r) => r.head + " " + (r.table === "table" ? "" : r.table + " ") + r.field;
-    panels.ia.pushNamed(t, new Map([...rows.values()].map((r) => [name(r), r.ia])));
+    // Over time, per head, the lowest and the median field (a line per field is a tangle of
+    // dozens); the table below has every field.
+    const perHead = new Map();
+    for (const r of rows.values()) {
+      if (!perHead.has(r.head)) perHead.set(r.head, []);
+      perHead.get(r.head).push(r.ia);
+    }
+    const lines = new Map();
+    for (const [head, values] of perHead) {
+      values.sort((a, b) => a - b);
+      const mid = values.length >> 1;
+      lines.set(head + " lowest field", values[0]);
+      lines.set(head + " median field", values.length % 2 ? values[mid] : (values[mid - 1] + values[mid]) / 2);
+    }
+    panels.ia.pushNamed(t, lines);
     if (!rows.size) return;
     panels.ia.setNote("Information Abundance (sum of singular values / the largest) of each field's " +
       "trained embedding rows in the served model (ctrloop_model_information_abundance, as the " +
-      "answering worker serves it). Falling toward 1: the field's embeddings collapse onto fewer " +
-      "directions. A field with few trained rows has a low ceiling whatever its health.");
+      "answering worker serves it): per head, the lowest and the median field over time, and " +
+      "every field now. Falling toward 1: the field's embeddings collapse onto fewer directions; " +
+      "a field with few trained rows has a low ceiling whatever its health.");
     const sorted = [...rows.values()].sort((a, b) => a.head.localeCompare(b.head) || a.ia - b.ia);
     const top = Math.max(...sorted.map((r) => r.ia), 1);
     const head = node("tr");
