@@ -56,27 +56,34 @@ class LearnerConfig:
 def ranking_loss(logits: torch.Tensor, labels: torch.Tensor,
                  weights: torch.Tensor | None = None,
                  tasks: torch.Tensor | None = None) -> torch.Tensor:
-    """RankNet over the positive-negative pairs of a minibatch: the mean over pairs of
-    log(1 + exp(-(s_pos - s_neg))), pairs weighted by the product of their samples' weights.
+    """RankNet over the positive-negative pairs of a minibatch: summed over the positives, each
+    positive's mean over its negatives of log(1 + exp(-(s_pos - s_neg))). Divided by the batch
+    size (as the learner does), the term is on BCE's scale: a positive's gradient is about 1/2
+    of BCE's while its pairs are unordered, whatever the number of negatives.
 
     Why (paper §6.1): with positives at 0.1-2%, BCE's gradient on a negative is its predicted
-    probability, ~the base rate, so negatives barely move; each pair gives its negative a
-    gradient of sigmoid(s_neg - s_pos), about 1/2 while the pair is unordered. A sample is a
-    positive when its (possibly soft) label is >= 0.5; samples of weight <= 0 (retractions) take
-    no part; with `tasks`, only samples of the same task are paired. No pair: zero.
+    probability, ~the base rate, and negatives barely move; the pairs add sigmoid(s_neg - s_pos)
+    per positive, shared among the negatives. A sample is a positive when its (possibly soft)
+    label is >= 0.5; samples of weight <= 0 (retractions) take no part and the others weigh
+    their pairs; with `tasks`, only samples of one task are paired. No pair: zero.
     """
     pos = labels >= 0.5
     keep = torch.ones_like(pos) if weights is None else weights > 0
-    pair = (pos & keep)[:, None] & (~pos & keep)[None, :]  # [B_pos rows, B_neg cols] as a mask
-    if tasks is not None:
-        pair &= tasks[:, None] == tasks[None, :]
-    if not bool(pair.any()):
+    p_idx = (pos & keep).nonzero().flatten()
+    n_idx = (~pos & keep).nonzero().flatten()
+    if p_idx.numel() == 0 or n_idx.numel() == 0:
         return logits.sum() * 0.0  # keeps the graph (and the dtype) for backward
-    w = pair.to(logits.dtype)
+    diff = logits[p_idx, None] - logits[None, n_idx]  # [positives, negatives]
+    w = torch.ones_like(diff)
+    if tasks is not None:
+        w = w * (tasks[p_idx, None] == tasks[None, n_idx])
     if weights is not None:
-        w = w * weights[:, None] * weights[None, :]
-    diff = logits[:, None] - logits[None, :]  # s_i - s_j
-    return (torch.nn.functional.softplus(-diff) * w).sum() / w.sum()
+        w = w * weights[None, n_idx]
+    norm = w.sum(1)  # each positive's total negative weight
+    per_pos = (torch.nn.functional.softplus(-diff) * w).sum(1) / norm.clamp_min(1e-12)
+    if weights is not None:
+        per_pos = per_pos * weights[p_idx]
+    return per_pos.sum()
 
 
 class OnlineLearner:
@@ -132,7 +139,7 @@ class OnlineLearner:
                 loss = (self._weighted_loss(logits, y) * w).sum() / bs
             if self.config.rank_weight > 0:
                 t = None if t_all is None else t_all[start:start + bs]
-                loss = loss + self.config.rank_weight * ranking_loss(logits, y, w, t)
+                loss = loss + self.config.rank_weight * ranking_loss(logits, y, w, t) / bs
             if self._dense_opt is not None:
                 self._dense_opt.zero_grad(set_to_none=True)
             loss.backward()
