@@ -145,9 +145,10 @@ def _worker(state: ServiceState) -> dict[str, Any]:
 def feed(state: ServiceState) -> dict[str, Any]:
     """What one poll of the page gets (blocking: file reads and the metrics' aggregation)."""
     now = time.time()
+    sim_path = os.environ.get(SIM_STATUS_ENV)
     return {"now": now, "worker": _worker(state),
             "metrics": metric_samples(render(state.metrics).decode("utf-8")),
-            "sim": read_sim_status(os.environ.get(SIM_STATUS_ENV), now)}
+            "sim": read_sim_status(sim_path, now), "sim_expected": bool(sim_path)}
 
 
 def install(app: FastAPI, state: ServiceState) -> None:

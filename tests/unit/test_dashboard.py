@@ -155,7 +155,7 @@ def test_feed_is_what_metrics_exposes(client: TestClient) -> None:
              if labels == {"route": "/v1/score", "status": "2xx"}]
     assert score == [1.0]
     assert data["worker"]["status"] == "prior" and data["worker"]["pid"] > 0
-    assert data["sim"] is None
+    assert data["sim"] is None and data["sim_expected"] is False
     assert abs(data["now"] - client.app.state.service.started_at) < 60  # type: ignore[attr-defined]
 
 
@@ -208,7 +208,8 @@ def test_sim_status_file_reaches_the_feed(client: TestClient, tmp_path: Path,
                                           monkeypatch: pytest.MonkeyPatch) -> None:
     path = tmp_path / "sim-status.json"
     monkeypatch.setenv(dashboard.SIM_STATUS_ENV, str(path))
-    assert client.get("/dashboard/data").json()["sim"] is None  # the stack has not written yet
+    early = client.get("/dashboard/data").json()
+    assert early["sim"] is None and early["sim_expected"] is True  # not written yet
     status = _status(path)
     sim = client.get("/dashboard/data").json()["sim"]
     assert sim["status"] == status and 0 <= sim["age_s"] < 60

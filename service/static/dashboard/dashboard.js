@@ -15,6 +15,10 @@
   const RATE_S = Number(main.dataset.rateS) || 5;
   const COLORS = ["#2563eb", "#dc2626", "#16a34a", "#9333ea", "#ea580c", "#0891b2"];
   const SCORE = { route: "/v1/score" };
+  // The service never sees the truth behind a click; the simulator of `ctrloop stack` does and
+  // writes it to a file the service reads (CTRLOOP_SIM_STATUS_FILE). `ctrloop drive` does not.
+  const NO_SIM = "Needs the simulator's status, which ctrloop stack writes: the service " +
+    "itself never sees the truth behind a click.";
   const EVENTS = { route: "/v1/events" };
 
   // ------------------------------------------------------------------ formatting
@@ -167,14 +171,14 @@
       [{ label: "version", stepped: true, axis: (v) => "v" + fmt(v, 0) },
        { label: "publish→serve lag (s)", scale: "lag", points: true, axis: (v) => fmt(v, 1) + " s" }]),
     ctr: new Panel("ctr", "CTR served vs oracle and random",
-      "Needs the simulator (ctrloop stack): the service never sees the truth behind a click.",
+      NO_SIM,
       [{ label: "served", axis: (v) => pct(v, 1) }, { label: "oracle" }, { label: "random" }]),
     calibration: new Panel("calibration", "Calibration of the served pCTR",
-      "Needs the simulator (ctrloop stack).",
+      NO_SIM,
       [{ label: "mean served pCTR", axis: (v) => pct(v, 1) }, { label: "true CTR of the shown ads" },
        { label: "realised so far" }]),
     auc: new Panel("auc", "AUC of the served pCTR on fresh traffic",
-      "Needs the simulator (ctrloop stack).",
+      NO_SIM,
       [{ label: "vs ad appeal", range: [0.4, 1] }, { label: "vs true CTR" },
        { label: "ceiling (the truth's own)" }]),
     explore: new Panel("explore", "Exploration",
@@ -294,7 +298,7 @@
 
     updateDelays(cur);
     updateIA(cur, t);
-    updateSim(cur.sim);
+    updateSim(cur.sim, cur.sim_expected);
     const kafka = v("ctrloop_kafka_available");
     status.textContent = [
       version ? "serving v" + fmt(version, 0) + " (" + (w.status || "?") + ")" : "serving the prior (no trained model yet)",
@@ -395,8 +399,14 @@
 
   let simWritten = null;
 
-  function updateSim(sim) {
-    if (!sim) return;
+  function updateSim(sim, expected) {
+    if (!sim) {
+      if (expected) {
+        [panels.ctr, panels.calibration, panels.auc].forEach((p) => p.setNote(
+          "Waiting for the simulator's first status (ctrloop stack writes it every 5 s)."));
+      }
+      return;
+    }
     if (sim.error) {
       [panels.ctr, panels.calibration, panels.auc].forEach((p) => p.setNote("The simulator's status: " + sim.error));
       return;
