@@ -160,6 +160,49 @@ def report(results: list[dict[str, Any]], params: dict[str, dict[str, int]],
     return "\n".join(lines)
 
 
+def svg_auc_vs_params(results: list[dict[str, Any]], params: dict[str, dict[str, int]],
+                      archs: list[str]) -> str:
+    """Held-out AUC (mean, with its 95% interval) against parameter count, log x axis; by
+    hand, as benchmarks/delay_policies.py does (no matplotlib here)."""
+    pts = []
+    for a in archs:
+        aucs = [r["auc"] for r in results if r["arch"] == a and r["seed"] in HELD_OUT]
+        if aucs:
+            m, hw = interval(aucs)
+            pts.append((a, math.log10(params[a]["total"]), m, 0.0 if math.isnan(hw) else hw))
+    if not pts:
+        return ""
+    w, h, pad = 640, 400, 60
+    x0, x1 = min(p[1] for p in pts) - 0.1, max(p[1] for p in pts) + 0.1
+    y0 = min(p[2] - p[3] for p in pts) - 0.002
+    y1 = max(p[2] + p[3] for p in pts) + 0.002
+
+    def sx(x: float) -> float:
+        return pad + (x - x0) / (x1 - x0) * (w - 2 * pad)
+
+    def sy(y: float) -> float:
+        return h - pad - (y - y0) / (y1 - y0) * (h - 2 * pad)
+
+    out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" '
+           'font-family="sans-serif" font-size="11">',
+           f'<text x="{w / 2}" y="20" text-anchor="middle">served AUC (held-out seeds, mean ± '
+           '95%) vs parameters</text>',
+           f'<line x1="{pad}" y1="{h - pad}" x2="{w - pad}" y2="{h - pad}" stroke="black"/>',
+           f'<line x1="{pad}" y1="{pad}" x2="{pad}" y2="{h - pad}" stroke="black"/>',
+           f'<text x="{w / 2}" y="{h - 15}" text-anchor="middle">parameters (log10)</text>']
+    for k in range(5):
+        xv, yv = x0 + (x1 - x0) * k / 4, y0 + (y1 - y0) * k / 4
+        out.append(f'<text x="{sx(xv):.0f}" y="{h - pad + 15}" text-anchor="middle">'
+                   f'{xv:.2f}</text>')
+        out.append(f'<text x="{pad - 5}" y="{sy(yv):.0f}" text-anchor="end">{yv:.4f}</text>')
+    for a, x, m, hw in pts:
+        out.append(f'<line x1="{sx(x):.1f}" y1="{sy(m - hw):.1f}" x2="{sx(x):.1f}" '
+                   f'y2="{sy(m + hw):.1f}" stroke="gray"/>')
+        out.append(f'<circle cx="{sx(x):.1f}" cy="{sy(m):.1f}" r="4"/>')
+        out.append(f'<text x="{sx(x) + 6:.1f}" y="{sy(m) - 6:.1f}">{a}</text>')
+    return "\n".join([*out, "</svg>"]) + "\n"
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--impressions", type=int, default=120_000)
@@ -196,6 +239,7 @@ def main(argv: list[str] | None = None) -> int:
            "results": results, "params": params, "train_examples_per_s": speed,
            "seconds": time.perf_counter() - start, "table": table}
     (args.out / "models.json").write_text(json.dumps(out, indent=2))
+    (args.out / "auc_vs_params.svg").write_text(svg_auc_vs_params(results, params, archs))
     print(table)
     print(f"\n{time.perf_counter() - start:.0f} s; {args.out / 'models.json'}", file=sys.stderr)
     return 0
