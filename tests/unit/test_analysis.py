@@ -30,11 +30,12 @@ from ctrloop.core.analysis import (
     singular_values,
     stem_task_spaces,
     strided_sample,
+    table_names,
     trained_rows,
 )
 from ctrloop.core.features import FeatureSpec, Field
 from ctrloop.core.learner import LearnerConfig, OnlineLearner
-from ctrloop.core.models import build_model
+from ctrloop.core.models import MODELS, build_model, model_parameters
 from ctrloop.core.snapshot import build_from_snapshot, decode_snapshot, encode_snapshot
 
 SPEC = FeatureSpec((Field("user.id", "categorical", "user", 64),
@@ -131,9 +132,10 @@ def test_sampling_keeps_ia() -> None:
     assert sampled.ia == pytest.approx(full.ia, rel=0.03)
 
 
-def _trained_fwfm(steps: int = 30, name: str = "fwfm", **hparams: object) -> OnlineLearner:
+def _trained_fwfm(steps: int = 30, name: str = "fwfm",
+                  hparams: dict[str, object] | None = None) -> OnlineLearner:
     torch.manual_seed(0)
-    model = build_model(name, SPEC, **(hparams or {"dim": 4}))
+    model = build_model(name, SPEC, **({"dim": 4} if hparams is None else hparams))
     learner = OnlineLearner(model, LearnerConfig(batch_size=64))
     rng = np.random.default_rng(0)
     offsets = np.asarray(SPEC.offsets)
@@ -176,7 +178,7 @@ def test_a_checkpoints_accumulators_decide_for_a_rebuilt_model() -> None:
 
 
 def test_multi_embedding_tables_each_get_a_spectrum_from_the_live_model_and_snapshot() -> None:
-    learner = _trained_fwfm(name="hmoe", tables=[4, 8], hidden=8, tower=[8])
+    learner = _trained_fwfm(name="hmoe", hparams={"tables": [4, 8], "hidden": 8, "tower": [8]})
     live = collapse_report(learner.model)
     assert [(s.table, s.dim) for s in live] == [("table.0", 4)] * 3 + [("table.1", 8)] * 3
     assert all(s.rows_trained == 5 for s in live)
@@ -405,3 +407,19 @@ def test_cli_reads_a_registry_version(monkeypatch: pytest.MonkeyPatch, tmp_path:
     assert "no pcvr model published" in capsys.readouterr().err
     assert main(["analyze", "--plot", plot]) == 2  # no source
     assert main([*base, "--snapshot", "1", "--snapshot-file", plot]) == 2  # two sources
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_every_architecture_gets_a_spectrum_per_field_and_table(name: str) -> None:
+    accepted = model_parameters(name)
+    hparams: dict[str, object] = {"dim": 4} if "dim" in accepted else {}
+    if "tables" in accepted:
+        hparams["tables"] = [4, 4]
+    if "tasks" in accepted:
+        hparams["tasks"] = ["a", "b"]
+    learner = _trained_fwfm(steps=3, name=name, hparams=hparams)
+    model = learner.model
+    spectra = collapse_report(model)
+    assert len(spectra) == len(model.embedding_tables()) * len(SPEC.fields)
+    assert {s.table for s in spectra} == set(table_names(model))
+    assert all(s.rows_trained == 5 and 1.0 <= s.ia <= s.ia_max for s in spectra)
