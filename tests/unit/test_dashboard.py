@@ -425,7 +425,7 @@ def test_feed_parses_the_exposition_as_prometheus_client_does(exposition: str) -
 
 _SELECTOR = re.compile(r"\b(ctrloop_[a-zA-Z0-9_:]*)\s*(?:\{([^}]*)\})?")
 _MATCHER = re.compile(r'(\w+)\s*(=~|!~|!=|=)\s*"([^"]*)"')
-_GROUPING = re.compile(r"\b(?:by|without)\s*\(([^)]*)\)")
+_GROUPING = re.compile(r"\b(?:by|without|on|ignoring)\s*\(([^)]*)\)")
 
 
 def test_every_metric_and_label_the_grafana_dashboard_queries_exists(

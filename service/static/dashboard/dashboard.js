@@ -359,8 +359,10 @@
     }
     // Over time, per head, the lowest and the median field (a line per field is a tangle of
     // dozens); the table below has every field.
+    // A field without trained rows has no spectrum (the record says IA 0): left out.
     const perHead = new Map();
     for (const r of rows.values()) {
+      if (!(r.rows > 0)) continue;
       if (!perHead.has(r.head)) perHead.set(r.head, []);
       perHead.get(r.head).push(r.ia);
     }
@@ -378,18 +380,21 @@
       "answering worker serves it): per head, the lowest and the median field over time, and " +
       "every field now. Falling toward 1: the field's embeddings collapse onto fewer directions; " +
       "a field with few trained rows has a low ceiling whatever its health.");
-    const sorted = [...rows.values()].sort((a, b) => a.head.localeCompare(b.head) || a.ia - b.ia);
+    const rank = (r) => (r.rows > 0 ? r.ia : Infinity); // untrained fields last
+    const sorted = [...rows.values()].sort((a, b) => a.head.localeCompare(b.head) || rank(a) - rank(b));
     const top = Math.max(...sorted.map((r) => r.ia), 1);
     const head = node("tr");
     for (const h of ["head", "table", "field", "IA", "rows trained", ""]) head.append(node("th", {}, h));
     const body = [head];
     for (const r of sorted) {
       const tr = node("tr");
-      const bar = node("span", { class: "bar", style: "width:" + (100 * r.ia / top).toFixed(1) + "%" });
+      const width = r.rows > 0 ? (100 * r.ia / top).toFixed(1) : "0";
+      const bar = node("span", { class: "bar", style: "width:" + width + "%" });
       const cell = node("td", { class: "barcell" });
       cell.append(bar);
       tr.append(node("td", {}, r.head), node("td", {}, r.table), node("td", {}, r.field),
-                node("td", {}, fmt(r.ia, 2)), node("td", {}, fmt(r.rows, 0)), cell);
+                node("td", {}, r.rows > 0 ? fmt(r.ia, 2) : "no trained rows"),
+                node("td", {}, fmt(r.rows, 0)), cell);
       body.push(tr);
     }
     iaTable.replaceChildren(...body);
