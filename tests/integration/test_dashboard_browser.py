@@ -271,6 +271,10 @@ def _publish_model(redis_url: str, namespace: str) -> None:
                         Field("ad.advertiser_id", "categorical", "ad", 16)))
     torch.manual_seed(0)
     model = build_model("fwfm", spec, dim=4).eval()
+    with torch.no_grad():  # every row trained: a non-zero linear column (core/analysis.py)
+        for table in model.embedding_tables():
+            table[:, 0] = 0.01
+            table[:, 1:] = 0.1 * torch.randn_like(table[:, 1:])
     meta = {"samples_seen": 4321, **CollapseWatch().update(model)}
     registry = RedisRegistry.from_url(redis_url, namespace)
     v = registry.next_version()
