@@ -331,7 +331,8 @@ def cmd_analyze(args: argparse.Namespace) -> int:
     """Collapse analysis of a model (ctrloop/core/analysis.py): per field and embedding table
     (and, with several tables, all of them side by side: table "all"), the trained rows, IA
     and top singular values; an SVG of the normalised spectra; with --events, the
-    feature-label mutual information per field."""
+    feature-label mutual information per field and, for a multi-task (STEM) model, the
+    interest-entanglement report."""
     from ctrloop.core.analysis import collapse_report, render_spectra_svg, render_table
 
     model, accumulators, source = _analyzed_model(args)
@@ -341,9 +342,7 @@ def cmd_analyze(args: argparse.Namespace) -> int:
     out: dict[str, Any] = {"source": source, "model": model.name, "hparams": model.hparams,
                            "fields": [s.as_dict() for s in spectra]}
     if args.events is not None:
-        out["mutual_information"] = [m.as_dict() for m in
-                                     _events_mutual_information(args.events, model.spec,
-                                                                args.mi_sample)]
+        out.update(_events_report(args.events, model, args.mi_sample))
     args.plot.write_text(render_spectra_svg(spectra, f"{source}: {model.name}"))
     if args.json:
         _print_json(out)
@@ -353,6 +352,8 @@ def cmd_analyze(args: argparse.Namespace) -> int:
         for m in out.get("mutual_information", []):
             print(f"MI {m['field']:<24} {m['mi_corrected']:.5f} nats (plug-in {m['mi']:.5f}, "
                   f"{m['values']} values, H(label) {m['label_entropy']:.4f})")
+        if "entanglement" in out:
+            _print_entanglement(out["entanglement"])
     print(f"spectra plotted to {args.plot}", file=sys.stderr)
     return 0
 
@@ -437,30 +438,70 @@ def _checkpoint_model(args: argparse.Namespace) -> tuple[Any, Any, str]:
     return model.eval(), learner.get("accumulators"), f"checkpoint {args.checkpoint} {args.head}"
 
 
-def _events_mutual_information(path: Path, spec: Any, limit: int) -> list[Any]:
-    """Feature-label MI per field over the first `limit` impressions of an events file; the
-    label is whether the impression was ever clicked in the file."""
+def _events_report(path: Path, model: Any, limit: int) -> dict[str, Any]:
+    """Over the first `limit` impressions of an events file: the feature-label mutual
+    information per field (label: clicked anywhere in the file) and, for a multi-task model
+    (STEM), the interest-entanglement report over those impressions that were clicked, each
+    task labelled by whether the click converted with that conversion type; beside it the
+    same report in the shared space only (the entangled baseline: gap 0)."""
     import numpy as np
+    import torch
 
-    from ctrloop.core.analysis import field_mutual_information
-    from ctrloop.core.events import Click, Impression
+    from ctrloop.core.analysis import (
+        entanglement_report,
+        field_mutual_information,
+        stem_task_spaces,
+    )
+    from ctrloop.core.events import Click, Conversion, Impression
     from ctrloop.core.features import FeatureEncoder
     from ctrloop.trainer.replay import read_events
 
+    spec = model.spec
     encoder = FeatureEncoder(spec)
     ids: list[str] = []
     rows: list[list[int]] = []
     clicked: set[str] = set()
+    converted: dict[str, set[str]] = {t: set() for t in model.tasks}
     for e in read_events(path):
-        if isinstance(e, Impression) and len(rows) < limit:
-            ids.append(e.impression_id)
-            rows.append(encoder.encode(e))
+        if isinstance(e, Impression):
+            if len(rows) < limit:
+                ids.append(e.impression_id)
+                rows.append(encoder.encode(e))
         elif isinstance(e, Click):
             clicked.add(e.impression_id)
+        elif isinstance(e, Conversion) and e.conversion_type in converted:
+            converted[e.conversion_type].add(e.impression_id)
     if not rows:
-        raise CtrloopError(f"{path} has no impression to measure mutual information on")
+        raise CtrloopError(f"{path} has no impression to analyse")
+    x = np.asarray(rows, dtype=np.int64)
     labels = np.fromiter((i in clicked for i in ids), dtype=np.int64, count=len(ids))
-    return field_mutual_information(np.asarray(rows, dtype=np.int64), labels, spec)
+    out: dict[str, Any] = {"impressions": len(ids), "mutual_information": [
+        m.as_dict() for m in field_mutual_information(x, labels, spec)]}
+    if model.tasks and {"user.id", "ad.id"} <= set(spec.names):
+        pairs = labels.nonzero()[0]
+        u, a = (torch.from_numpy(x[pairs, spec.names.index(f)]) for f in ("user.id", "ad.id"))
+        y = torch.tensor([[int(ids[p] in converted[t]) for t in model.tasks] for p in pairs],
+                         dtype=torch.int64).reshape(-1, len(model.tasks))
+        out["entanglement"] = {
+            "pairs": len(pairs),
+            "task_spaces": entanglement_report(*stem_task_spaces(model, u, a), y,
+                                               model.tasks).as_dict(),
+            "shared_space": entanglement_report(*stem_task_spaces(model, u, a, True), y,
+                                                model.tasks).as_dict()}
+    return out
+
+
+def _print_entanglement(report: dict[str, Any]) -> None:
+    print(f"\ninterest entanglement over {report['pairs']} clicked (user, ad) pairs: cosine "
+          "distance in each task's space [v; e_t] (shared space: v)")
+    print(f"{'positive':<12} {'negative':<12} {'pairs':>6} {'d+':>7} {'d-':>7} {'gap':>7} "
+          f"{'agree':>6} {'shared gap':>10}")
+    shared = {(g["positive"], g["negative"]): g for g in report["shared_space"]["contradictory"]}
+    for g in report["task_spaces"]["contradictory"]:
+        s = shared[(g["positive"], g["negative"])]
+        print(f"{g['positive']:<12} {g['negative']:<12} {g['pairs']:>6} "
+              f"{g['distance_positive']:>7.4f} {g['distance_negative']:>7.4f} {g['gap']:>7.4f} "
+              f"{g['agree']:>6.2f} {s['gap']:>10.4f}")
 
 
 def _conversion_mix_flag(p: argparse.ArgumentParser) -> None:
@@ -634,10 +675,12 @@ def build_parser() -> argparse.ArgumentParser:
                    "this (default: every trained row)")
     p.add_argument("--plot", type=Path, default=Path("spectra.svg"),
                    help="SVG of the normalised singular spectra (default spectra.svg)")
-    p.add_argument("--events", type=Path, help="also feature-label mutual information per "
-                   "field, over impressions of this events file (label: clicked)")
+    p.add_argument("--events", type=Path, help="also, over impressions of this events file: "
+                   "feature-label mutual information per field (label: clicked), and for a "
+                   "multi-task pCVR model the interest entanglement of its clicked pairs "
+                   "(labels: converted, per conversion type)")
     p.add_argument("--mi-sample", type=int, default=200_000,
-                   help="impressions read for the mutual information (default 200000)")
+                   help="impressions read from --events (default 200000, the first ones)")
     p.add_argument("--json", action="store_true", help="the report as JSON")
     p.set_defaults(func=cmd_analyze)
     return parser

@@ -423,3 +423,48 @@ def test_every_architecture_gets_a_spectrum_per_field_and_table(name: str) -> No
     assert len(spectra) == len(model.embedding_tables()) * len(SPEC.fields)
     assert {s.table for s in spectra} == set(table_names(model))
     assert all(s.rows_trained == 5 and 1.0 <= s.ia <= s.ia_max for s in spectra)
+
+
+def test_cli_reports_entanglement_of_a_multi_task_model(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from ctrloop.core.events import Impression
+    from ctrloop.core.features import FeatureEncoder
+
+    def imp(i: str, user: str, ad: str) -> Impression:
+        return Impression(impression_id=i, ts=1767225600.0, user_id=user, ad_id=ad,
+                          advertiser_id="v1", features={"ctx.hour": "1"})
+
+    enc = FeatureEncoder(SPEC)
+    signup, purchase, ignored = imp("i1", "u1", "a1"), imp("i2", "u2", "a2"), imp("i3", "u3", "a3")
+    model = build_model("stem", SPEC, tasks=["signup", "purchase"], dim=2, task_dim=2)
+    with torch.no_grad():
+        model.table.weight.zero_()
+        model.task_table.weight.zero_()
+        for e, own, other in ((signup, 1.0, -1.0), (purchase, -1.0, 1.0)):
+            u, _, a = enc.encode(e)
+            model.table.weight[u, 1:] = model.table.weight[a, 1:] = torch.tensor([1.0, 0.0])
+            # task_table columns: [w_signup, w_purchase | e_signup (2) | e_purchase (2)]
+            model.task_table.weight[u, 2:] = torch.tensor([0.0, 1.0, 0.0, 1.0])
+            model.task_table.weight[a, 2:] = torch.tensor([0.0, own, 0.0, other])
+    snap = tmp_path / "cvr.snapshot"
+    snap.write_bytes(encode_snapshot(model, 3, {}))
+    lines = [json.dumps({"type": "impression", "impression_id": e.impression_id, "ts": e.ts,
+                         "user_id": e.user_id, "ad_id": e.ad_id, "advertiser_id": "v1",
+                         "features": e.features}) for e in (signup, purchase, ignored)]
+    lines += [json.dumps({"type": "click", "impression_id": i, "ts": 1767225601.0})
+              for i in ("i1", "i2")]
+    lines += [json.dumps({"type": "conversion", "impression_id": i, "ts": 1767225700.0,
+                          "conversion_type": t}) for i, t in (("i1", "signup"),
+                                                               ("i2", "purchase"))]
+    events = tmp_path / "events.jsonl"
+    events.write_text("\n".join(lines) + "\n")
+    argv = ["analyze", "--snapshot-file", str(snap), "--plot", str(tmp_path / "s.svg"),
+            "--events", str(events)]
+    assert main([*argv, "--json"]) == 0
+    ent = json.loads(capsys.readouterr().out)["entanglement"]
+    assert ent["pairs"] == 2
+    for g in ent["task_spaces"]["contradictory"]:
+        assert g["pairs"] == 1 and g["gap"] > 0.9 and g["agree"] == 1.0
+    assert all(g["gap"] == 0.0 for g in ent["shared_space"]["contradictory"])
+    assert main(argv) == 0
+    assert "interest entanglement over 2 clicked" in capsys.readouterr().out
