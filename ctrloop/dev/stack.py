@@ -402,9 +402,10 @@ class Stack:
             "CTRLOOP_ALLOWED_LATENESS": str(cfg.allowed_lateness),
             "CTRLOOP_PORT": str(port),
             "CTRLOOP_HOST": HOST,
-            "CTRLOOP_SIM_STATUS_FILE": str(self.sim_status),
             "PYTHONUNBUFFERED": "1",  # log files show progress as it happens
         })
+        if cfg.simulator:  # the dashboard's simulator panels read what the driver writes
+            env["CTRLOOP_SIM_STATUS_FILE"] = str(self.sim_status)
         # Publish as often as the trainer allows: the point of the stack is to watch it learn.
         env.setdefault("CTRLOOP_MIN_PUBLISH_INTERVAL_S", "1")
         if cfg.conversion_mix != "single":

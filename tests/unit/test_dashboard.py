@@ -19,6 +19,7 @@ The real browser test is tests/integration/test_dashboard_browser.py.
 from __future__ import annotations
 
 import fnmatch
+import io
 import json
 import math
 import re
@@ -28,6 +29,7 @@ import sys
 import tomllib
 from collections.abc import Iterator
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -40,7 +42,7 @@ from prometheus_client import CollectorRegistry, Gauge, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 from service_fakes import RecordingSink
 
-from ctrloop.dev.stack import _Urls, write_sim_status
+from ctrloop.dev.stack import Stack, StackConfig, _Urls, write_sim_status
 from ctrloop.io.registry import InMemoryRegistry
 from ctrloop.service.app import create_app
 from ctrloop.service.metrics import Metrics, render
@@ -250,6 +252,20 @@ def test_the_page_reads_only_fields_the_stack_writes(tmp_path: Path) -> None:
 def test_the_stack_prints_the_dashboard_first() -> None:
     lines = _Urls("http://127.0.0.1:8123", "127.0.0.1:1", "redis://127.0.0.1:2/0").lines()
     assert lines[0].split() == ["dashboard", "http://127.0.0.1:8123/dashboard"]
+
+
+@pytest.mark.parametrize("simulator", [True, False])
+def test_the_stack_tells_its_service_where_the_simulator_writes(tmp_path: Path,
+                                                                 simulator: bool) -> None:
+    """Only with the simulator: without it the page would wait for a status forever."""
+    stack = Stack(StackConfig(workdir=tmp_path, simulator=simulator), io.StringIO())
+    stack.kafka = SimpleNamespace(bootstrap="127.0.0.1:1")  # type: ignore[assignment]
+    stack.redis = SimpleNamespace(url="redis://127.0.0.1:2/0")  # type: ignore[assignment]
+    env = stack._child_env(8123)
+    if simulator:
+        assert env[dashboard.SIM_STATUS_ENV] == str(tmp_path / "sim-status.json")
+    else:
+        assert dashboard.SIM_STATUS_ENV not in env
 
 
 # ---------------------------------------------------------------------------- the arithmetic
