@@ -18,8 +18,9 @@ abundant. A row counts when it was trained; the evidence, in this order:
    trained where one is non-zero (its gradient is dloss/dlogit, non-zero for every sample, and
    the first Adagrad step moves it by the learning rate). Exact for a single-task model, and
    in a published snapshot too (no optimizer state travels); ~1 ms over the simulator's 340k
-   rows where (2) costs ~11 ms (it reads the whole [rows, D] accumulator). For STEM's task
-   tables it counts a row trained by any task (the accumulator tells them apart);
+   rows where (2) costs ~11 ms (it reads the whole [rows, D] accumulator). A table with one
+   such column per embedding view (STEM's task table: w_t beside e_t) pairs them, so task t's
+   rows count where task t trained them;
 2. the Adagrad accumulator of the table's columns (the live trainer, a checkpoint): a row was
    trained iff it accumulated a non-zero squared gradient, the optimizer's own record;
 3. otherwise: a row whose L2 norm exceeds init_std * (sqrt(D) + `INIT_SIGMAS`), D its width:
@@ -245,7 +246,9 @@ def model_field_matrices(model: CTRModel, use_accumulator: bool = True,
                          ) -> list[FieldMatrix]:
     """Per field and embedding table (`CTRModel.field_embeddings()`), its rows and which of
     them were trained (module docstring, "Which rows count"):
-    - the table's columns no view covers: the zero-initialised linear weights;
+    - the table's columns no view covers: the zero-initialised linear weights (where there
+      are as many as the table has views, view k's own: STEM's task t rows and its linear
+      weight w_t learn from task t's samples only);
     - else the Adagrad accumulator of the view's own columns: `accumulators` (a checkpoint's,
       in `model.hash_embeddings()` order), else the table's own (the live trainer's) unless
       `use_accumulator` is False; an empty one (a model built for inference) does not count;
@@ -257,10 +260,12 @@ def model_field_matrices(model: CTRModel, use_accumulator: bool = True,
     names = table_names(model)
     tables = model.embedding_tables()
     covered: dict[int, set[int]] = {}
+    views_of: dict[int, list[int]] = {}  # per module: its views' first columns, in order
     for t in tables:
         p = _place(t, modules)
         if p is not None:
             covered.setdefault(id(p.module), set()).update(range(p.cols.start, p.cols.stop))
+            views_of.setdefault(id(p.module), []).append(p.cols.start)
     init_std = float(model.hparams.get("init_std", 0.01))
     masks: dict[tuple[int, int, int], torch.Tensor] = {}  # per (table, columns): all rows
 
@@ -272,6 +277,11 @@ def model_field_matrices(model: CTRModel, use_accumulator: bool = True,
             if acc is not None and acc.shape != w.shape:
                 acc = None
             free = [c for c in range(w.shape[1]) if c not in covered[id(p.module)]]
+            starts = sorted(views_of[id(p.module)])
+            if len(free) > 1 and len(free) == len(starts):
+                # One linear column per view (STEM's task table [w_1..w_T | e_1..e_T]): view
+                # k learns from the same samples as column k, and only from those.
+                free = [free[starts.index(p.cols.start)]]
             masks[key] = trained_rows(w[:, p.cols], None if acc is None else acc[:, p.cols],
                                       w[:, free] if free else None, init_std)
         return masks[key][p.rows]
@@ -521,12 +531,14 @@ def stem_task_spaces(model: CTRModel, user_idx: torch.Tensor, ad_idx: torch.Tens
 def render_table(spectra: Sequence[FieldSpectrum], top: int = 4) -> str:
     """A per-field text table: table, field, rows trained/total, IA, the largest IA those rows
     could have (min(rows, D)), D, the top singular values."""
-    head = (f"{'table':<16} {'field':<24} {'trained':>16} {'IA':>6} {'max':>4} {'D':>4}  "
+    tw = max([5, *(len(s.table) for s in spectra)])
+    fw = max([5, *(len(s.field) for s in spectra)])
+    head = (f"{'table':<{tw}} {'field':<{fw}} {'trained':>16} {'IA':>6} {'max':>4} {'D':>4}  "
             "top sigma")
     lines = [head, "-" * len(head)]
     for s in spectra:
         sv = " ".join(f"{v:.3g}" for v in s.singular_values[:top])
-        lines.append(f"{s.table:<16} {s.field:<24} {s.rows_trained:>7}/{s.rows:<8} "
+        lines.append(f"{s.table:<{tw}} {s.field:<{fw}} {s.rows_trained:>7}/{s.rows:<8} "
                      f"{s.ia:>6.2f} {s.ia_max:>4} {s.dim:>4}  {sv}")
     return "\n".join(lines)
 

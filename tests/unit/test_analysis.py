@@ -204,6 +204,24 @@ def test_tables_side_by_side_add_up_when_they_span_different_directions() -> Non
     assert concatenated([FieldMatrix("t0", "f", one_dir, trained)]) == []
 
 
+def test_stem_task_tables_count_the_rows_their_own_task_trained() -> None:
+    torch.manual_seed(0)
+    model = build_model("stem", SPEC, tasks=["a", "b"], dim=4, task_dim=2)
+    learner = OnlineLearner(model, LearnerConfig(batch_size=64))
+    offsets = np.asarray(SPEC.offsets)
+    rng = np.random.default_rng(0)
+    for task, buckets in ((0, (1, 4)), (1, (1, 7))):  # task a: buckets 1-3, task b: 1-6
+        rows = offsets + rng.integers(*buckets, size=(64, 3))
+        learner.learn(rows, rng.integers(0, 2, size=64).astype(np.float32),
+                      tasks=np.full(64, task))
+    snap = build_from_snapshot(decode_snapshot(encode_snapshot(model, 1, {})), inference=True)
+    for m in (model, snap):  # the live model (accumulator there too) and the snapshot
+        trained = {(s.table, s.field): s.rows_trained for s in collapse_report(m)}
+        assert trained[("table", "user.id")] == 6
+        assert trained[("task_table.a", "user.id")] == 3
+        assert trained[("task_table.b", "user.id")] == 6
+
+
 def test_stem_has_a_table_per_task_and_lr_has_none() -> None:
     stem = build_model("stem", SPEC, tasks=["signup", "purchase"], dim=4, task_dim=2)
     tables = {s.table for s in collapse_report(stem)}
@@ -422,7 +440,11 @@ def test_every_architecture_gets_a_spectrum_per_field_and_table(name: str) -> No
     spectra = collapse_report(model)
     assert len(spectra) == len(model.embedding_tables()) * len(SPEC.fields)
     assert {s.table for s in spectra} == set(table_names(model))
-    assert all(s.rows_trained == 5 and 1.0 <= s.ia <= s.ia_max for s in spectra)
+    # `learn` without tasks trains STEM's first task only: task b's own rows stay untrained.
+    untrained = [s for s in spectra if s.table == "task_table.b"]
+    assert all(s.rows_trained == 0 and s.ia == 0.0 for s in untrained)
+    assert all(s.rows_trained == 5 and 1.0 <= s.ia <= s.ia_max for s in spectra
+               if s not in untrained)
 
 
 def test_cli_reports_entanglement_of_a_multi_task_model(
