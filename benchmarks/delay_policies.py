@@ -11,6 +11,20 @@ overrides in braces, e.g. `variance{shrink_reports=3|soft_labels=1}`.
 
     python -m benchmarks.delay_policies --days 30 --rate 0.3 --advertisers 50 \
         --publish-interval 300 --jobs 2 --out runs/delay_policies
+
+The world's delays and reporting are flags (`--delay-median-min/max`, `--delay-sigma`,
+`--burst-gap-min/max`, `--bursty-share`, `--churn`); `--seeds 2,3,4` runs each seed in its own
+folder and prints every policy's mean and 95% interval across the seeds (issue 11, the world
+of docs/delays.md):
+
+    python -m benchmarks.delay_policies --days 21 --rate 0.25 --advertisers 100 \
+        --delay-median-min 600 --delay-median-max 259200 --burst-gap-min 7200 \
+        --burst-gap-max 259200 --bursty-share 0.33 --publish-interval 600 --jobs 3 \
+        --policies "oracle,variance{wait_rule=dispersion},variance,naive,fnw,fixed:259200" \
+        --seeds 2,3,4 --out runs/delays_heldout
+
+Per reporting kind the JSON also has the label flow: samples and label mass by sample kind
+(click, late, retract), i.e. how often the late correction fires and what it adds.
 """
 
 from __future__ import annotations

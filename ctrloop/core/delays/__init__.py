@@ -33,9 +33,38 @@ FNW's weights (which assume every click was first released as a negative). Click
 for `remember_s` after release (the attribution horizon plus the longest upload gap); a
 conversion for a click forgotten by then is counted (`unmatched_conversions`) and dropped.
 
-**The variance policy.** Per advertiser key (the advertiser's feature bucket), event time is cut
-into buckets of `bucket_s` (1 h); the statistic looks at the last K = `window_buckets` (48) whole
-buckets of *reported* conversions r_1..r_K:
+**The variance policy's wait (issue 11: `wait_rule="delay"`, the default).** Per advertiser key
+(the advertiser's feature bucket) the policy keeps a histogram of *click-to-report* delays
+(25 log-spaced bins from 1 minute to 16 days, exponentially decayed with `half_life_s`, 7 days),
+one entry per matched conversion at its report time. A click of the key waits
+
+    W = clamp(Q_q(h_key + n0 * h_pool / |h_pool|), floor, ceiling)
+
+Q_q the `wait_quantile` (q = 0.9) of the histogram, log-interpolated inside a bin, h_pool the sum
+of every key's histogram, n0 = `shrink_reports` pseudo-reports of the pool (thin keys borrow the
+pool's shape), and the ceiling before any report anywhere (volatile until shown otherwise).
+Why this statistic: the bias a fast release costs is the share of an advertiser's conversions
+still to be reported when its clicks go out, and that share is 1 - F(W), F the advertiser's
+click-to-report delay distribution. Waiting the q-quantile holds it at 1 - q for *every*
+advertiser, whatever its delays (10 minutes or 3 days) and whatever its reporting: for a bursty
+advertiser the delay includes the wait for the next upload, so its gaps (hours to days) are in
+the histogram and its wait covers them, while a streaming advertiser with short delays is
+released in minutes. The report-time histogram is an unbiased sample of the delays under
+steady traffic (every click's conversion is reported at some time; reports arriving now come
+from clicks of all ages); it is biased short only while a key is younger than its delays (the
+first days of an advertiser or of the stream), which the pool's pseudo-reports soften. Silence
+changes nothing (a bursty advertiser between uploads is silent too): the histogram decays only
+with time, toward the pool's shape. What the dispersion rule below got wrong, measured
+(docs/delays.md): gaps between uploads longer than its 48 h window looked like no reports at
+all, so a bursty advertiser fell back to the pool (mostly streaming, D ~ 1) and was released
+after the floor; and the pool's D, moved by any big upload, moved every thin advertiser's wait
+between the floor and the ceiling together, so the share of fake negatives in training swung by
+day (per-day bias -42% to +30%).
+
+**The dispersion statistic (`wait_rule="dispersion"`, the rule before issue 11; still computed
+and reported under either rule).** Event time is cut into buckets of `bucket_s` (1 h); the
+statistic looks at the last K = `window_buckets` (48) whole buckets of *reported* conversions
+r_1..r_K:
 
     D = sum_k (r_k - r_mean)^2 / ((K - 1) * r_mean)                  (index of dispersion)
 
