@@ -30,11 +30,12 @@ from typing import Any
 import numpy as np
 import torch
 
+from ctrloop.core.analysis import collapse_report
 from ctrloop.core.evaluate import evaluate
 from ctrloop.core.events import Impression
 from ctrloop.core.features import FeatureEncoder, FeatureSpec
 from ctrloop.core.learner import LearnerConfig, OnlineLearner
-from ctrloop.core.models import build_model
+from ctrloop.core.models import CTRModel, build_model
 from ctrloop.sim import WorldConfig, write_files
 from ctrloop.trainer.replay import infer_spec, outputs_for, read_events, replay
 from ctrloop.trainer.settings import LearningSettings
@@ -81,12 +82,25 @@ def run_job(job: tuple[str, int, str, str, dict[str, Any], float]) -> dict[str, 
     settings = LearningSettings(model=model, model_params=json.dumps(params),
                                 rank_loss_weight=rank_weight)
     outputs = outputs_for(out / f"preds_{arch}_{seed}.jsonl")
-    summary = replay(events, outputs, None, settings.pipeline_config(), settings.seed)
+    ia: dict[str, float] = {}
+    summary = replay(events, outputs, None, settings.pipeline_config(), settings.seed,
+                     on_finish=lambda pipe: ia.update(mean_ia(pipe.learner.model)))
     ev = evaluate(outputs.predictions, truth, settings.click_window)["after_skip"]
     outputs.predictions.unlink()  # large; the metrics are what is kept
     return {"arch": arch, "seed": seed, "auc": ev["auc"], "logloss": ev["logloss"],
             "calibration": ev["calibration"], "oracle_auc": ev["oracle_auc"],
-            "replay_s": summary["seconds"], "events_per_s": summary["events_per_s"]}
+            "replay_s": summary["seconds"], "events_per_s": summary["events_per_s"],
+            "ia": ia}
+
+
+def mean_ia(model: CTRModel) -> dict[str, float]:
+    """Information Abundance of the final pCTR model (ctrloop/core/analysis.py), per table the
+    mean over fields, and for several tables, of each field's tables side by side ("all")."""
+    by_table: dict[str, list[float]] = {}
+    for s in collapse_report(model, all_tables=len(model.embedding_tables()) > 1):
+        if s.rows_used >= 2 * s.dim:  # too few trained rows bound IA by the rows, not collapse
+            by_table.setdefault(s.table, []).append(s.ia)
+    return {t: float(np.mean(v)) for t, v in by_table.items()}
 
 
 def parameter_count(arch: str, spec: FeatureSpec) -> dict[str, int]:
