@@ -10,7 +10,10 @@ ones reported, as the mean over seeds ± the 95% t-interval, and as the paired d
 FwFM on the same world (the same clicks), which is the tighter comparison.
 
 Throughput: `OnlineLearner.learn` on 1024-row minibatches of the tuning world's encoded
-impressions, one thread, after one warm-up minibatch: examples/s of training alone.
+impressions, one thread, after one warm-up minibatch: examples/s of training alone, the best of
+4 passes. Collapse: each run's final pCTR model's Information Abundance (analysis.py), the mean
+over fields with at least 2 D trained rows, per table and (several tables) side by side.
+Outputs: models.json (every run), auc_vs_params.svg, the table on stdout.
 
     nice -n 10 python -m benchmarks.models --impressions 120000 --jobs 2 --out runs/models \
         --archs fwfm,gwpfm,dcnv2,hmoe-1,hmoe-2,hmoe-4,fwfm+rank=0.3,hmoe-2+rank=0.3
