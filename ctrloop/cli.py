@@ -13,7 +13,7 @@ import logging
 import math
 import signal
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -88,6 +88,24 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _snapshot_writer(path: Path | None) -> Callable[[Any], None] | None:
+    """Replay's end, writing the pCTR model as the trainer would publish it (posterior and IA
+    per field included), so a replayed model can be analysed or served from a file."""
+    if path is None:
+        return None
+
+    from ctrloop.trainer.pipeline import CountingPublisher, Pipeline
+
+    def write(pipe: Pipeline) -> None:
+        pipe.ctr.collapse.every = 1  # computed now, for this one snapshot
+        pipe.ctr.watch_collapse()
+        # Replay counts its versions (CountingPublisher); the file is the one after the last.
+        counted = pipe.publisher.version if isinstance(pipe.publisher, CountingPublisher) else 0
+        path.write_bytes(pipe.ctr.snapshot(counted + 1, {"source": "replay"}))
+
+    return write
+
+
 def cmd_replay(args: argparse.Namespace) -> int:
     from ctrloop.core.features import FeatureSpec
     from ctrloop.trainer.replay import outputs_for, print_progress, replay
@@ -98,7 +116,8 @@ def cmd_replay(args: argparse.Namespace) -> int:
     spec = FeatureSpec.load(settings.feature_spec) if settings.feature_spec else None
     print(f"replaying {args.events} ...", file=sys.stderr)
     summary = replay(args.events, outputs, spec, settings.pipeline_config(), settings.seed,
-                     progress=print_progress, truth=args.truth)
+                     progress=print_progress, truth=args.truth,
+                     on_finish=_snapshot_writer(args.snapshot_out))
     if summary["spec_inferred"]:
         print(f"feature spec inferred from the first impressions, saved to "
               f"{outputs.spec} (edit it and pass --feature-spec to reuse)", file=sys.stderr)
@@ -559,6 +578,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--spec-out", type=Path, help="default <predictions-out>.spec.json")
     p.add_argument("--truth", type=Path, help="simulator truth file: also score predictions")
     p.add_argument("--summary-out", type=Path, help="write the summary JSON here")
+    p.add_argument("--snapshot-out", type=Path,
+                   help="write the final pCTR model as a snapshot file (for `ctrloop analyze "
+                        "--snapshot-file`)")
     _learning_flags(p)
     p.set_defaults(func=cmd_replay)
 

@@ -306,3 +306,25 @@ def test_version_is_the_package_version(capsys: pytest.CaptureFixture[str]) -> N
         main(["--version"])
     assert done.value.code == 0
     assert capsys.readouterr().out.strip() == f"ctrloop {version('ctrloop')}"
+
+
+def test_replay_writes_a_snapshot_that_analyze_reads(simulated: tuple[Path, Path],
+                                                     tmp_path: Path,
+                                                     capsys: pytest.CaptureFixture[str]) -> None:
+    from ctrloop.core.snapshot import build_from_snapshot, decode_snapshot
+
+    events, _ = simulated
+    snap = tmp_path / "final.snapshot"
+    rc = main(["replay", "--events", str(events), "--predictions-out",
+               str(tmp_path / "p.jsonl"), "--click-window", "5", "--allowed-lateness", "1",
+               "--dim", "4", "--batch-size", "64", "--snapshot-out", str(snap)])
+    assert rc == 0
+    decoded = decode_snapshot(snap.read_bytes())
+    model = build_from_snapshot(decoded)
+    assert model.name == "fwfm" and model.posterior is not None
+    assert decoded.meta["source"] == "replay" and decoded.meta["collapse"]["tables"]
+    capsys.readouterr()
+    assert main(["analyze", "--snapshot-file", str(snap), "--json"]) == 0
+    fields = json.loads(capsys.readouterr().out)["fields"]
+    assert {f["field"] for f in fields} >= {"user.id", "ad.id"}
+    assert any(f["rows_trained"] > 0 for f in fields)
