@@ -39,6 +39,7 @@ from ctrloop.core.events import Impression
 from ctrloop.core.features import FeatureEncoder, FeatureSpec
 from ctrloop.core.learner import LearnerConfig, OnlineLearner
 from ctrloop.core.models import CTRModel, build_model
+from ctrloop.core.snapshot import build_from_snapshot, decode_snapshot, encode_snapshot
 from ctrloop.sim import WorldConfig, write_files
 from ctrloop.trainer.replay import infer_spec, outputs_for, read_events, replay
 from ctrloop.trainer.settings import LearningSettings
@@ -49,6 +50,8 @@ ARCHS: dict[str, tuple[str, dict[str, Any]]] = {
     "fwfm": ("fwfm", {"dim": 16}),
     "gwpfm": ("gwpfm", {"dim": 8, "parts": 2}),  # 2 parts x 8: 16 floats a feature, as FwFM
     "dcnv2": ("dcnv2", {"dim": 16, "layers": 2}),
+    "ipnn": ("ipnn", {"dim": 16}),
+    "flatdnn": ("flatdnn", {"dim": 16}),
     "hmoe-1": ("hmoe", {"tables": [16], "experts": [
         {"type": "gwpfm", "table": 0}, {"type": "flatdnn", "table": 0},
         {"type": "ipnn", "table": 0}]}),
@@ -134,6 +137,27 @@ def throughput(arch: str, spec: FeatureSpec, rows: np.ndarray, batches: int = 5,
         learner.learn(rows[bs:bs + n], labels[bs:bs + n])
         best = min(best, time.perf_counter() - start)
     return n / best
+
+
+def forward_ms(arch: str, spec: FeatureSpec, rows: np.ndarray, candidates: int = 100,
+               calls: int = 300) -> dict[str, float]:
+    """The model's share of a /v1/score request: one eval forward over `candidates` rows, as a
+    served snapshot runs it (built for inference from the snapshot, one thread), p50 and p99 in
+    ms over `calls` requests of consecutive rows."""
+    torch.set_num_threads(1)
+    model_name, params, _ = config_of(arch)
+    model = build_from_snapshot(decode_snapshot(encode_snapshot(
+        build_model(model_name, spec, **params), 1)), inference=True)
+    x = torch.from_numpy(rows)
+    times = []
+    with torch.inference_mode():
+        for k in range(calls):
+            start = (k * candidates) % (len(rows) - candidates)
+            t0 = time.perf_counter()
+            model(x[start:start + candidates])
+            times.append((time.perf_counter() - t0) * 1e3)
+    p50, p99 = np.percentile(times[10:], [50, 99])
+    return {"p50": float(p50), "p99": float(p99)}
 
 
 def encoded_rows(events: Path, spec: FeatureSpec, n: int) -> np.ndarray:
@@ -230,6 +254,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seeds", default="0,1,2,3", help="0 is the tuning world")
     ap.add_argument("--jobs", type=int, default=2)
     ap.add_argument("--out", type=Path, default=Path("runs/models"))
+    ap.add_argument("--cost-only", action="store_true", help="skip the replays: parameter "
+                    "counts, training examples/s and forward latency only")
     args = ap.parse_args(argv)
     for name, (model, params) in (json.loads(args.extra) if args.extra else {}).items():
         ARCHS[name] = (model, params)
@@ -243,20 +269,29 @@ def main(argv: list[str] | None = None) -> int:
         world(args.out, s, args.impressions)
     start = time.perf_counter()
     jobs = [(a, s, str(args.out), *config_of(a)) for s in seeds for a in archs]
-    with multiprocessing.get_context("spawn").Pool(args.jobs) as pool:
-        results = pool.map(run_job, jobs, chunksize=1)
+    results: list[dict[str, Any]] = []
+    if not args.cost_only:
+        with multiprocessing.get_context("spawn").Pool(args.jobs) as pool:
+            results = pool.map(run_job, jobs, chunksize=1)
     events = args.out / f"events_{seeds[0]}.jsonl"
     spec = infer_spec(events)
     rows = encoded_rows(events, spec, 6 * 1024)
     speed = {a: throughput(a, spec, rows) for a in archs}
+    latency = {a: forward_ms(a, spec, rows) for a in archs}
     params = {a: parameter_count(a, spec) for a in archs}
-    table = report(results, params, speed, archs)
+    table = report(results, params, speed, archs) if results else ""
+    table += "\n\n| model | params | train ex/s | forward of 100 candidates p50 / p99 ms |\n"
+    table += "|---|---|---|---|\n" + "\n".join(
+        f"| {a} | {params[a]['total']:,} | {speed[a]:,.0f} | {latency[a]['p50']:.2f} / "
+        f"{latency[a]['p99']:.2f} |" for a in archs)
     out = {"impressions": args.impressions, "seeds": seeds,
            "archs": {a: config_of(a) for a in archs},
            "results": results, "params": params, "train_examples_per_s": speed,
+           "forward_100_ms": latency,
            "seconds": time.perf_counter() - start, "table": table}
     (args.out / "models.json").write_text(json.dumps(out, indent=2))
-    (args.out / "auc_vs_params.svg").write_text(svg_auc_vs_params(results, params, archs))
+    if results:
+        (args.out / "auc_vs_params.svg").write_text(svg_auc_vs_params(results, params, archs))
     print(table)
     print(f"\n{time.perf_counter() - start:.0f} s; {args.out / 'models.json'}", file=sys.stderr)
     return 0
