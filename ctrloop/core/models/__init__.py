@@ -1,4 +1,13 @@
-"""Architectures by name. A new one subclasses CTRModel and is added to MODELS."""
+"""Architectures by name. A new one subclasses CTRModel and is added to MODELS.
+
+    fwfm      FwFM, the default (fwfm.py)             lr      logistic regression (lr.py)
+    stem      multi-task FwFM for pCVR (stem.py)      gwpfm   part-aware group-weighted FM
+    hmoe      multi-embedding heterogeneous mixture of experts (multi_embedding.py, experts.py)
+    dcnv2, ipnn, flatdnn   one expert on one table (single.py)
+
+Hyper-parameters are keyword arguments (`--model-params` JSON in the CLI), recorded in
+`model.hparams` so a snapshot rebuilds the model; a bad one is a ConfigError.
+"""
 
 from __future__ import annotations
 
