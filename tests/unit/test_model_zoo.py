@@ -439,3 +439,23 @@ def test_rank_loss_weight_setting_reaches_the_learner() -> None:
     assert LearningSettings().pipeline_config().learner.rank_weight == 0.0
     with pytest.raises(ValueError, match="rank_loss_weight"):
         LearningSettings(rank_loss_weight=-1)
+
+
+def test_hmoe_with_every_expert_kind_learns_and_round_trips() -> None:
+    torch.manual_seed(0)
+    experts = [{"type": "gwpfm", "table": 0, "parts": 3, "groups": [["user.age", "user.id"]]},
+               {"type": "ipnn", "table": 1}, {"type": "dcnv2", "table": 1, "layers": 1,
+                                              "rank": 4},
+               {"type": "flatdnn", "table": 2}, {"type": "projection", "table": 2}]
+    model = build_model("hmoe", SPEC, tables=[6, 4, 4], experts=experts, hidden=8, tower=[8])
+    learner = OnlineLearner(model, LearnerConfig(model="hmoe", batch_size=64, sparse_lr=0.1,
+                                                 dense_lr=1e-2))
+    x, y = _learnable()
+    before = _bce(learner, x, y)
+    for _ in range(15):
+        learner.learn(x, y)
+    assert _bce(learner, x, y) < 0.8 * before
+    served = build_from_snapshot(decode_snapshot(encode_snapshot(model, 1)), inference=True)
+    with torch.no_grad():
+        got = torch.sigmoid(served(torch.from_numpy(x))).numpy()
+    assert np.array_equal(got, learner.predict(x))
