@@ -36,6 +36,13 @@ per-advertiser effect, so the types' rates are correlated but not equal: what a 
 rate over (user, active ad) pairs is the type's base rate. Given the click, each type converts
 independently (a purchase does not need a signup: a simplification), at most once per type.
 
+Scenario knobs (WorldConfig's last group; ctrloop/sim/scenarios.py, docs/scenarios.md), all
+off by default and drawn from seed streams of their own, so a world without them is the world
+from before them byte for byte: delay families with per-advertiser means (exponential,
+lognormal, heavy-tailed mixture), bursty advertisers' kinds (random gaps, periodic dumps, a
+one-off backfill), numeric hour / age / price with non-monotone category-dependent effects,
+drift of advertisers' CVR at a time, skewed advertiser traffic, diurnal request rates.
+
 Ads retire and new ads arrive continuously; a new ad's quality is drawn afresh, so nothing
 but its own impressions tells a model how good it is — the reason exploration is needed.
 
