@@ -13,7 +13,8 @@ Throughput: `OnlineLearner.learn` on 1024-row minibatches of the tuning world's 
 impressions, one thread, after one warm-up minibatch: examples/s of training alone, the best of
 4 passes. Collapse: each run's final pCTR model's Information Abundance (analysis.py), the mean
 over fields with at least 2 D trained rows, per table and (several tables) side by side.
-Outputs: models.json (every run), auc_vs_params.svg, the table on stdout.
+Outputs: models.json (every run; models_cost.json with --cost-only), auc_vs_params.svg, the
+tables on stdout.
 
     nice -n 10 python -m benchmarks.models --impressions 120000 --jobs 2 --out runs/models \
         --archs fwfm,gwpfm,dcnv2,hmoe-1,hmoe-2,hmoe-4,fwfm+rank=0.3,hmoe-2+rank=0.3
@@ -289,11 +290,12 @@ def main(argv: list[str] | None = None) -> int:
            "results": results, "params": params, "train_examples_per_s": speed,
            "forward_100_ms": latency,
            "seconds": time.perf_counter() - start, "table": table}
-    (args.out / "models.json").write_text(json.dumps(out, indent=2))
+    result = args.out / ("models_cost.json" if args.cost_only else "models.json")
+    result.write_text(json.dumps(out, indent=2))
     if results:
         (args.out / "auc_vs_params.svg").write_text(svg_auc_vs_params(results, params, archs))
     print(table)
-    print(f"\n{time.perf_counter() - start:.0f} s; {args.out / 'models.json'}", file=sys.stderr)
+    print(f"\n{time.perf_counter() - start:.0f} s; {result}", file=sys.stderr)
     return 0
 
 
