@@ -218,8 +218,8 @@ class CvrHead:
             name = "stem"
         else:
             name = cc.model
-        if name in ("fwfm", "stem"):
-            hp.setdefault("prior_ctr", 0.05)  # conversions per click, not clicks
+        # Every architecture starts at its prior: conversions per click, not clicks.
+        hp.setdefault("prior_ctr", 0.05)
         return OnlineLearner(build_model(name, spec, **hp), cc)
 
     def _truth_of(self, converted: Collection[str] | Mapping[str, Collection[str]] | None,

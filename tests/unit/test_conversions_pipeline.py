@@ -121,3 +121,16 @@ def test_head_snapshot_loads_as_a_standard_snapshot(events: list[Event],
     with torch.no_grad():
         expected = pipe.cvr_learner.predict(rows.numpy())
         assert torch.sigmoid(model(rows)).numpy() == pytest.approx(expected, rel=1e-5)
+
+
+@pytest.mark.parametrize("model", ["fwfm", "lr", "gwpfm", "hmoe", "dcnv2"])
+def test_every_architecture_starts_pcvr_at_the_conversion_prior(spec: FeatureSpec,
+                                                                 model: str) -> None:
+    """Before it learns anything, the pCVR head predicts conversions per click (0.05), not the
+    pCTR prior (0.03), whatever the architecture."""
+    learner = LearnerConfig(model=model, batch_size=64)
+    pipe = Pipeline(spec, PipelineConfig(learner=learner))
+    # Every field missing: one row per field; random init moves the logit by ~1e-3 at most.
+    rows = np.array([pipe.encoder.encode_features({})] * 3, dtype=np.int64)
+    assert pipe.cvr_learner.predict(rows) == pytest.approx([0.05] * 3, rel=0.01)
+    assert pipe.learner.predict(rows) == pytest.approx([0.03] * 3, rel=0.01)
