@@ -111,6 +111,8 @@ def cmd_replay(args: argparse.Namespace) -> int:
     from ctrloop.trainer.replay import outputs_for, print_progress, replay
     from ctrloop.trainer.settings import LearningSettings
 
+    if args.plot_out is not None and args.truth is None:
+        raise ConfigError("--plot-out plots the predictions against the truth: pass --truth")
     settings = LearningSettings(**_overrides(args, _LEARNING_KEYS))
     outputs = outputs_for(args.predictions_out, args.rejects_out, args.spec_out)
     spec = FeatureSpec.load(settings.feature_spec) if settings.feature_spec else None
@@ -140,6 +142,12 @@ def cmd_replay(args: argparse.Namespace) -> int:
               f"{ev['oracle_auc']:.4f}), logloss {ev['logloss']:.4f} (oracle "
               f"{ev['oracle_logloss']:.4f}), calibration {ev['calibration']:.3f}",
               file=sys.stderr)
+    if args.plot_out is not None:
+        from ctrloop.trainer.replay import write_replay_plots
+
+        paths = write_replay_plots(args.predictions_out, args.truth, args.plot_out,
+                                   settings.click_window)
+        print("plots:\n" + "\n".join(f"  {p}" for p in paths), file=sys.stderr)
     return 0
 
 
@@ -581,6 +589,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--snapshot-out", type=Path,
                    help="write the final pCTR model as a snapshot file (for `ctrloop analyze "
                         "--snapshot-file`)")
+    p.add_argument("--plot-out", type=Path,
+                   help="with --truth: write SVG plots of the served predictions here "
+                        "(calibration, AUC and mean pCTR over event time)")
     _learning_flags(p)
     p.set_defaults(func=cmd_replay)
 

@@ -20,9 +20,12 @@ import numpy as np
 import orjson
 import torch
 
+from ctrloop.core import plots
 from ctrloop.core.errors import ConfigError, InvalidEvent
+from ctrloop.core.evaluate import calibration_bins, load_scored, over_time
 from ctrloop.core.events import Event, Impression, decode_event
 from ctrloop.core.features import FeatureSpec
+from ctrloop.core.plots import write_svg
 from ctrloop.io.jsonl import iter_events
 from ctrloop.trainer.gc_tuning import quiet_gc
 from ctrloop.trainer.pipeline import Pipeline, PipelineConfig
@@ -218,3 +221,39 @@ def print_progress(p: dict[str, Any], out: IO[str] = sys.stderr) -> None:
     print(f"  {p['events']:>10,} events  {p['events_per_s']:>9,.0f}/s  learned "
           f"{p['learned']:>10,}  logloss {p['logloss']:.4f}  AUC {p['auc']:.4f}  "
           f"calib {p['calibration']:.3f}  v{p['model_version']}", file=out, flush=True)
+
+
+def write_replay_plots(predictions: Path, truth: Path, out_dir: Path,
+                       click_window: float = 120.0, n_buckets: int = 20) -> list[Path]:
+    """SVG plots of the served predictions against the simulator's truth: a reliability
+    diagram (pCTR deciles against the window labels and the true CTR), the AUC over event
+    time beside the oracle's, and the mean pCTR over event time beside the label rate and the
+    true CTR. The same join and labels as `ctrloop.core.evaluate.evaluate`."""
+    d = load_scored(predictions, truth, click_window)
+    ts, pctr, ctr, label = d["ts"], d["pctr"], d["ctr"], d["label"]
+    by_label = calibration_bins(pctr, label)
+    by_ctr = calibration_bins(pctr, ctr)
+    out = [write_svg(out_dir / "calibration.svg", plots.calibration_chart(
+        f"Calibration of the served pCTR ({ts.size:,} impressions)",
+        [plots.Series("vs the true CTR", [b["pred"] for b in by_ctr],
+                      [b["actual"] for b in by_ctr]),
+         plots.Series(f"vs clicked within {click_window:g} s", [b["pred"] for b in by_label],
+                      [b["actual"] for b in by_label])],
+        y_label="mean outcome per pCTR decile"))]
+    spans = over_time(ts, pctr, ctr, label, n_buckets)
+    t0 = float(ts.min()) if ts.size else 0.0
+    hours = [(b["start_ts"] - t0) / 3600.0 for b in spans]
+    out.append(write_svg(out_dir / "auc-over-time.svg", plots.line_chart(
+        "AUC of the served pCTR over event time (window labels)",
+        [plots.Series("served pCTR", hours, [b["auc"] for b in spans]),
+         plots.Series("oracle (true CTR as the score)", hours,
+                      [b["oracle_auc"] for b in spans], True)],
+        "hours of event time", "AUC")))
+    out.append(write_svg(out_dir / "calibration-over-time.svg", plots.line_chart(
+        "Mean served pCTR over event time",
+        [plots.Series("mean pCTR", hours, [b["mean_pctr"] for b in spans]),
+         plots.Series("mean true CTR", hours, [b["mean_ctr"] for b in spans], True),
+         plots.Series(f"clicked within {click_window:g} s", hours,
+                      [b["label_rate"] for b in spans], True)],
+        "hours of event time", "CTR", y_fmt=plots.pct(1), y_min=0.0)))
+    return out

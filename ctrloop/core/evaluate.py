@@ -59,6 +59,53 @@ def evaluate(predictions: Path, truth: Path, click_window: float = 120.0,
     return out
 
 
+def load_scored(predictions: Path, truth: Path, click_window: float = 120.0
+                ) -> dict[str, np.ndarray]:
+    """The served predictions joined with the truth, in file order: impression time `ts`,
+    `pctr`, the true CTR `ctr` and the window `label` (the columns `evaluate` scores)."""
+    with open(truth, "rb") as f:
+        ts_of = {t["impression_id"]: float(t["ts"]) for t in map(orjson.loads, f)}
+    truth_map = load_truth(truth, click_window)
+    rows = []
+    with open(predictions, "rb") as f:
+        for line in f:
+            p = orjson.loads(line)
+            t = truth_map.get(p["impression_id"])
+            if t is not None:
+                rows.append((ts_of[p["impression_id"]], float(p["pctr"]), t[0], float(t[1])))
+    a = np.asarray(rows, np.float64).reshape(-1, 4)
+    return {"ts": a[:, 0], "pctr": a[:, 1], "ctr": a[:, 2], "label": a[:, 3]}
+
+
+def calibration_bins(pred: np.ndarray, actual: np.ndarray, n_bins: int = 10
+                     ) -> list[dict[str, float]]:
+    """Reliability bins: the predictions split at their quantiles into up to `n_bins` bins
+    of about equal count; per bin the mean prediction, the mean `actual` (labels or true
+    rates) and the count. Equal counts, not equal widths: pCTRs crowd near the base rate."""
+    pr = np.asarray(pred, np.float64)
+    ac = np.asarray(actual, np.float64)
+    order = np.argsort(pr, kind="mergesort")
+    return [{"pred": float(pr[ix].mean()), "actual": float(ac[ix].mean()), "n": int(ix.size)}
+            for ix in np.array_split(order, min(n_bins, pr.size)) if ix.size]
+
+
+def over_time(ts: np.ndarray, pred: np.ndarray, ctr: np.ndarray, label: np.ndarray,
+              n_buckets: int = 20) -> list[dict[str, float]]:
+    """The served predictions per equal span of event time: AUC against the window labels
+    and the oracle's (the true CTR as the score), mean pCTR, mean true CTR and the label
+    rate (NaN AUCs where a span has no click or only clicks)."""
+    if ts.size == 0:
+        return []
+    t0, t1 = float(ts.min()), float(ts.max())
+    span = (t1 - t0) / n_buckets or 1.0
+    k = np.minimum(((ts - t0) // span).astype(np.int64), n_buckets - 1)
+    return [{"start_ts": t0 + b * span, "impressions": int(m.sum()),
+             "auc": auc(label[m], pred[m]), "oracle_auc": auc(label[m], ctr[m]),
+             "mean_pctr": float(pred[m].mean()), "mean_ctr": float(ctr[m].mean()),
+             "label_rate": float(label[m].mean())}
+            for b in np.unique(k).tolist() for m in [k == b]]
+
+
 def load_cvr_truth(path: Path, conversion_type: str | None = None
                    ) -> dict[str, tuple[float, int, float, float, bool]]:
     """impression_id -> (true cvr, eventually converted, impression ts, ad created ts, bursty)
