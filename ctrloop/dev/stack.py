@@ -39,7 +39,9 @@ from typing import IO, Any
 
 import httpx
 
+from ctrloop.core import plots
 from ctrloop.core.errors import ConfigError, CtrloopError
+from ctrloop.core.plots import write_svg
 from ctrloop.dev.localservers import (
     HOST,
     BinaryNotFoundError,
@@ -71,6 +73,7 @@ LOCK_NAME = "stack.lock"
 # every view interval, served to the dashboard (service/routes/dashboard.py reads the path from
 # CTRLOOP_SIM_STATUS_FILE).
 SIM_STATUS_NAME = "sim-status.json"
+VIEW_WIDTH = 100  # columns: every line the stack prints fits (issue 15)
 SIM_STATUS_KEEP = 720  # timeline buckets and AUC points kept: 2 h of 10 s buckets
 
 
@@ -342,9 +345,10 @@ class Stack:
         self.urls: _Urls | None = None
         self.exit_codes: dict[str, int | None] = {}
         self.sim_status = config.workdir / SIM_STATUS_NAME
+        self.view = LiveView(out)
 
     def say(self, msg: str) -> None:
-        print(msg, file=self.out, flush=True)
+        self.view.say(msg)
 
     def start(self) -> _Urls:
         cfg = self.config
@@ -460,8 +464,8 @@ class Stack:
 
 # ---------------------------------------------------------------------------- live view
 
-def _fmt_pct(x: float | None) -> str:
-    return "  -  " if x is None or not math.isfinite(x) else f"{100 * x:.2f}%"
+def _fmt_pct(x: float | None, digits: int = 2) -> str:
+    return "-" if x is None or not math.isfinite(x) else f"{100 * x:.{digits}f}%"
 
 
 def _fmt(x: float | None, spec: str = ".3f") -> str:
@@ -480,23 +484,186 @@ def model_line(models: dict[str, Any] | None) -> str:
             f" trainer AUC {_fmt(m.get('auc'))}")
 
 
+def served_text(models: dict[str, Any] | None, now: float) -> str:
+    """The served model in a few words: version, how long ago it was published, samples.
+
+    No trainer metric: the trainer's AUC is progressive (each event scored before it is
+    learned, in learning order), so it starts low and climbs whatever the served model does.
+    """
+    if not models:
+        return "model ?"
+    s = models.get("serving", {})
+    if s.get("status") == "prior":
+        return "model prior (none trained yet)"
+    pinned = " pinned" if s.get("status") == "pinned" else ""
+    return (f"model v{s.get('version')}{pinned} {_age(s.get('published_at'), now)} old, "
+            f"{_count(s.get('samples_seen'))} samples")
+
+
+def _age(published_at: float | None, now: float) -> str:
+    if published_at is None or not math.isfinite(published_at):
+        return "?"
+    age = max(now - published_at, 0.0)
+    return f"{age:.0f} s" if age < 120 else f"{age / 60:.0f} min"
+
+
+def _count(n: int | None) -> str:
+    if n is None:
+        return "?"
+    return f"{n / 1e6:.1f}M" if n >= 1e6 else f"{n / 1e3:.1f}k" if n >= 1e4 else f"{n:,}"
+
+
+@dataclass(frozen=True)
+class ViewRow:
+    """One report of the live view: what the plain lines and the live table show."""
+
+    elapsed_s: float
+    requests_per_s: float
+    events_per_s: float
+    model: str  # served_text()
+    version: str  # "v12", "prior" or "?"
+    age: str
+    ctr: float | None  # expected CTR served in the latest full bucket
+    oracle_ctr: float | None
+    random_ctr: float | None
+    auc: float | None  # served pCTR vs the true CTR, last LAST_WINDOW_S
+    logloss: float | None  # served pCTR vs the true CTR, last LAST_WINDOW_S
+    best_logloss: float | None  # the true CTR's own
+    explored: float | None  # share of requests ranked by a posterior sample
+    explore_cost: float | None  # mean value given up per explored request
+    errors: int  # failed score requests
+    # Data the trainer will never see: impressions not logged, events the service refused,
+    # messages the trainer dead-lettered (as of the served model's record).
+    lost: int
+
+
+def view_row(snap: dict[str, Any], rates: dict[str, float], models: dict[str, Any] | None,
+             served_auc: dict[str, Any], bucket: dict[str, Any] | None,
+             now: float | None = None) -> ViewRow:
+    b = bucket or {}
+    now = time.time() if now is None else now
+    s = (models or {}).get("serving", {})
+    version = "?" if not models else ("prior" if s.get("status") == "prior"
+                                      else f"v{s.get('version')}")
+    age = "-" if version in ("?", "prior") else _age(s.get("published_at"), now)
+    return ViewRow(
+        snap["elapsed_s"], rates["requests_per_s"], rates["events_per_s"],
+        served_text(models, now), version, age, b.get("expected_ctr"), b.get("oracle_ctr"),
+        b.get("random_ctr"), served_auc.get("auc_true_ctr"),
+        served_auc.get("logloss_true_ctr"), served_auc.get("oracle_logloss_true_ctr"),
+        b.get("explored_share"), b.get("explore_cost"), sum(snap["score_errors"].values()),
+        snap["impressions_unlogged"] + snap["events_rejected"]
+        + int((s.get("trainer") or {}).get("dead_lettered") or 0))
+
+
+def plain_lines(r: ViewRow) -> list[str]:
+    """A report as two lines of at most VIEW_WIDTH columns: traffic and the served model,
+    then what the served model is worth on fresh traffic (the simulator knows the truth)."""
+    return [f"[{r.elapsed_s:5.0f}s] req/s {r.requests_per_s:5.1f} events/s "
+            f"{_fmt(r.events_per_s, '5.1f')} | {r.model} | errors {r.errors} lost {r.lost}"
+            [:VIEW_WIDTH],
+            f"  CTR {_fmt_pct(r.ctr)} (oracle {_fmt_pct(r.oracle_ctr)}, random "
+            f"{_fmt_pct(r.random_ctr)}) | AUC {_fmt(r.auc)} logloss {_fmt(r.logloss, '.4f')} "
+            f"(best {_fmt(r.best_logloss, '.4f')}) | explored {_fmt_pct(r.explored, 0)}"
+            [:VIEW_WIDTH]]
+
+
 def view_line(snap: dict[str, Any], rates: dict[str, float], models: dict[str, Any] | None,
-              served_auc: dict[str, Any], bucket: dict[str, Any] | None) -> str:
-    """One live-view line: traffic, the served model, CTRs and the served pCTR's AUC.
+              served_auc: dict[str, Any], bucket: dict[str, Any] | None,
+              now: float | None = None) -> str:
+    """One report of the plain view (two lines).
 
     CTRs are the expected ones (true CTR of what was shown) of the latest full bucket: clicks
     come seconds to minutes after their impression, so a recent bucket's realised CTR is
-    still incomplete; the realised CTR is shown over the whole run instead.
+    still incomplete. AUC and log loss are the served pCTR's against the true CTR over the
+    last LAST_WINDOW_S of impressions.
     """
-    b = bucket or {}
-    return (f"[{snap['elapsed_s']:5.0f}s] req/s {rates['requests_per_s']:5.1f} "
-            f"events/s {rates['events_per_s']:4.1f} | {model_line(models)} | CTR served "
-            f"{_fmt_pct(b.get('expected_ctr'))} oracle {_fmt_pct(b.get('oracle_ctr'))} "
-            f"random {_fmt_pct(b.get('random_ctr'))} realised so far "
-            f"{_fmt_pct(snap.get('realised_ctr'))} | served AUC "
-            f"{_fmt(served_auc.get('auc_true_ctr'))} (n={served_auc.get('n', 0)})"
-            f" | p99 {_fmt(snap['latency_p99_ms'], '.0f')} ms"
-            f" errors {sum(snap['score_errors'].values())}")
+    return "\n".join(plain_lines(view_row(snap, rates, models, served_auc, bucket, now)))
+
+
+VIEW_HELP = ("Every {interval:g} s: CTR = expected CTR of the ads served in the last full "
+             "10 s (true CTR of\neach shown ad), vs the best and a random choice; AUC and "
+             "logloss = served pCTR\nagainst the true CTR over the last {fresh:g} s (0.5 "
+             "= a constant; best = the truth's own\nlogloss); explored = share of requests "
+             "ranked by a posterior sample; lost = impressions not\nlogged + events refused "
+             "+ messages the trainer dead-lettered.")
+
+
+class LiveView:
+    """The stack's live view: a rich table redrawn in place on a terminal, plain lines
+    (at most VIEW_WIDTH columns, no escape codes) anywhere else: a pipe, a file, CI."""
+
+    def __init__(self, out: IO[str], interactive: bool | None = None,
+                 keep_rows: int = 12) -> None:
+        self.out = out
+        self.interactive = _is_terminal(out) if interactive is None else interactive
+        self.rows: list[ViewRow] = []
+        self.keep_rows = keep_rows
+        self._live: Any = None
+        self._console: Any = None
+        if self.interactive:
+            from rich.console import Console
+
+            width = min(shutil.get_terminal_size((VIEW_WIDTH, 24)).columns, VIEW_WIDTH)
+            self._console = Console(file=out, width=width, force_terminal=True,
+                                    highlight=False)
+
+    def say(self, msg: str) -> None:
+        if self._console is not None:
+            self._console.print(msg, markup=False, highlight=False, soft_wrap=True)
+        else:
+            print(msg, file=self.out, flush=True)
+
+    def add(self, row: ViewRow) -> None:
+        self.rows.append(row)
+        if self._console is None:
+            for line in plain_lines(row):
+                print(line, file=self.out, flush=True)
+            return
+        if self._live is None:
+            from rich.live import Live
+
+            self._live = Live(self.table(), console=self._console, auto_refresh=False,
+                              redirect_stdout=False, redirect_stderr=False)
+            self._live.start()
+        self._live.update(self.table(), refresh=True)
+
+    def table(self) -> Any:
+        return live_table(self.rows[-self.keep_rows:])
+
+    def close(self) -> None:
+        if self._live is not None:
+            self._live.stop()  # the last table stays on the screen
+            self._live = None
+
+
+def live_table(rows: list[ViewRow]) -> Any:
+    """The rich table of the latest reports, one row each, fitting VIEW_WIDTH columns."""
+    from rich.table import Table
+
+    # One space between columns (no vertical rules): 14 columns fit 100 without truncation.
+    # No box: rich's boxes add a column of rule per column, and 14 columns then no longer fit
+    # 100 (the numbers get cut to "4.0…"); one space between columns does.
+    t = Table(box=None, pad_edge=False, padding=(0, 1), collapse_padding=True,
+              header_style="bold underline", title="the served model on fresh simulated "
+              "traffic", title_justify="left")
+    for name in ("time", "req/s", "ev/s", "model", "age", "CTR", "oracle", "random",
+                 "AUC", "logloss", "best", "explored", "errors", "lost"):
+        t.add_column(name, justify="left" if name == "model" else "right", no_wrap=True)
+    for r in rows:
+        t.add_row(f"{r.elapsed_s:.0f}s", _fmt(r.requests_per_s, ".1f"),
+                  _fmt(r.events_per_s, ".1f"), r.version, r.age, _fmt_pct(r.ctr),
+                  _fmt_pct(r.oracle_ctr), _fmt_pct(r.random_ctr), _fmt(r.auc),
+                  _fmt(r.logloss, ".4f"), _fmt(r.best_logloss, ".4f"),
+                  _fmt_pct(r.explored, 0), str(r.errors), str(r.lost))
+    return t
+
+
+def _is_terminal(out: IO[str]) -> bool:
+    try:
+        return out.isatty() and os.environ.get("TERM") != "dumb"
+    except (AttributeError, ValueError):
+        return False
 
 
 def write_sim_status(path: Path, stats: DriverStats, snap: dict[str, Any],
@@ -571,8 +738,9 @@ async def _live(run: _Run, client: httpx.AsyncClient) -> None:
         bucket = _latest_full(driver.stats.timeline(), snap["elapsed_s"],
                               driver.stats.bucket_s)
         fresh = driver.stats.served_auc_last(LAST_WINDOW_S)
-        stack.say(view_line(snap, rates, models, fresh, bucket))
-        run.fresh_auc.append({"t": driver.stats.started_at + snap["elapsed_s"], **fresh})
+        now = driver.stats.started_at + snap["elapsed_s"]
+        stack.view.add(view_row(snap, rates, models, fresh, bucket, now))
+        run.fresh_auc.append({"t": now, "t_s": snap["elapsed_s"], **fresh})
         try:
             write_sim_status(stack.sim_status, driver.stats, snap, run.fresh_auc)
         except OSError as e:  # the dashboard shows the status as stale; the stack goes on
@@ -608,7 +776,7 @@ async def _watch_only(run: _Run, client: httpx.AsyncClient, stop: asyncio.Event)
         models = await fetch_models(client, stack.urls.service)
         elapsed = time.monotonic() - t0
         run.record_models(models, elapsed)
-        stack.say(f"[{elapsed:6.0f}s] {model_line(models)}")
+        stack.say(f"[{elapsed:5.0f}s] {served_text(models, time.time())}")
 
 
 async def _run_live(run: _Run) -> None:
@@ -664,11 +832,9 @@ def _run_locked(config: StackConfig, out: IO[str]) -> dict[str, Any]:
                 run.driver = LiveDriver(urls.service, DriverConfig(
                     rate=config.rate, seed=config.seed, explore=config.explore,
                     conversion_mix=config.conversion_mix))
-                stack.say(f"simulated traffic: {config.rate:g} requests/s. Every "
-                          f"{config.view_interval_s:g} s: the expected CTR of the ads served "
-                          "in the last full 10 s (vs the best and a random choice), and the "
-                          f"served pCTR's AUC against the true CTR over the last "
-                          f"{LAST_WINDOW_S:g} s")
+                stack.say(f"simulated traffic: {config.rate:g} requests/s. "
+                          + VIEW_HELP.format(interval=config.view_interval_s,
+                                             fresh=LAST_WINDOW_S))
             asyncio.run(_run_live(run))
             interrupted = stack.stop.requested
     except KeyboardInterrupt:
@@ -676,17 +842,29 @@ def _run_locked(config: StackConfig, out: IO[str]) -> dict[str, Any]:
     except (ServerError, OSError) as e:
         raise StackError(f"the stack could not start: {e}") from e
     finally:
+        stack.view.close()
         with _signals_ignored():
             stack.say("stopping the stack ...")
             t_stop = time.time()
             stack.close()
             stack.say(f"stopped every process in {time.time() - t_stop:.1f} s")
+    summary = _finish(run, config, t0, interrupted)
+    if run.error:
+        raise StackError(run.error)
+    return summary
+
+
+def _finish(run: _Run, config: StackConfig, t0: float, interrupted: bool) -> dict[str, Any]:
+    """The end of a run: the summary file and its text, the plots and their paths."""
     summary = build_summary(run, t0, interrupted)
     path = config.workdir / "stack-summary.json"
     path.write_text(json.dumps(_finite(summary), indent=2, default=str))
-    stack.say(summary_text(summary, path))
-    if run.error:
-        raise StackError(run.error)
+    run.stack.say(summary_text(summary, path))
+    if summary.get("timeline"):
+        # From the saved form (NaN as None), so a plot can always be redrawn from the file.
+        saved = json.loads(json.dumps(_finite(summary), default=str))
+        paths = write_stack_plots(saved, config.workdir / "plots")
+        run.stack.say("plots:\n" + "\n".join(f"  {p}" for p in paths))
     return summary
 
 
@@ -715,11 +893,13 @@ def build_summary(run: _Run, t0: float, interrupted: bool) -> dict[str, Any]:
         timeline = stats.timeline()
         out.update(final=run.driver.snapshot(), served_auc=stats.served_auc(),
                    served_auc_last=stats.served_auc_last(LAST_WINDOW_S), ctr=ctr_lift(timeline),
-                   timeline=timeline)
+                   timeline=timeline, fresh_auc=run.fresh_auc,
+                   calibration=stats.calibration())
     return out
 
 
 def summary_text(summary: dict[str, Any], path: Path) -> str:
+    """The end of a run in lines of at most VIEW_WIDTH columns (a long path aside)."""
     lines = [f"summary written to {path}"]
     final = summary.get("final")
     if final is None:
@@ -727,20 +907,71 @@ def summary_text(summary: dict[str, Any], path: Path) -> str:
     ctr = summary["ctr"]
     first = final.get("first_trained_s")
     lines.append(f"  {final['requests']:,} requests, {final['impressions']:,} impressions, "
-                 f"{final['clicks_sent']:,} clicks sent; first trained model served after "
+                 f"{final['clicks_sent']:,} clicks sent; first trained model at "
                  f"{'-' if first is None else f'{first:.0f} s'}")
     p, t = ctr["prior"], ctr["trained"]
     if ctr["rose"]:
-        verdict = f"CTR rose: expected CTR {ctr['expected_lift']:+.0%}"
+        verdict = f"CTR rose {ctr['expected_lift']:+.0%}"
     elif not t["impressions"]:
         verdict = "no trained model served long enough to compare (run longer)"
     else:
         verdict = "CTR did not rise"
-    lines.append(f"  {verdict}: prior-served {_fmt_pct(p['expected_ctr'])} -> trained-served "
+    lines.append(f"  {verdict}: prior {_fmt_pct(p['expected_ctr'])} -> trained "
                  f"{_fmt_pct(t['expected_ctr'])} (oracle {_fmt_pct(t['oracle_ctr'])}, random "
                  f"{_fmt_pct(t['random_ctr'])})")
-    auc = summary["served_auc"]
-    lines.append(f"  served pCTR AUC on {auc['n']:,} trained-model impressions: vs ad appeal "
-                 f"{_fmt(auc['auc_ad_appeal'])}, vs true CTR {_fmt(auc['auc_true_ctr'])}, "
-                 f"vs clicks {_fmt(auc['auc_clicks'])}")
+    last, whole = summary["served_auc_last"], summary["served_auc"]
+    lines.append(f"  served pCTR vs true CTR: AUC {_fmt(last['auc_true_ctr'])} over the last "
+                 f"{LAST_WINDOW_S:g} s ({last['n']:,} impressions), {_fmt(whole['auc_true_ctr'])}"
+                 f" over {whole['n']:,}")
+    lines.append(f"    (the truth's own AUC {_fmt(last['oracle_auc_true_ctr'])}); logloss "
+                 f"{_fmt(last.get('logloss_true_ctr'), '.4f')} (best "
+                 f"{_fmt(last.get('oracle_logloss_true_ctr'), '.4f')}); mean pCTR "
+                 f"{_fmt_pct(last.get('mean_pctr'))} vs true {_fmt_pct(last.get('mean_true_ctr'))}")
+    lines.append(f"  failed requests {sum(final['score_errors'].values())}, impressions not "
+                 f"logged {final.get('impressions_unlogged', 0)}, events refused "
+                 f"{final['events_rejected']}, events still pending {final['pending_events']}")
     return "\n".join(lines)
+
+
+def write_stack_plots(summary: dict[str, Any], out_dir: Path) -> list[Path]:
+    """SVG plots of a run from its summary: CTR over time against the oracle and random,
+    the served AUC on fresh traffic, calibration of the served pCTR, model versions."""
+    timeline = summary["timeline"]
+    t = [b["start_s"] for b in timeline]
+    out = [write_svg(out_dir / "ctr.svg", plots.line_chart(
+        "Expected CTR of the served ads, per 10 s bucket",
+        [plots.Series("served", t, [b["expected_ctr"] for b in timeline]),
+         plots.Series("oracle (best ranking)", t, [b["oracle_ctr"] for b in timeline], True),
+         plots.Series("random ranking", t, [b["random_ctr"] for b in timeline], True)],
+        "seconds since traffic started", "CTR", y_fmt=plots.pct(1), y_min=0.0))]
+    fresh = summary.get("fresh_auc") or []
+    ft = [r["t_s"] for r in fresh]
+    out.append(write_svg(out_dir / "fresh-auc.svg", plots.line_chart(
+        f"Served pCTR's AUC against the true CTR, last {LAST_WINDOW_S:g} s of impressions",
+        [plots.Series("served model", ft, [r["auc_true_ctr"] for r in fresh]),
+         plots.Series("the true CTR as the score", ft,
+                      [r["oracle_auc_true_ctr"] for r in fresh], True)],
+        "seconds since traffic started", "AUC")))
+    bins = (summary.get("calibration") or {}).get("bins", [])
+    out.append(write_svg(out_dir / "calibration.svg", plots.calibration_chart(
+        "Calibration of the served pCTR (trained models, latest impressions)",
+        [plots.Series("pCTR deciles", [b["pred"] for b in bins],
+                      [b["actual"] for b in bins])],
+        y_label="true CTR at the shown position")))
+    served = [m for m in summary.get("models", []) if _version_number(m) is not None]
+    out.append(write_svg(out_dir / "versions.svg", plots.line_chart(
+        "Served model version (trained models)",
+        [plots.Series("version", [m["t_s"] for m in served],
+                      [_version_number(m) for m in served])],
+        "seconds since traffic started", "version", y_fmt=lambda v: f"v{v:g}")))
+    return out
+
+
+def _version_number(model: dict[str, Any]) -> float | None:
+    """A trained or pinned model's version as a number; None for the prior (or odd ones)."""
+    if model.get("status") == "prior":
+        return None
+    try:
+        return float(model["version"])
+    except (KeyError, TypeError, ValueError):
+        return None

@@ -37,6 +37,7 @@ import httpx
 import numpy as np
 import orjson
 
+from ctrloop.core.evaluate import calibration_bins
 from ctrloop.core.metrics import auc
 from ctrloop.sim.world import (
     CONVERSION_MIXES,
@@ -104,6 +105,16 @@ def expected_auc(scores: np.ndarray, probs: np.ndarray) -> float:
     return float(wins.sum() / denom) if denom > 0 else float("nan")
 
 
+def expected_logloss(pred: np.ndarray, probs: np.ndarray, eps: float = 1e-7) -> float:
+    """Mean log loss of `pred` against labels drawn as Bernoulli(`probs`), without the
+    draw's noise: -mean(p log q + (1 - p) log(1 - q)). NaN when empty."""
+    q = np.clip(np.asarray(pred, np.float64), eps, 1.0 - eps)
+    p = np.asarray(probs, np.float64)
+    if q.size == 0:
+        return float("nan")
+    return float(-np.mean(p * np.log(q) + (1.0 - p) * np.log1p(-q)))
+
+
 def percentile_ms(values: Sequence[float], q: float) -> float:
     """The q-th percentile of seconds, in milliseconds; NaN when empty."""
     if not values:
@@ -130,6 +141,8 @@ class Bucket:
     oracle_sum: float = 0.0
     random_sum: float = 0.0
     pctr_sum: float = 0.0
+    explored: int = 0  # requests the service ranked by a posterior sample
+    explore_cost_sum: float = 0.0  # their `exploration.cost` (value given up vs greedy)
     versions: Counter[str] = field(default_factory=Counter)  # impressions per model version
     statuses: Counter[str] = field(default_factory=Counter)  # impressions per model status
 
@@ -144,6 +157,8 @@ class Bucket:
             "oracle_ctr": _ratio(self.oracle_sum, n),
             "random_ctr": _ratio(self.random_sum, n),
             "mean_pctr": _ratio(self.pctr_sum, n),
+            "explored_share": _ratio(self.explored, self.requests),
+            "explore_cost": _ratio(self.explore_cost_sum, self.explored),
             "versions": dict(self.versions), "statuses": dict(self.statuses),
         }
 
@@ -178,6 +193,7 @@ class DriverStats:
     event_posts: int = 0
     event_retries: int = 0
     events_rejected: int = 0
+    impressions_unlogged: int = 0  # shown but not logged (Kafka down): their clicks are lost
     in_flight: int = 0
     score_errors: Counter[str] = field(default_factory=Counter)
     latencies: deque[float] = field(default_factory=lambda: deque(maxlen=LATENCY_WINDOW))
@@ -196,10 +212,15 @@ class DriverStats:
         return b
 
     def record_request(self, ts: float, served: Sequence[Served], oracle_sum: float,
-                       random_sum: float, latency_s: float) -> None:
-        """One scored request: its shown impressions, and what oracle/random would get."""
+                       random_sum: float, latency_s: float, explore_cost: float | None = None
+                       ) -> None:
+        """One scored request: its shown impressions, and what oracle/random would get;
+        `explore_cost` is given when the service explored (its reported cost, 0 if none)."""
         b = self.bucket(ts)
         b.requests += 1
+        if explore_cost is not None:
+            b.explored += 1
+            b.explore_cost_sum += explore_cost
         self.requests += 1
         self.latencies.append(latency_s)
         b.oracle_sum += oracle_sum
@@ -236,6 +257,16 @@ class DriverStats:
             "random_ctr": _ratio(sum(b.random_sum for b in bs), n),
         }
 
+    def calibration(self, n_bins: int = 10,
+                    statuses: Sequence[str] = ("trained", "pinned")) -> dict[str, Any]:
+        """Reliability of the served pCTR over the kept impressions of a trained model:
+        per pCTR quantile bin, the mean pCTR and the mean true CTR at the shown position
+        (what the clicks will average to, without their noise)."""
+        rows = [s for s in self.recent if s.status in statuses]
+        pctr = np.fromiter((s.pctr for s in rows), np.float64, len(rows))
+        true_ctr = np.fromiter((s.true_ctr for s in rows), np.float64, len(rows))
+        return {"n": len(rows), "bins": calibration_bins(pctr, true_ctr, n_bins)}
+
     def served_auc(self, statuses: Sequence[str] = ("trained", "pinned"),
                    since: float | None = None) -> dict[str, Any]:
         """AUC of the served pCTR over the kept impressions scored by a model in `statuses`
@@ -250,7 +281,9 @@ class DriverStats:
         rows = [s for s in self.recent if s.status in statuses and s.ts >= start]
         if not rows:
             return {"n": 0, "clicks": 0, "auc_clicks": math.nan, "auc_true_ctr": math.nan,
-                    "auc_ad_appeal": math.nan, "oracle_auc_true_ctr": math.nan}
+                    "auc_ad_appeal": math.nan, "oracle_auc_true_ctr": math.nan,
+                    "logloss_true_ctr": math.nan, "oracle_logloss_true_ctr": math.nan,
+                    "mean_pctr": math.nan, "mean_true_ctr": math.nan}
         pctr = np.fromiter((s.pctr for s in rows), np.float64, len(rows))
         clicked = np.fromiter((s.clicked for s in rows), np.float64, len(rows))
         true_ctr = np.fromiter((s.true_ctr for s in rows), np.float64, len(rows))
@@ -259,7 +292,12 @@ class DriverStats:
                 "auc_true_ctr": expected_auc(pctr, true_ctr),
                 "auc_ad_appeal": expected_auc(pctr, base),
                 # The ceiling: the truth's own AUC (its position-1 CTR as the score).
-                "oracle_auc_true_ctr": expected_auc(base, true_ctr)}
+                "oracle_auc_true_ctr": expected_auc(base, true_ctr),
+                # Log loss against the true CTR (expected over the click draw); the truth's
+                # own is the floor. Unlike the AUC it sees calibration.
+                "logloss_true_ctr": expected_logloss(pctr, true_ctr),
+                "oracle_logloss_true_ctr": expected_logloss(true_ctr, true_ctr),
+                "mean_pctr": float(pctr.mean()), "mean_true_ctr": float(true_ctr.mean())}
 
     def served_auc_last(self, seconds: float) -> dict[str, Any]:
         """`served_auc` over the impressions of the last `seconds` of traffic."""
@@ -284,6 +322,7 @@ class DriverStats:
             "events_per_s": (self.clicks_sent + self.conversions_sent) / elapsed,
             "event_posts": self.event_posts, "event_retries": self.event_retries,
             "events_rejected": self.events_rejected,
+            "impressions_unlogged": self.impressions_unlogged,
             "score_errors": dict(self.score_errors), "in_flight": self.in_flight,
             "latency_p50_ms": percentile_ms(lat, 50), "latency_p99_ms": percentile_ms(lat, 99),
             "first_trained_s": (None if self.first_trained_at is None
@@ -530,9 +569,14 @@ class LiveDriver:
             if click_ts is not None and c.get("impression_id"):
                 self._schedule_click(request, ad, str(c["impression_id"]), click_ts)
         n = len(served)
+        if not answer.get("logged", True):
+            self.stats.impressions_unlogged += n
+        cost = None
+        if answer.get("explored"):
+            cost = float((answer.get("exploration") or {}).get("cost") or 0.0)
         self.stats.record_request(
             request.ts, served, oracle_ctr_sum(base, self._position_bias, n),
-            random_ctr_sum(base, self._position_bias, n), latency)
+            random_ctr_sum(base, self._position_bias, n), latency, explore_cost=cost)
 
     def _schedule_click(self, request: Request, ad: Ad, impression_id: str,
                         click_ts: float) -> None:
