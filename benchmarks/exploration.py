@@ -56,7 +56,7 @@ from ctrloop.core.events import Click, Impression
 from ctrloop.core.features import FeatureEncoder, FeatureSpec
 from ctrloop.core.joining import JoinerConfig
 from ctrloop.core.models import CTRModel
-from ctrloop.core.snapshot import build_from_snapshot, decode_snapshot, encode_snapshot
+from ctrloop.core.snapshot import build_from_snapshot, decode_snapshot
 from ctrloop.sim.world import RequestBatch, World, WorldConfig, seed_sequence
 from ctrloop.trainer.pipeline import Pipeline, PipelineConfig
 
@@ -96,13 +96,18 @@ class LoopConfig:
     candidates_max: int = 12
     n_users: int = 20_000
     bucket_s: float = 300.0  # timeline resolution
+    ad_quality_sd: float = 0.5  # spread of the per-ad effect: large = strong incumbents
+    # Never-trained ad rows get their cohort's mean (the trainer's default, issue 11); False:
+    # they keep their init (~0), as before that change.
+    cohort_prior: bool = True
 
     def world(self) -> WorldConfig:
         return WorldConfig(seed=self.seed, impressions_per_second=self.rate, slot_probs=(1.0,),
                            position_bias=(1.0,), candidates_min=self.candidates_min,
                            candidates_max=self.candidates_max, n_users=self.n_users,
                            ad_pool_size=self.ad_pool_size,
-                           ad_churn_per_hour=self.churn_per_hour, base_ctr=self.base_ctr)
+                           ad_churn_per_hour=self.churn_per_hour, base_ctr=self.base_ctr,
+                           ad_quality_sd=self.ad_quality_sd)
 
     def pipeline(self) -> PipelineConfig:
         return PipelineConfig(publish_interval=self.publish_interval,
@@ -334,6 +339,11 @@ class Tally:
     new_ad_impressions: int = 0
     new_ad_clicks: int = 0
     new_ad_oracle_picks: int = 0  # requests where the oracle's best is a first-day new ad
+    # Is a never-seen ad's served mean optimistic? Over candidates scored by a snapshot with a
+    # posterior: served mean logit and true logit, for ads whose ad.id row has no evidence
+    # ("unseen") and for the others ("seen"): [count, sum served logit, sum true logit].
+    unseen: list[float] = field(default_factory=lambda: [0.0, 0.0, 0.0])
+    seen: list[float] = field(default_factory=lambda: [0.0, 0.0, 0.0])
     timeline: list[dict[str, float]] = field(default_factory=list)
 
 
@@ -355,12 +365,15 @@ class Loop:
         def publish(pipe: Pipeline, clock: float) -> str:
             # The service's path: bytes out, verified decode, rebuilt for inference.
             versions[0] += 1
-            blob = encode_snapshot(pipe.learner.model, versions[0], {"event_time": clock})
+            blob = pipe.ctr.snapshot(versions[0], {"event_time": clock})
             served[0] = build_from_snapshot(decode_snapshot(blob), inference=True)
             return str(versions[0])
 
         pcfg = cfg.pipeline()
         pipe = None if is_vw else Pipeline(self.spec, pcfg, publisher=publish, seed=cfg.seed)
+        self.pipeline, self.served = pipe, served  # the last run's, for inspection
+        if pipe is not None and not cfg.cohort_prior:
+            pipe.ctr.cohort_prior_fields = ()  # before issue 11: unseen rows stay at their init
         tally = Tally()
         start_ts = world.config.start_ts
         created = np.zeros(0)
@@ -380,6 +393,7 @@ class Loop:
                 assert pipe is not None
                 rows = self._encode(encoder, world, chunk)
                 chosen, _ = policy.choose(served[0], rows, chunk)
+                self._optimism(served[0], rows, chunk, tally)
             idx = np.arange(len(chunk))
             shown_ctr = chunk.ctr[idx, chosen]
             best = np.argmax(chunk.ctr, axis=1)
@@ -413,8 +427,30 @@ class Loop:
                    ctr=tally.clicks / max(tally.requests, 1),
                    expected_ctr=tally.expected_clicks / max(tally.requests, 1),
                    oracle_ctr=tally.oracle_clicks / max(tally.requests, 1),
-                   new_ads=world.n_new_ads, publications=versions[0])
+                   new_ads=world.n_new_ads, publications=versions[0],
+                   regret_per_1k=1000.0 * tally.regret / max(tally.requests, 1))
+        for name in ("unseen", "seen"):
+            n, served_sum, true_sum = getattr(tally, name)
+            out[f"{name}_served_logit"] = served_sum / n if n else None
+            out[f"{name}_true_logit"] = true_sum / n if n else None
         return out
+
+    def _optimism(self, model: CTRModel | None, rows: torch.Tensor, chunk: Chunk,
+                  tally: Tally) -> None:
+        """Served vs true mean logit of unseen and seen ads (see Tally)."""
+        post = None if model is None else model.posterior
+        if model is None or post is None:
+            return
+        col = self.spec.names.index("ad.id")
+        with torch.inference_mode():
+            mu = model(rows).double().numpy()
+            unseen = (post.evidence(rows[:, col]) == 0).numpy()
+        p = np.clip(chunk.ctr[chunk.mask], 1e-9, 1 - 1e-9)
+        true = np.log(p / (1 - p))
+        for acc, m in ((tally.unseen, unseen), (tally.seen, ~unseen)):
+            acc[0] += float(m.sum())
+            acc[1] += float(mu[m].sum())
+            acc[2] += float(true[m].sum())
 
     @staticmethod
     def _encode(encoder: FeatureEncoder, world: World, chunk: Chunk) -> torch.Tensor:
@@ -535,12 +571,52 @@ def svg_plot(results: list[dict[str, Any]], title: str) -> str:
     return "\n".join(parts)
 
 
+# Student t 0.975 quantiles for 1..15 degrees of freedom.
+T975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179,
+        2.160, 2.145, 2.131)
+
+
+def ratio_ci(num: list[float], den: list[float]) -> tuple[float, float, float]:
+    """Mean of per-seed ratios num/den with a 95% t-interval across seeds (NaN for < 2)."""
+    r = np.asarray(num) / np.asarray(den)
+    if r.size < 2:
+        return float(r.mean()), math.nan, math.nan
+    df = r.size - 1
+    t = T975[df - 1] if df <= len(T975) else 1.96 + 2.4 / df  # no scipy in the env
+    half = float(t * r.std(ddof=1) / math.sqrt(r.size))
+    return float(r.mean()), float(r.mean()) - half, float(r.mean()) + half
+
+
+def seeds_table(per_seed: dict[int, list[dict[str, Any]]], against: str = "ts") -> str:
+    """Regret per 1k requests per seed and policy, and `against` / each other policy."""
+    names = [r["policy"] for r in next(iter(per_seed.values())) if "regret" in r]
+    lines = ["| seed | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
+    for seed, res in per_seed.items():
+        by = {r["policy"]: r for r in res if "regret" in r}
+        lines.append(f"| {seed} | " + " | ".join(f"{by[n]['regret_per_1k']:.2f}" for n in names)
+                     + " |")
+    if against in names:
+        for other in (n for n in names if n != against):
+            num = [{r["policy"]: r for r in res}[against]["regret"] for res in per_seed.values()]
+            den = [{r["policy"]: r for r in res}[other]["regret"] for res in per_seed.values()]
+            m, lo, hi = ratio_ci(num, den)
+            lines.append(f"\n{against} / {other}: {m:.3f} (95% CI {lo:.3f}–{hi:.3f}, "
+                         f"{len(num)} seeds)")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     d = LoopConfig()
     ap.add_argument("--hours", type=float, default=d.hours, help="event time simulated")
     ap.add_argument("--rate", type=float, default=d.rate, help="requests per event second")
     ap.add_argument("--seed", type=int, default=d.seed)
+    ap.add_argument("--seeds", help="comma-separated seeds (overrides --seed): every policy "
+                    "on each, then regret per 1k requests and ts / other with a 95%% CI")
+    ap.add_argument("--ad-quality-sd", type=float, default=d.ad_quality_sd,
+                    help="spread of the per-ad effect (larger: stronger incumbents)")
+    ap.add_argument("--no-cohort-prior", action="store_true",
+                    help="publish the learner's model as is: never-trained ad rows stay at 0")
     ap.add_argument("--publish-interval", type=float, default=d.publish_interval)
     ap.add_argument("--pool", type=int, default=d.ad_pool_size, help="active ads")
     ap.add_argument("--churn", type=float, default=d.churn_per_hour,
@@ -553,16 +629,34 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", type=Path, default=Path("runs/exploration"))
     ap.add_argument("--svg", type=Path, help="write the regret plot here too")
     args = ap.parse_args(argv)
-    cfg = LoopConfig(seed=args.seed, hours=args.hours, rate=args.rate,
-                     publish_interval=args.publish_interval, ad_pool_size=args.pool,
-                     churn_per_hour=args.churn, base_ctr=args.base_ctr)
     torch.set_num_threads(1)
     names = [p for p in args.policies.split(",") if p]
     if args.vw_sweep:
         names += [f"vw:{a}" for a in VW_SWEEP if f"vw:{a}" not in names]
-    spec = infer_spec(cfg)
-    loop = Loop(cfg, spec)
-    results = []
+    seeds = [int(x) for x in args.seeds.split(",")] if args.seeds else [args.seed]
+    per_seed: dict[int, list[dict[str, Any]]] = {}
+    for seed in seeds:
+        cfg = LoopConfig(seed=seed, hours=args.hours, rate=args.rate,
+                         publish_interval=args.publish_interval, ad_pool_size=args.pool,
+                         churn_per_hour=args.churn, base_ctr=args.base_ctr,
+                         ad_quality_sd=args.ad_quality_sd, cohort_prior=not args.no_cohort_prior)
+        out = args.out / f"seed-{seed}" if args.seeds else args.out
+        per_seed[seed] = run_seed(cfg, names, out, args.svg if not args.seeds else None)
+    if args.seeds:
+        text = seeds_table(per_seed)
+        (args.out / "seeds.json").write_text(json.dumps(
+            {"seeds": seeds, "policies": names, "table": text,
+             "regret_per_1k": {s: {r["policy"]: r.get("regret_per_1k") for r in res}
+                               for s, res in per_seed.items()}}, indent=2))
+        print(text)
+    return 0
+
+
+def run_seed(cfg: LoopConfig, names: list[str], out: Path, svg_path: Path | None
+             ) -> list[dict[str, Any]]:
+    """Every policy on one seed's world; writes exploration.json and the regret plot."""
+    loop = Loop(cfg, infer_spec(cfg))
+    results: list[dict[str, Any]] = []
     for name in names:
         try:
             r = loop.run(make_policy(name, cfg))
@@ -571,21 +665,27 @@ def main(argv: list[str] | None = None) -> int:
             results.append({"policy": name, "skipped": str(e)})
             continue
         results.append(r)
-        print(f"{name}: regret {r['regret']:.1f}, clicks {r['clicks']}, expected CTR "
-              f"{r['expected_ctr']:.4f} (oracle {r['oracle_ctr']:.4f}), new-ad imps "
-              f"{r['new_ad_impressions']}, {r['seconds']:.0f} s", file=sys.stderr, flush=True)
-    args.out.mkdir(parents=True, exist_ok=True)
+        print(f"seed {cfg.seed} {name}: regret {r['regret']:.1f} ({r['regret_per_1k']:.2f}/1k), "
+              f"clicks {r['clicks']}, expected CTR {r['expected_ctr']:.4f} (oracle "
+              f"{r['oracle_ctr']:.4f}), new-ad imps {r['new_ad_impressions']}, mean logit "
+              f"unseen {_fmt(r['unseen_served_logit'])} (true {_fmt(r['unseen_true_logit'])}) "
+              f"seen {_fmt(r['seen_served_logit'])} (true {_fmt(r['seen_true_logit'])}), "
+              f"{r['seconds']:.0f} s", file=sys.stderr, flush=True)
+    out.mkdir(parents=True, exist_ok=True)
     summary = {"config": asdict(cfg), "results": results, "table": table(results)}
-    (args.out / "exploration.json").write_text(json.dumps(summary, indent=2, default=str))
+    (out / "exploration.json").write_text(json.dumps(summary, indent=2, default=str))
     title = (f"Cumulative regret vs oracle ({cfg.hours:g} h, {cfg.rate:g} req/s, "
              f"seed {cfg.seed})")
     svg = svg_plot(results, title)
-    (args.out / "exploration_regret.svg").write_text(svg)
-    if args.svg is not None:
-        args.svg.write_text(svg)
+    (out / "exploration_regret.svg").write_text(svg)
+    if svg_path is not None:
+        svg_path.write_text(svg)
     print(table(results))
-    return 0
+    return results
 
+
+def _fmt(v: float | None) -> str:
+    return "-" if v is None else f"{v:+.3f}"
 
 if __name__ == "__main__":
     sys.exit(main())

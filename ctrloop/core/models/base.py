@@ -8,7 +8,7 @@ global embedding indices (FeatureEncoder); output: logits [B].
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from contextvars import ContextVar
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -109,6 +109,36 @@ class CTRModel(nn.Module):
         Read-only views of the weights, without the columns that are not embeddings (FwFM's
         linear weight). Default: every HashEmbedding wider than one column, whole."""
         return [t.weight.detach() for t in self.hash_embeddings() if t.weight.shape[1] > 1]
+
+    @torch.no_grad()
+    def fill_unseen_rows(self, fields: Collection[str]) -> int:
+        """Give every never-trained row of `fields` the mean of its field's trained rows, in
+        every hashed table (linear column included); return how many rows were filled.
+
+        Why (issue 11, docs/exploration.md "Unseen rows"): a row no sample has touched keeps
+        its init (~0), while the rows of learned ads sit below it, so a never-seen ad's mean
+        logit was optimistic and greedy explored by accident. With the cohort mean its served
+        mean is a typical ad's (exactly, for FwFM: the logit is affine in one field's row) and
+        exploration comes from the posterior variance only. Trained = the row's Adagrad
+        accumulator is non-zero (it is for every row a gradient reached), so this needs the
+        learning model, not a served one (no accumulator: nothing is filled). Deterministic;
+        a row later trained starts from the mean it was served with."""
+        spans = [(s, f.buckets) for f, s in zip(self.spec.fields, self.spec.offsets, strict=True)
+                 if f.name in fields]
+        filled = 0
+        for table in self.hash_embeddings():
+            w, acc = table.weight, table.accumulator
+            if w.shape[0] != self.spec.total_buckets or acc.shape != w.shape:
+                continue
+            for start, n in spans:
+                seen = acc[start:start + n].ne(0).any(1)
+                k = int(seen.sum())
+                if k == 0 or k == n:
+                    continue
+                rows = w[start:start + n]
+                rows[~seen] = rows[seen].mean(0)
+                filled += n - k
+        return filled
 
     def field_embeddings(self) -> dict[str, list[torch.Tensor]]:
         """Per field name, that field's rows of each embedding table: [buckets, dim] each, in
