@@ -581,12 +581,14 @@ def view_line(snap: dict[str, Any], rates: dict[str, float], models: dict[str, A
     return "\n".join(plain_lines(view_row(snap, rates, models, served_auc, bucket, now)))
 
 
-VIEW_HELP = ("Every {interval:g} s: CTR = expected CTR of the ads served in the last full "
-             "10 s (true CTR of\neach shown ad), vs the best and a random choice; AUC and "
-             "logloss = served pCTR\nagainst the true CTR over the last {fresh:g} s (0.5 "
-             "= a constant; best = the truth's own\nlogloss); explored = share of requests "
-             "ranked by a posterior sample; lost = impressions not\nlogged + events refused "
-             "+ messages the trainer dead-lettered.")
+VIEW_HELP = """\
+every {interval:g} s, the served model on fresh traffic (the simulator knows the truth):
+  CTR      expected CTR of the ads served in the last full 10 s (true CTR of each shown ad),
+           beside the best ranking's (oracle) and a random one's
+  AUC      served pCTR against the true CTR over the last {fresh:g} s (0.5: a constant's)
+  logloss  the same impressions' log loss against the true CTR (best: the truth's own)
+  explored share of requests ranked by a posterior sample (Thompson sampling)
+  lost     impressions not logged + events refused + messages the trainer dead-lettered"""
 
 
 class LiveView:
@@ -832,7 +834,7 @@ def _run_locked(config: StackConfig, out: IO[str]) -> dict[str, Any]:
                 run.driver = LiveDriver(urls.service, DriverConfig(
                     rate=config.rate, seed=config.seed, explore=config.explore,
                     conversion_mix=config.conversion_mix))
-                stack.say(f"simulated traffic: {config.rate:g} requests/s. "
+                stack.say(f"simulated traffic: {config.rate:g} requests/s;\n"
                           + VIEW_HELP.format(interval=config.view_interval_s,
                                              fresh=LAST_WINDOW_S))
             asyncio.run(_run_live(run))
@@ -920,9 +922,11 @@ def summary_text(summary: dict[str, Any], path: Path) -> str:
                  f"{_fmt_pct(t['expected_ctr'])} (oracle {_fmt_pct(t['oracle_ctr'])}, random "
                  f"{_fmt_pct(t['random_ctr'])})")
     last, whole = summary["served_auc_last"], summary["served_auc"]
+    # The whole run's too, where it is more (the driver keeps the last 20,000 impressions).
+    more = (f", {_fmt(whole['auc_true_ctr'])} over {whole['n']:,}"
+            if whole["n"] > last["n"] else "")
     lines.append(f"  served pCTR vs true CTR: AUC {_fmt(last['auc_true_ctr'])} over the last "
-                 f"{LAST_WINDOW_S:g} s ({last['n']:,} impressions), {_fmt(whole['auc_true_ctr'])}"
-                 f" over {whole['n']:,}")
+                 f"{LAST_WINDOW_S:g} s ({last['n']:,} impressions){more}")
     lines.append(f"    (the truth's own AUC {_fmt(last['oracle_auc_true_ctr'])}); logloss "
                  f"{_fmt(last.get('logloss_true_ctr'), '.4f')} (best "
                  f"{_fmt(last.get('oracle_logloss_true_ctr'), '.4f')}); mean pCTR "

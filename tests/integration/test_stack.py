@@ -235,6 +235,26 @@ def test_ctrl_c_stops_the_stack_and_every_child(learned: StackRun) -> None:
     assert learned.summary()["interrupted"] is True
 
 
+def test_the_output_fits_100_columns_and_ends_with_the_plots(learned: StackRun) -> None:
+    """Not a terminal here: plain lines, no escape codes, none wider than 100 columns (but
+    those naming a path under the test's long temporary directory)."""
+    out = learned.output()
+    assert "\x1b" not in out
+    wide = [ln for ln in out.splitlines() if len(ln) > 100 and str(learned.workdir) not in ln]
+    assert wide == []
+    assert "trainer AUC" not in out
+    assert re.search(r"^  CTR \d+\.\d+% \(oracle \d+\.\d+%, random \d+\.\d+%\) \| AUC 0\.\d+",
+                     out, re.M), out
+    plots = learned.workdir / "plots"
+    for name in ("ctr.svg", "fresh-auc.svg", "calibration.svg", "versions.svg"):
+        svg = (plots / name).read_text()
+        assert svg.startswith("<svg") and f"  {plots / name}" in out.splitlines()
+    timeline = learned.summary()["timeline"]
+    served = re.search(r'data-name="served" points="([^"]*)"', (plots / "ctr.svg").read_text())
+    assert served is not None
+    assert len(served.group(1).split()) == sum(b["expected_ctr"] is not None for b in timeline)
+
+
 def _trained_versions(summary: dict[str, Any]) -> set[int]:
     return {int(v) for b in summary["timeline"] for v in b["versions"] if v != "prior"}
 
