@@ -172,9 +172,7 @@ def test_report_is_bounded_and_sums_up(n_keys: int, top_n: int) -> None:
 
 
 def test_variance_view_has_no_side_effects_and_shows_the_statistic() -> None:
-    # The dispersion rule, for which this test was written: since issue 11 the default wait
-    # rule is "delay" (its view: tests/unit/test_delay_statistic.py).
-    p = VariancePolicy(PolicyConfig(bucket_s=HOUR, window_buckets=4, wait_rule="dispersion"))
+    p = VariancePolicy(PolicyConfig(bucket_s=HOUR, window_buckets=4))
     m = CvrMonitor(MON)
     # Key 1 reports in one burst of 12 (bursty), key 2 one report an hour (streaming).
     for i in range(12):

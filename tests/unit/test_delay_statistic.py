@@ -1,4 +1,4 @@
-"""The variance policy's wait under the "delay" rule (issue 11): edge cases of the statistic.
+"""The variance policy's wait under the "delay" rule (issue 11, opt-in): the statistic's edges.
 
 A key's wait is the `wait_quantile` of its click-to-report delays (shrunk toward the pool's);
 these tests feed it the reporting patterns that broke the dispersion-only rule: an advertiser's
@@ -22,6 +22,7 @@ T0 = 1767225600.0
 HOUR = 3600.0
 DAY = 86_400.0
 ROW = [1, 2, 3]
+DELAY = PolicyConfig(wait_rule="delay")
 
 
 def net_label(samples: list[CvrSample], iid: str) -> float:
@@ -80,7 +81,7 @@ def test_quantile_interpolates_inside_log_bins() -> None:
 
 
 def test_a_fresh_policy_waits_the_ceiling_then_the_delays_decide() -> None:
-    p = VariancePolicy()
+    p = VariancePolicy(DELAY)
     assert p.wait_of("never-seen") == p.config.ceiling_s  # no report anywhere: volatile
     streaming_key(p, 1, 48, delay_s=600.0)
     # 600 s delays: the 0.9 quantile sits in the bin holding 600 s (log-interpolated).
@@ -100,7 +101,7 @@ def test_first_dump_lengthens_the_wait_of_that_advertiser_only() -> None:
     """Before its first upload a bursty advertiser has no delays of its own and waits the
     pool's (streaming, short) wait; its first upload, of conversions 10-30 h after their
     clicks, makes its own wait long, and leaves the streaming advertiser's as it was."""
-    p = VariancePolicy()
+    p = VariancePolicy(DELAY)
     out = streaming_key(p, 1, 30, delay_s=120.0)
     bursty = [f"b{h}" for h in range(30)]
     for h, iid in enumerate(bursty):
@@ -127,7 +128,7 @@ def test_backfill_of_weeks_arriving_at_once() -> None:
     """Three weeks of conversions uploaded at once: those for clicks older than remember_s are
     counted as unmatched and dropped, the rest corrected; the statistic stays finite and the
     advertiser's next clicks wait the ceiling."""
-    p = VariancePolicy()
+    p = VariancePolicy(DELAY)
     streaming_key(p, 1, 24, delay_s=300.0)
     clicks = [(f"w{h}", T0 + h * HOUR) for h in range(21 * 24)]
     out: list[CvrSample] = []
@@ -189,7 +190,7 @@ def test_a_bursty_advertiser_keeps_its_long_wait_through_a_gap_longer_than_the_w
     than the 48 h window, the dispersion rule sees no report, falls back to the pool (here the
     streaming advertisers, D ~ 1) and releases the bursty advertiser's clicks after the floor,
     as fake negatives. Its click-to-report delays (up to the 60 h gap) keep it waiting."""
-    p = bursty_with_long_gaps(PolicyConfig())
+    p = bursty_with_long_gaps(DELAY)
     assert p.wait_of(9) >= 24 * HOUR
     assert p.wait_of(1) <= HOUR  # streaming advertisers are still released fast
     old = bursty_with_long_gaps(PolicyConfig(wait_rule="dispersion"))
@@ -201,7 +202,7 @@ def test_an_advertiser_going_silent_keeps_its_wait() -> None:
     its delays (a bursty advertiser between uploads is silent too), so its wait stays its own,
     drifting toward the pool's only as its own delays decay (half-life 7 days); never to the
     floor."""
-    p = VariancePolicy()
+    p = VariancePolicy(DELAY)
     streams(p, {1: 60.0, 2: 12 * HOUR}, 96)
     own = p.wait_of(2)
     assert own > 6 * HOUR and p.wait_of(1) == p.config.floor_s
@@ -220,7 +221,7 @@ def test_an_advertiser_going_silent_keeps_its_wait() -> None:
 
 def test_restart_mid_dump_gives_the_same_output_as_no_restart() -> None:
     def run(cut: int | None) -> tuple[list[tuple[Any, ...]], dict[str, Any]]:
-        p = VariancePolicy()
+        p = VariancePolicy(DELAY)
         out = streaming_key(p, 1, 30, delay_s=900.0)
         clicks = [f"b{h}" for h in range(40)]
         for h, iid in enumerate(clicks):
@@ -230,7 +231,7 @@ def test_restart_mid_dump_gives_the_same_output_as_no_restart() -> None:
         dump = clicks[::2]
         for i, iid in enumerate(dump):
             if i == cut:
-                q = VariancePolicy()
+                q = VariancePolicy(DELAY)
                 q.restore(through_torch(p.state()))
                 p = q
             out += p.add_conversion(iid, T0 + 40 * HOUR)

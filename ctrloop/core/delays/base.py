@@ -53,10 +53,11 @@ class PolicyConfig:
     prior_dispersion: float = 8.0  # before any report: assume volatile (wait the ceiling)
     half_life_s: float = 7 * 86_400.0  # of the rate and delay statistics
     # How the variance policy maps its statistics to a wait (package docstring):
-    # "delay": the `wait_quantile` of the advertiser's click-to-report delays (shrunk toward
-    # the pool's), so at most 1 - q of its conversions come after the release, whatever its
-    # reporting; "dispersion": the index of dispersion's mapping alone (before issue 11).
-    wait_rule: str = "delay"
+    # "dispersion": the index of dispersion's mapping; "delay" (opt-in, issue 11): the
+    # `wait_quantile` of the advertiser's click-to-report delays (shrunk toward the pool's), so
+    # at most 1 - q of its conversions come after the release, whatever its reporting. Not the
+    # default: on held-out seeds it over-predicted more (docs/delays.md).
+    wait_rule: str = "dispersion"
     wait_quantile: float = 0.9
     soft_labels: bool = False  # expected labels, settled at settle_s: unstable (docstring)
     settle_s: float = 3 * 86_400.0  # soft labels: when an unconverted click becomes a 0
