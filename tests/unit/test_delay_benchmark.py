@@ -35,3 +35,41 @@ def test_confusion_counts_waits_by_reporting_kind() -> None:
     assert b["median_dispersion_of_those"] == 12.0  # only advertisers with >= 20 reports
     table = render_confusion([{"ts": 0.0, **check}, {"ts": 1.0, **check}])
     assert "| streaming | 4 | 2 | 2 | 0 |" in table and "| bursty | 6 | 2 | 0 | 4 |" in table
+
+
+def test_mean_interval_across_seeds() -> None:
+    from benchmarks.delay_policies import mean_interval
+
+    m, lo, hi = mean_interval([0.1, 0.2, 0.3])
+    half = 4.303 * 0.1 / 3 ** 0.5  # t(0.975, 2 df) * sd / sqrt(n)
+    assert m == pytest.approx(0.2) and (lo, hi) == pytest.approx((0.2 - half, 0.2 + half))
+    assert mean_interval([0.5]) == (0.5, 0.5, 0.5)
+    assert mean_interval([None, float("nan"), 1.0, 3.0])[0] == pytest.approx(2.0)
+
+
+def test_aggregate_takes_each_policy_across_seed_tables() -> None:
+    from benchmarks.delay_policies import AGG_COLUMNS, aggregate, render_aggregate
+
+    def row(policy: str, x: float) -> dict[str, object]:
+        return {"policy": policy, **{c: x for c in AGG_COLUMNS}}
+
+    rows = aggregate([[row("oracle", 0.0), row("naive", -0.2)],
+                      [row("oracle", 0.0), row("naive", -0.4)]])
+    assert [r["policy"] for r in rows] == ["oracle", "naive"]
+    assert rows[1]["bias_bursty"][0] == pytest.approx(-0.3) and rows[1]["seeds"] == 2
+    assert "| naive | -0.3000" in render_aggregate(rows)
+
+
+def test_label_flow_counts_late_corrections_per_reporting_kind() -> None:
+    from benchmarks.delay_policies import label_flow_summary
+
+    result = {"label_flow": [["s1", "click", 10, 1.0], ["s1", "late", 3, 3.0],
+                             ["s1", "retract", 3, 0.0], ["b1", "click", 5, 0.0],
+                             ["b1", "late", 2, 2.0], ["b1", "retract", 2, 0.0]]}
+    out = label_flow_summary(result, bursty={"b1"})
+    assert "label_flow" not in result
+    s, b = out["streaming"], out["bursty"]
+    assert (s["clicks"], s["net_label_mass"]) == (10, 4.0)
+    assert s["late_share_of_positives"] == pytest.approx(3 / 4)
+    assert b["by_kind"]["late"] == {"samples": 2, "label_mass": 2.0}
+    assert b["late_share_of_positives"] == 1.0
