@@ -75,11 +75,24 @@ def world(out: Path, seed: int, impressions: int) -> tuple[Path, Path]:
     return events, truth
 
 
+# Learning variants an arch name may carry: `NAME+rank=W` (BCE + W x RankNet),
+# `NAME+ada=A` (Adagrad's initial accumulator A), combinable: `fwfm+rank=0.3+ada=1e-5`.
+VARIANTS = {"rank": "rank_loss_weight", "ada": "adagrad_initial"}
+
+
+def learning_of(arch: str) -> dict[str, float]:
+    """The LearningSettings overrides of an arch name's `+key=value` variants."""
+    out = {}
+    for part in arch.split("+")[1:]:
+        key, _, value = part.partition("=")
+        out[VARIANTS[key]] = float(value)
+    return out
+
+
 def config_of(arch: str) -> tuple[str, dict[str, Any], float]:
-    """(model, model params, rank-loss weight) of `NAME` or `NAME+rank=W` (BCE + W x RankNet)."""
-    name, _, rank = arch.partition("+rank=")
-    model, params = ARCHS[name]
-    return model, params, float(rank) if rank else 0.0
+    """(model, model params, rank-loss weight) of an arch name (see VARIANTS)."""
+    model, params = ARCHS[arch.split("+")[0]]
+    return model, params, learning_of(arch).get("rank_loss_weight", 0.0)
 
 
 def run_job(job: tuple[str, int, str, str, dict[str, Any], float]) -> dict[str, Any]:
@@ -87,7 +100,7 @@ def run_job(job: tuple[str, int, str, str, dict[str, Any], float]) -> dict[str, 
     out = Path(out_s)
     events, truth = out / f"events_{seed}.jsonl", out / f"truth_{seed}.jsonl"
     settings = LearningSettings(model=model, model_params=json.dumps(params),
-                                rank_loss_weight=rank_weight)
+                                **{"rank_loss_weight": rank_weight, **learning_of(arch)})
     outputs = outputs_for(out / f"preds_{arch}_{seed}.jsonl")
     ia: dict[str, float] = {}
     summary = replay(events, outputs, None, settings.pipeline_config(), settings.seed,

@@ -43,6 +43,8 @@ def _learning_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--batch-size", type=int, help="minibatch size (default 1024)")
     g.add_argument("--sparse-lr", type=float, help="Adagrad learning rate of embeddings")
     g.add_argument("--dense-lr", type=float, help="Adam learning rate of dense weights")
+    g.add_argument("--adagrad-initial", type=float, help="Adagrad's initial accumulator for "
+                   "embedding rows (default 0)")
     g.add_argument("--no-warmup", dest="warmup", action="store_false", default=None,
                    help="learn positives of the first click window too")
     g.add_argument("--seed", type=int, help="model initialisation seed (default 0)")
@@ -55,8 +57,8 @@ def _learning_flags(p: argparse.ArgumentParser) -> None:
 
 _LEARNING_KEYS = ("feature_spec", "click_window", "allowed_lateness", "publish_interval",
                   "model", "model_params", "dim", "batch_size", "sparse_lr", "dense_lr",
-                  "warmup", "seed", "delay_policy", "conversion_types", "min_learn_samples",
-                  "max_learn_wait")
+                  "adagrad_initial", "warmup", "seed", "delay_policy", "conversion_types",
+                  "min_learn_samples", "max_learn_wait")
 
 
 def _overrides(args: argparse.Namespace, keys: Sequence[str]) -> dict[str, Any]:

@@ -53,6 +53,9 @@ class LearningSettings(BaseSettings):
     rank_loss_weight: float = Field(0.0, ge=0, description="weight of the pairwise ranking "
                                     "loss added to BCE (0: BCE alone)")
     sparse_lr: float = Field(0.05, gt=0)
+    adagrad_initial: float = Field(0.0, ge=0, description="Adagrad's initial accumulator for "
+                                   "embedding rows (0: plain Adagrad, a row's first step is a "
+                                   "full learning-rate step)")
     dense_lr: float = Field(1e-3, gt=0)
     metrics_window: int = Field(100_000, ge=1)
     feature_spec: Path | None = None
@@ -148,7 +151,8 @@ class LearningSettings(BaseSettings):
             learner=LearnerConfig(model=self.model, hparams=hparams, batch_size=self.batch_size,
                                   sparse_lr=self.sparse_lr, dense_lr=self.dense_lr,
                                   metrics_window=self.metrics_window,
-                                  rank_weight=self.rank_loss_weight),
+                                  rank_weight=self.rank_loss_weight,
+                                  adagrad_initial=self.adagrad_initial),
         )
 
 

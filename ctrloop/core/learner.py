@@ -41,10 +41,14 @@ class LearnerConfig:
     # Weight of the pairwise ranking term added to BCE (paper §6.1, "Combined-Pair"); 0 = BCE
     # alone. See `ranking_loss`.
     rank_weight: float = 0.0
+    # Adagrad's initial accumulator for embedding rows (HashEmbedding.step); 0 = plain Adagrad.
+    adagrad_initial: float = 0.0
 
     def __post_init__(self) -> None:
         if self.batch_size < 1:
             raise ConfigError("batch_size must be >= 1")
+        if not self.adagrad_initial >= 0:  # also refuses NaN
+            raise ConfigError(f"adagrad_initial must be >= 0, got {self.adagrad_initial}")
         if not self.rank_weight >= 0:  # also refuses NaN
             raise ConfigError(f"rank_weight must be >= 0, got {self.rank_weight}")
         if self.sparse_lr <= 0 or self.dense_lr <= 0:
@@ -144,7 +148,7 @@ class OnlineLearner:
                 self._dense_opt.zero_grad(set_to_none=True)
             loss.backward()
             for table in self._tables:
-                table.step(self.config.sparse_lr)
+                table.step(self.config.sparse_lr, initial=self.config.adagrad_initial)
             if self._dense_opt is not None:
                 self._dense_opt.step()
             p = torch.sigmoid(logits.detach())

@@ -211,3 +211,30 @@ def test_task_indices_are_checked() -> None:
     mt = OnlineLearner(build_model("stem", SPEC, **hp), LearnerConfig(model="stem", hparams=hp))
     with pytest.raises(ValueError, match="task index"):
         mt.learn(x, y, tasks=np.array([0, 2, 0, 0]))
+
+
+def test_adagrad_initial_accumulator_damps_a_rows_first_step() -> None:
+    """Plain Adagrad moves a row by the full learning rate on its first gradient, however small
+    that gradient is; an initial accumulator makes the first step proportional to it."""
+    from ctrloop.core.models.base import HashEmbedding
+
+    def first_step(initial: float, scale: float) -> float:
+        table = HashEmbedding(4, 2, init_std=0.0)
+        rows = table(torch.tensor([1]))
+        (rows.sum() * scale).backward()
+        table.step(0.05, initial=initial)
+        return float(table.weight[1, 0])
+
+    assert first_step(0.0, 1e-3) == pytest.approx(-0.05, rel=1e-4)
+    assert first_step(0.0, 1e-6) == pytest.approx(-0.05, rel=1e-2)  # tiny gradient, full step
+    small, large = first_step(1e-4, 1e-3), first_step(1e-4, 1e-1)
+    assert abs(small) < 0.01 and abs(large) > 0.04  # proportional to the gradient's size
+    table = HashEmbedding(4, 2)
+    table(torch.tensor([1])).sum().backward()
+    table.step(0.05, initial=1e-4)
+    assert float(table.accumulator[1, 0]) == pytest.approx(1.0)  # checkpoints keep the plain sum
+
+
+def test_adagrad_initial_must_be_non_negative() -> None:
+    with pytest.raises(ConfigError, match="adagrad_initial"):
+        LearnerConfig(adagrad_initial=-1.0)

@@ -65,13 +65,19 @@ class HashEmbedding(nn.Module):
         return F.embedding(idx, self.weight)
 
     @torch.no_grad()
-    def step(self, lr: float, eps: float = 1e-8) -> None:
+    def step(self, lr: float, eps: float = 1e-8, initial: float = 0.0) -> None:
+        """`initial`: Adagrad's initial accumulator value (TF's `initial_accumulator_value`),
+        added to the denominator only, so checkpoints keep the plain sum of squares. At 0 a
+        row's first update is a full `lr` step whatever its gradient's size: a rare row (a new
+        ad seen twice) jumps as far on one noisy gradient as a frequent one does."""
         for uniq, rows in self._touched:
             g = rows.grad
             if g is None:
                 continue
             acc = self.accumulator.index_select(0, uniq).add_(g * g)
             self.accumulator.index_copy_(0, uniq, acc)
+            if initial:
+                acc.add_(initial)
             self.weight.index_add_(0, uniq, g.div_(acc.sqrt_().add_(eps)).mul_(-lr))
         self._touched.clear()
 
