@@ -262,7 +262,8 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--impressions", type=int, default=120_000)
     ap.add_argument("--archs", default=",".join(ARCHS), help="comma-separated names of ARCHS; "
-                    "NAME+rank=W adds the ranking loss with weight W")
+                    "NAME+rank=W adds the ranking loss with weight W, "
+                    "NAME+ada=A Adagrad's initial accumulator A")
     ap.add_argument("--extra", default="", help="more configs to try, JSON "
                     '{"name": ["model", {params}]} (tuning on seed 0)')
     ap.add_argument("--seeds", default="0,1,2,3", help="0 is the tuning world")
@@ -274,7 +275,8 @@ def main(argv: list[str] | None = None) -> int:
     for name, (model, params) in (json.loads(args.extra) if args.extra else {}).items():
         ARCHS[name] = (model, params)
     archs = [a for a in args.archs.split(",") if a]
-    unknown = [a for a in archs if a.partition("+rank=")[0] not in ARCHS]
+    unknown = [a for a in archs if a.split("+")[0] not in ARCHS
+               or any(v.partition("=")[0] not in VARIANTS for v in a.split("+")[1:])]
     if unknown or "fwfm" not in archs:
         ap.error(f"--archs: choose from {sorted(ARCHS)}, fwfm included (the baseline)")
     seeds = [int(s) for s in args.seeds.split(",")]
