@@ -587,22 +587,42 @@ def ratio_ci(num: list[float], den: list[float]) -> tuple[float, float, float]:
     return float(r.mean()), float(r.mean()) - half, float(r.mean()) + half
 
 
-def seeds_table(per_seed: dict[int, list[dict[str, Any]]], against: str = "ts") -> str:
-    """Regret per 1k requests per seed and policy, and `against` / each other policy."""
-    names = [r["policy"] for r in next(iter(per_seed.values())) if "regret" in r]
+def seeds_table(per_seed: dict[int, list[dict[str, Any]]]) -> str:
+    """Regret per 1k requests per seed and policy (mean row last), then every Thompson
+    sampling policy's regret over every other policy's: mean per-seed ratio, 95% CI."""
+    by_seed = {s: {r["policy"]: r for r in res if "regret" in r} for s, res in per_seed.items()}
+    names = [n for n in next(iter(by_seed.values())) if all(n in b for b in by_seed.values())]
     lines = ["| seed | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
-    for seed, res in per_seed.items():
-        by = {r["policy"]: r for r in res if "regret" in r}
+    for seed, by in by_seed.items():
         lines.append(f"| {seed} | " + " | ".join(f"{by[n]['regret_per_1k']:.2f}" for n in names)
                      + " |")
-    if against in names:
-        for other in (n for n in names if n != against):
-            num = [{r["policy"]: r for r in res}[against]["regret"] for res in per_seed.values()]
-            den = [{r["policy"]: r for r in res}[other]["regret"] for res in per_seed.values()]
-            m, lo, hi = ratio_ci(num, den)
-            lines.append(f"\n{against} / {other}: {m:.3f} (95% CI {lo:.3f}–{hi:.3f}, "
-                         f"{len(num)} seeds)")
+    lines.append("| mean | " + " | ".join(
+        f"{np.mean([b[n]['regret_per_1k'] for b in by_seed.values()]):.2f}" for n in names)
+        + " |")
+    lines.append("")
+    for ts in (n for n in names if n.startswith("ts")):
+        for other in (n for n in names if not n.startswith("ts")):
+            m, lo, hi = ratio_ci([b[ts]["regret"] for b in by_seed.values()],
+                                 [b[other]["regret"] for b in by_seed.values()])
+            lines.append(f"- {ts} / {other}: {m:.3f} (95% CI {lo:.3f}–{hi:.3f}, "
+                         f"{len(by_seed)} seeds)")
     return "\n".join(lines)
+
+
+def summarize(dirs: list[Path]) -> str:
+    """seeds_table over the `seed-*/exploration.json` of several `--seeds` runs (e.g. the same
+    world run in parallel processes, or with and without the cohort prior: those policies are
+    named "... (no cohort prior)")."""
+    per_seed: dict[int, list[dict[str, Any]]] = {}
+    for d in dirs:
+        for f in sorted(d.glob("seed-*/exploration.json")):
+            run = json.loads(f.read_text())
+            tag = "" if run["config"].get("cohort_prior", True) else " (no cohort prior)"
+            res = [{**r, "policy": r["policy"] + tag} for r in run["results"]]
+            per_seed.setdefault(int(run["config"]["seed"]), []).extend(res)
+    if not per_seed:
+        raise SystemExit(f"no seed-*/exploration.json under {', '.join(map(str, dirs))}")
+    return seeds_table(dict(sorted(per_seed.items())))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -628,7 +648,12 @@ def main(argv: list[str] | None = None) -> int:
                     help="also run every VW exploration setting: " + ", ".join(VW_SWEEP))
     ap.add_argument("--out", type=Path, default=Path("runs/exploration"))
     ap.add_argument("--svg", type=Path, help="write the regret plot here too")
+    ap.add_argument("--summarize", type=Path, nargs="+", metavar="DIR",
+                    help="only print the seeds table of these --seeds runs' --out folders")
     args = ap.parse_args(argv)
+    if args.summarize:
+        print(summarize(args.summarize))
+        return 0
     torch.set_num_threads(1)
     names = [p for p in args.policies.split(",") if p]
     if args.vw_sweep:
