@@ -11,6 +11,7 @@ import faulthandler
 import json
 import logging
 import math
+import os
 import signal
 import sys
 from collections.abc import Callable, Sequence
@@ -108,6 +109,13 @@ def _snapshot_writer(path: Path | None) -> Callable[[Any], None] | None:
     return write
 
 
+def _is_terminal(stream: Any) -> bool:
+    try:
+        return bool(stream.isatty()) and os.environ.get("TERM") != "dumb"
+    except (AttributeError, ValueError):
+        return False
+
+
 def cmd_replay(args: argparse.Namespace) -> int:
     from ctrloop.core.features import FeatureSpec
     from ctrloop.trainer.replay import outputs_for, print_progress, replay
@@ -119,9 +127,17 @@ def cmd_replay(args: argparse.Namespace) -> int:
     outputs = outputs_for(args.predictions_out, args.rejects_out, args.spec_out)
     spec = FeatureSpec.load(settings.feature_spec) if settings.feature_spec else None
     print(f"replaying {args.events} ...", file=sys.stderr)
-    summary = replay(args.events, outputs, spec, settings.pipeline_config(), settings.seed,
-                     progress=print_progress, truth=args.truth,
-                     on_finish=_snapshot_writer(args.snapshot_out))
+    with contextlib.ExitStack() as stack:
+        progress: Callable[[dict[str, Any]], None] = print_progress  # lines: logs, pipes
+        every = 200_000
+        if _is_terminal(sys.stderr) and args.events.exists():
+            from ctrloop.trainer.replay import ProgressBar
+
+            bar = stack.enter_context(ProgressBar(args.events, sys.stderr))
+            progress, every = bar, bar.every
+        summary = replay(args.events, outputs, spec, settings.pipeline_config(), settings.seed,
+                         progress=progress, progress_every=every, truth=args.truth,
+                         on_finish=_snapshot_writer(args.snapshot_out))
     if summary["spec_inferred"]:
         print(f"feature spec inferred from the first impressions, saved to "
               f"{outputs.spec} (edit it and pass --feature-spec to reuse)", file=sys.stderr)

@@ -9,6 +9,7 @@ rejects file for lines that break the contract. Deterministic for a given seed a
 from __future__ import annotations
 
 import itertools
+import shutil
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -221,6 +222,61 @@ def print_progress(p: dict[str, Any], out: IO[str] = sys.stderr) -> None:
     print(f"  {p['events']:>10,} events  {p['events_per_s']:>9,.0f}/s  learned "
           f"{p['learned']:>10,}  logloss {p['logloss']:.4f}  AUC {p['auc']:.4f}  "
           f"calib {p['calibration']:.3f}  v{p['model_version']}", file=out, flush=True)
+
+
+def count_lines(path: Path, chunk: int = 1 << 20) -> int:
+    """Lines in a file (a last line without a newline counts), for a progress bar's total:
+    a byte count per chunk, about a second per GB."""
+    n, last = 0, b"\n"
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            n += block.count(b"\n")
+            last = block[-1:]
+    return n + (last != b"\n")
+
+
+class ProgressBar:
+    """Replay's progress on a terminal: a rich bar over the events file's lines with the
+    rate and the time left (`print_progress`'s lines are for logs and pipes).
+
+        with ProgressBar(events, sys.stderr) as bar:
+            replay(events, outputs, progress=bar, progress_every=bar.every)
+    """
+
+    def __init__(self, events: Path, out: IO[str], width: int = 100) -> None:
+        from rich.console import Console
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            Progress,
+            TextColumn,
+            TimeElapsedColumn,
+            TimeRemainingColumn,
+        )
+
+        self.total = count_lines(events)
+        # About 200 updates over the file, and at least every 10,000 events.
+        self.every = max(1, min(10_000, self.total // 200))
+        console = Console(file=out, width=min(shutil.get_terminal_size((width, 24)).columns,
+                                              width))
+        self.progress = Progress(
+            TextColumn("replay"), BarColumn(), MofNCompleteColumn(),
+            TextColumn("{task.fields[rate]}"), TimeElapsedColumn(), TextColumn("left"),
+            TimeRemainingColumn(), console=console, transient=False)
+        self.task = self.progress.add_task("replay", total=self.total, rate="")
+
+    def __call__(self, p: dict[str, Any]) -> None:
+        self.progress.update(self.task, completed=p["events"],
+                             rate=f"{p['events_per_s']:,.0f}/s")
+
+    def __enter__(self) -> ProgressBar:
+        self.progress.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if exc[0] is None:  # rejected lines are not events: the bar ends full anyway
+            self.progress.update(self.task, completed=self.total)
+        self.progress.stop()
 
 
 def write_replay_plots(predictions: Path, truth: Path, out_dir: Path,

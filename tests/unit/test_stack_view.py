@@ -173,3 +173,31 @@ def test_the_stack_prints_the_plot_paths_at_the_end(tmp_path: Path) -> None:
     for name in ("ctr.svg", "fresh-auc.svg", "calibration.svg", "versions.svg"):
         assert (tmp_path / "plots" / name).exists() and str(tmp_path / "plots" / name) in text
     assert json.loads((tmp_path / "stack-summary.json").read_text())["calibration"]["n"] == 400
+
+
+# ---------------------------------------------------------------------------- replay's bar
+
+@pytest.mark.parametrize(("data", "lines"), [(b"", 0), (b"a\n" * 3, 3), (b"a\nb", 2),
+                                             (b"\n" * 5, 5)])
+def test_count_lines_counts_a_last_line_without_newline(tmp_path: Path, data: bytes,
+                                                        lines: int) -> None:
+    from ctrloop.trainer.replay import count_lines
+
+    (tmp_path / "f").write_bytes(data)
+    assert count_lines(tmp_path / "f", chunk=2) == lines
+
+
+def test_replays_progress_bar_counts_the_files_lines_and_fits_100_columns(
+        tmp_path: Path) -> None:
+    from ctrloop.trainer.replay import ProgressBar
+
+    events = tmp_path / "events.jsonl"
+    events.write_bytes(b"{}\n" * 4000)
+    out = io.StringIO()
+    with ProgressBar(events, out) as bar:
+        assert bar.total == 4000 and bar.every == 20  # ~200 updates over the file
+        bar({"events": 1000, "events_per_s": 12_345.6})
+        assert bar.progress.tasks[0].completed == 1000
+    text = ESC.sub("", out.getvalue())
+    assert "4000/4000" in text and "12,346/s" in text  # full at the end
+    assert all(len(line) <= 100 for line in text.splitlines())
