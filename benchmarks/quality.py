@@ -37,6 +37,7 @@ import multiprocessing
 import sys
 import time
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -321,27 +322,33 @@ def aggregate(runs: list[dict[str, Any]], vws: list[dict[str, Any]]
     return dict(by)
 
 
+def _goal(value: float, test: Callable[[float], bool]) -> dict[str, Any]:
+    """A goal's value and whether it is met; met None where there is nothing to judge (no
+    bursty advertisers in the world, VW not run)."""
+    return {"value": value, "met": bool(test(value)) if math.isfinite(value) else None}
+
+
+# (goal, where: "pcvr" (the policy's) or "pctr", key there, test of the mean)
+GOAL_TESTS: tuple[tuple[str, str, str, Callable[[float], bool]], ...] = (
+    ("bias_new_ads", "pcvr", "bias_new_ads", lambda m: abs(m) <= GOALS["bias_new_ads"]),
+    ("bias_bursty", "pcvr", "bias_bursty", lambda m: abs(m) <= GOALS["bias_bursty"]),
+    ("bias_streaming", "pcvr", "bias_streaming", lambda m: abs(m) <= GOALS["bias_streaming"]),
+    ("share_adv_within_10pct", "pcvr", "share_adv_within_10pct",
+     lambda m: m >= GOALS["share_adv_within_10pct"]),
+    ("pcvr_auc_gap_to_oracle", "pcvr", "pcvr_auc_gap_to_oracle",
+     lambda m: m <= GOALS["pcvr_auc_gap_to_oracle"]),
+    ("pctr_auc_gap", "pctr", "auc_gap", lambda m: m <= GOALS["pctr_auc_gap"]),
+    ("pctr_logloss_below_vw", "pctr", "logloss_minus_vw", lambda m: m < 0),
+)
+
+
 def goals(agg: dict[str, dict[str, Any]], policy: str = "variance") -> dict[str, dict[str, Any]]:
     """Per scenario, each goal of issue 11 for `policy` (pCTR: the model): the mean, met?"""
     out: dict[str, dict[str, Any]] = {}
     for s, a in agg.items():
-        pc = a["pcvr"].get(policy, {})
-        g: dict[str, Any] = {}
-        for k in ("bias_new_ads", "bias_bursty", "bias_streaming"):
-            m = pc.get(k, {}).get("mean", math.nan)
-            g[k] = {"value": m, "met": bool(abs(m) <= GOALS[k])}
-        k = "share_adv_within_10pct"
-        m = pc.get(k, {}).get("mean", math.nan)
-        g[k] = {"value": m, "met": bool(m >= GOALS[k])}
-        k = "pcvr_auc_gap_to_oracle"
-        m = pc.get(k, {}).get("mean", math.nan)
-        g[k] = {"value": m, "met": bool(m <= GOALS[k])}
-        m = a["pctr"].get("auc_gap", {}).get("mean", math.nan)
-        g["pctr_auc_gap"] = {"value": m, "met": bool(m <= GOALS["pctr_auc_gap"])}
-        m = a["pctr"].get("logloss_minus_vw", {}).get("mean", math.nan)
-        g["pctr_logloss_below_vw"] = {"value": m, "met": bool(m < 0) if math.isfinite(m)
-                                      else None}
-        out[s] = g
+        where = {"pcvr": a["pcvr"].get(policy, {}), "pctr": a["pctr"]}
+        out[s] = {name: _goal(where[src].get(key, {}).get("mean", math.nan), test)
+                  for name, src, key, test in GOAL_TESTS}
     return out
 
 
@@ -397,7 +404,7 @@ def render_goals(g: dict[str, dict[str, Any]]) -> str:
         cells = []
         for k, _, pct in GOAL_LABELS:
             v, met = row[k]["value"], row[k]["met"]
-            val = "—" if not math.isfinite(v) else (f"{v:+.1%}" if pct else f"{v:.3f}")
+            val = "—" if not math.isfinite(v) else (f"{v:+.1%}" if pct else f"{v:.4f}")
             cells.append(f"{val} {'✓' if met else ('—' if met is None else '✗')}")
         lines.append(f"| {s} | " + " | ".join(cells) + " |")
     return "\n".join(lines)

@@ -89,3 +89,17 @@ def test_quick_run_produces_segments_intervals_plots(tmp_path: Path,
     assert "| baseline | variance |" in out and "Goals of issue 11" in out
     # An oracle's AUC gap to itself is zero on every seed.
     assert res["aggregate"]["baseline"]["pcvr"]["oracle"]["pcvr_auc_gap_to_oracle"]["mean"] == 0
+
+
+def test_goals_met_missed_and_not_applicable() -> None:
+    agg = {"s": {"pcvr": {"variance": {"bias_new_ads": {"mean": 0.005},
+                                       "bias_bursty": {"mean": math.nan},
+                                       "bias_streaming": {"mean": -0.04}}},
+                 "pctr": {"auc_gap": {"mean": 0.009}}}}
+    g = quality.goals(agg)["s"]
+    assert g["bias_new_ads"]["met"] is True
+    assert g["bias_streaming"]["met"] is False
+    assert g["bias_bursty"]["met"] is None  # a world without bursty advertisers
+    assert g["pctr_auc_gap"]["met"] is True
+    assert g["pctr_logloss_below_vw"]["met"] is None  # VW not run
+    assert "— —" in quality.render_goals({"s": g})
