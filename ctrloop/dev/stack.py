@@ -472,18 +472,6 @@ def _fmt(x: float | None, spec: str = ".3f") -> str:
     return "-" if x is None or not math.isfinite(x) else format(x, spec)
 
 
-def model_line(models: dict[str, Any] | None) -> str:
-    """The served model from a /v1/models answer, in a few words."""
-    if not models:
-        return "model ?"
-    s = models.get("serving", {})
-    if s.get("status") == "prior":
-        return "model prior (no trained version yet)"
-    m = s.get("metrics") or {}
-    return (f"model v{s.get('version')} ({s.get('status')}) samples {s.get('samples_seen', 0):,}"
-            f" trainer AUC {_fmt(m.get('auc'))}")
-
-
 def served_text(models: dict[str, Any] | None, now: float) -> str:
     """The served model in a few words: version, how long ago it was published, samples.
 

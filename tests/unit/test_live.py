@@ -293,14 +293,10 @@ def test_busy_port_is_refused_when_asked_for_and_replaced_by_default(
 
 
 def test_live_view_line_handles_a_prior_and_missing_numbers() -> None:
-    from ctrloop.dev.stack import model_line, view_line
+    from ctrloop.dev.stack import view_line
 
     st = DriverStats(started_at=0.0)
     snap = st.snapshot(now=5.0)
     rates = {"requests_per_s": 40.0, "impressions_per_s": 68.0, "events_per_s": 2.0}
     line = view_line(snap, rates, {"serving": {"status": "prior"}}, st.served_auc(), None)
     assert "model prior" in line and "req/s  40.0" in line and "nan" not in line
-    trained = {"serving": {"version": "7", "status": "trained", "samples_seen": 1234,
-                           "metrics": {"auc": 0.65}}}
-    assert model_line(trained) == "model v7 (trained) samples 1,234 trainer AUC 0.650"
-    assert model_line(None) == "model ?"
