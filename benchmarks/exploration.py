@@ -642,6 +642,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--churn", type=float, default=d.churn_per_hour,
                     help="share of the pool replaced by new ads per hour")
     ap.add_argument("--base-ctr", type=float, default=d.base_ctr)
+    ap.add_argument("--candidates", type=int, help="candidates per request (default "
+                    f"{d.candidates_min}-{d.candidates_max} uniformly)")
     ap.add_argument("--policies", default=DEFAULT_POLICIES,
                     help=f"comma-separated (default {DEFAULT_POLICIES})")
     ap.add_argument("--vw-sweep", action="store_true",
@@ -664,7 +666,9 @@ def main(argv: list[str] | None = None) -> int:
         cfg = LoopConfig(seed=seed, hours=args.hours, rate=args.rate,
                          publish_interval=args.publish_interval, ad_pool_size=args.pool,
                          churn_per_hour=args.churn, base_ctr=args.base_ctr,
-                         ad_quality_sd=args.ad_quality_sd, cohort_prior=not args.no_cohort_prior)
+                         ad_quality_sd=args.ad_quality_sd, cohort_prior=not args.no_cohort_prior,
+                         candidates_min=args.candidates or d.candidates_min,
+                         candidates_max=args.candidates or d.candidates_max)
         out = args.out / f"seed-{seed}" if args.seeds else args.out
         per_seed[seed] = run_seed(cfg, names, out, args.svg if not args.seeds else None)
     if args.seeds:
