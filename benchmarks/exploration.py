@@ -58,6 +58,7 @@ from ctrloop.core.joining import JoinerConfig
 from ctrloop.core.models import CTRModel
 from ctrloop.core.snapshot import build_from_snapshot, decode_snapshot
 from ctrloop.sim.world import RequestBatch, World, WorldConfig, seed_sequence
+from ctrloop.trainer.heads import COHORT_PRIOR_FIELDS
 from ctrloop.trainer.pipeline import Pipeline, PipelineConfig
 
 FloatArray = NDArray[np.float64]
@@ -97,9 +98,9 @@ class LoopConfig:
     n_users: int = 20_000
     bucket_s: float = 300.0  # timeline resolution
     ad_quality_sd: float = 0.5  # spread of the per-ad effect: large = strong incumbents
-    # Never-trained ad rows get their cohort's mean (the trainer's default, issue 11); False:
-    # they keep their init (~0), as before that change.
-    cohort_prior: bool = True
+    # Never-trained ad rows get their cohort's mean (issue 11; trainer/heads.py
+    # COHORT_PRIOR_FIELDS, off by default in the trainer); False: they keep their init (~0).
+    cohort_prior: bool = False
 
     def world(self) -> WorldConfig:
         return WorldConfig(seed=self.seed, impressions_per_second=self.rate, slot_probs=(1.0,),
@@ -372,8 +373,8 @@ class Loop:
         pcfg = cfg.pipeline()
         pipe = None if is_vw else Pipeline(self.spec, pcfg, publisher=publish, seed=cfg.seed)
         self.pipeline, self.served = pipe, served  # the last run's, for inspection
-        if pipe is not None and not cfg.cohort_prior:
-            pipe.ctr.cohort_prior_fields = ()  # before issue 11: unseen rows stay at their init
+        if pipe is not None and cfg.cohort_prior:
+            pipe.ctr.cohort_prior_fields = COHORT_PRIOR_FIELDS
         tally = Tally()
         start_ts = world.config.start_ts
         created = np.zeros(0)
@@ -612,12 +613,12 @@ def seeds_table(per_seed: dict[int, list[dict[str, Any]]]) -> str:
 def summarize(dirs: list[Path]) -> str:
     """seeds_table over the `seed-*/exploration.json` of several `--seeds` runs (e.g. the same
     world run in parallel processes, or with and without the cohort prior: those policies are
-    named "... (no cohort prior)")."""
+    named "... (cohort prior)")."""
     per_seed: dict[int, list[dict[str, Any]]] = {}
     for d in dirs:
         for f in sorted(d.glob("seed-*/exploration.json")):
             run = json.loads(f.read_text())
-            tag = "" if run["config"].get("cohort_prior", True) else " (no cohort prior)"
+            tag = " (cohort prior)" if run["config"].get("cohort_prior") else ""
             res = [{**r, "policy": r["policy"] + tag} for r in run["results"]]
             per_seed.setdefault(int(run["config"]["seed"]), []).extend(res)
     if not per_seed:
@@ -635,8 +636,8 @@ def main(argv: list[str] | None = None) -> int:
                     "on each, then regret per 1k requests and ts / other with a 95%% CI")
     ap.add_argument("--ad-quality-sd", type=float, default=d.ad_quality_sd,
                     help="spread of the per-ad effect (larger: stronger incumbents)")
-    ap.add_argument("--no-cohort-prior", action="store_true",
-                    help="publish the learner's model as is: never-trained ad rows stay at 0")
+    ap.add_argument("--cohort-prior", action="store_true",
+                    help="never-trained ad rows get the mean of the trained ones (issue 11)")
     ap.add_argument("--publish-interval", type=float, default=d.publish_interval)
     ap.add_argument("--pool", type=int, default=d.ad_pool_size, help="active ads")
     ap.add_argument("--churn", type=float, default=d.churn_per_hour,
@@ -666,7 +667,7 @@ def main(argv: list[str] | None = None) -> int:
         cfg = LoopConfig(seed=seed, hours=args.hours, rate=args.rate,
                          publish_interval=args.publish_interval, ad_pool_size=args.pool,
                          churn_per_hour=args.churn, base_ctr=args.base_ctr,
-                         ad_quality_sd=args.ad_quality_sd, cohort_prior=not args.no_cohort_prior,
+                         ad_quality_sd=args.ad_quality_sd, cohort_prior=args.cohort_prior,
                          candidates_min=args.candidates or d.candidates_min,
                          candidates_max=args.candidates or d.candidates_max)
         out = args.out / f"seed-{seed}" if args.seeds else args.out

@@ -41,9 +41,10 @@ if TYPE_CHECKING:
 
 ADVERTISER_FIELD = "ad.advertiser_id"  # keys the pCVR delay statistics
 DIGEST_MASK = 0xFFFFFFFFFFFFFFFF
-# pCTR fields whose never-trained rows are served their field's mean of trained rows (a new ad
-# is a typical ad until it has evidence): the ad's own id, the one field a new ad always
-# brings unseen. Its advertiser, category, etc. are usually known rows already.
+# The cohort prior of unseen rows (issue 11, docs/exploration.md "Unseen rows"), when turned on
+# (`CtrHead.cohort_prior_fields`): pCTR fields whose never-trained rows get their field's mean
+# of trained rows, so a new ad is a typical ad until it has evidence. The ad's own id is the one
+# field a new ad always brings unseen; its advertiser, category, etc. are usually known rows.
 COHORT_PRIOR_FIELDS: tuple[str, ...] = ("ad.id",)
 
 
@@ -102,8 +103,9 @@ class CtrHead:
         self.warmup_until: float | None = None  # set from the first event's ts
         self.warm = False
         self.collapse = CollapseWatch(config.collapse_every, config.collapse_max_rows)
-        # Public: () turns the cohort prior of unseen rows off (the benchmark's "before").
-        self.cohort_prior_fields: tuple[str, ...] = COHORT_PRIOR_FIELDS
+        # Public. Off by default: on held-out bandit worlds it did not lower regret (neither
+        # greedy's nor Thompson sampling's, docs/exploration.md); COHORT_PRIOR_FIELDS turns it on.
+        self.cohort_prior_fields: tuple[str, ...] = ()
 
     def waiting(self) -> int:
         return len(self.ready)
@@ -137,11 +139,11 @@ class CtrHead:
             # Evidence fades with event time; the samples learned together count as of `clock`.
             self.learner.posterior.advance(clock)
         self.learner.learn(rows, labels)
-        # Never-trained ad rows get their cohort's mean after every learn, so every publication
-        # that follows (live, replay's or a benchmark's) serves a new ad a typical ad's mean and
-        # it is explored through the posterior variance only (issue 11; docs/exploration.md
-        # "Unseen rows"). In the learning model itself: a row first trained later starts from
-        # the mean it was served with, and a checkpoint carries it.
+        # If on, never-trained ad rows get their cohort's mean after every learn, so every
+        # publication that follows (live, replay's or a benchmark's) serves a new ad a typical
+        # ad's mean and it is explored through the posterior variance only (issue 11;
+        # docs/exploration.md "Unseen rows"). In the learning model itself: a row first trained
+        # later starts from the mean it was served with, and a checkpoint carries it.
         self.learner.model.fill_unseen_rows(self.cohort_prior_fields)
         st = self.stats
         st.learned += len(ready)

@@ -29,16 +29,16 @@ def _run(d: Path, seed: int, cohort: bool, regrets: dict[str, float]) -> None:
     (out / "exploration.json").write_text(json.dumps({"config": cfg, "results": res}))
 
 
-def test_summarize_merges_seeds_and_tags_runs_without_the_cohort_prior(tmp_path: Path) -> None:
+def test_summarize_merges_seeds_and_tags_runs_with_the_cohort_prior(tmp_path: Path) -> None:
     for seed, (g, t) in {1: (100.0, 80.0), 2: (100.0, 100.0)}.items():
-        _run(tmp_path / "after", seed, True, {"greedy": g, "ts": t})
-        _run(tmp_path / "before", seed, False, {"ts": 95.0})
-    text = summarize([tmp_path / "after", tmp_path / "before"])
-    assert "| seed | greedy | ts | ts (no cohort prior) |" in text
+        _run(tmp_path / "before", seed, False, {"greedy": g, "ts": t})
+        _run(tmp_path / "after", seed, True, {"ts": 95.0})
+    text = summarize([tmp_path / "before", tmp_path / "after"])
+    assert "| seed | greedy | ts | ts (cohort prior) |" in text
     assert "| mean | 10.00 | 9.00 | 9.50 |" in text
     assert "- ts / greedy: 0.900 (95% CI" in text
-    assert "- ts (no cohort prior) / greedy: 0.950" in text
+    assert "- ts (cohort prior) / greedy: 0.950" in text
 
 
-def test_the_cohort_prior_is_on_by_default() -> None:
-    assert LoopConfig().cohort_prior and LoopConfig().world().ad_quality_sd == 0.5
+def test_the_cohort_prior_is_off_by_default() -> None:
+    assert not LoopConfig().cohort_prior and LoopConfig().world().ad_quality_sd == 0.5

@@ -45,11 +45,10 @@ def _learn(head: CtrHead, rows: np.ndarray, labels: np.ndarray) -> None:
     assert head.learn(0.0, lambda: None)
 
 
-def _trained_head(fields: tuple[str, ...] | None = None) -> CtrHead:
+def _trained_head(fields: tuple[str, ...] = COHORT_PRIOR_FIELDS) -> CtrHead:
     torch.manual_seed(0)
     head = CtrHead(SPEC, PipelineConfig(), PipelineStats())
-    if fields is not None:
-        head.cohort_prior_fields = fields
+    head.cohort_prior_fields = fields
     _learn(head, *_samples(2_000))
     return head
 
@@ -104,7 +103,8 @@ def test_the_fill_leaves_trained_rows_and_other_fields_alone() -> None:
     assert COHORT_PRIOR_FIELDS == ("ad.id",)
 
 
-def test_turned_off_an_unseen_ad_keeps_its_optimistic_init() -> None:
+def test_off_by_default_an_unseen_ad_keeps_its_optimistic_init() -> None:
+    assert CtrHead(SPEC, PipelineConfig(), PipelineStats()).cohort_prior_fields == ()
     head = _trained_head(fields=())
     w = head.learner.model.table.weight
     assert float(w[AD_START + 20, 0]) == 0.0  # FwFM's linear weights start at 0
