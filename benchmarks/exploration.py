@@ -55,6 +55,7 @@ from numpy.typing import NDArray
 from ctrloop.core.events import Click, Impression
 from ctrloop.core.features import FeatureEncoder, FeatureSpec
 from ctrloop.core.joining import JoinerConfig
+from ctrloop.core.learner import LearnerConfig
 from ctrloop.core.models import CTRModel
 from ctrloop.core.snapshot import build_from_snapshot, decode_snapshot
 from ctrloop.sim.world import RequestBatch, World, WorldConfig, seed_sequence
@@ -101,6 +102,7 @@ class LoopConfig:
     # Never-trained ad rows get their cohort's mean (issue 11; trainer/heads.py
     # COHORT_PRIOR_FIELDS, off by default in the trainer); False: they keep their init (~0).
     cohort_prior: bool = False
+    adagrad_initial: float = 0.0  # the trainer's LearnerConfig.adagrad_initial (0: plain Adagrad)
 
     def world(self) -> WorldConfig:
         return WorldConfig(seed=self.seed, impressions_per_second=self.rate, slot_probs=(1.0,),
@@ -113,6 +115,7 @@ class LoopConfig:
     def pipeline(self) -> PipelineConfig:
         return PipelineConfig(publish_interval=self.publish_interval,
                               allowed_lateness=self.allowed_lateness,
+                              learner=LearnerConfig(adagrad_initial=self.adagrad_initial),
                               joiner=JoinerConfig(click_window=self.click_window))
 
 
@@ -636,6 +639,8 @@ def main(argv: list[str] | None = None) -> int:
                     "on each, then regret per 1k requests and ts / other with a 95%% CI")
     ap.add_argument("--ad-quality-sd", type=float, default=d.ad_quality_sd,
                     help="spread of the per-ad effect (larger: stronger incumbents)")
+    ap.add_argument("--adagrad-initial", type=float, default=d.adagrad_initial,
+                    help="Adagrad's initial accumulator for embedding rows (0: plain)")
     ap.add_argument("--cohort-prior", action="store_true",
                     help="never-trained ad rows get the mean of the trained ones (issue 11)")
     ap.add_argument("--publish-interval", type=float, default=d.publish_interval)
@@ -668,6 +673,7 @@ def main(argv: list[str] | None = None) -> int:
                          publish_interval=args.publish_interval, ad_pool_size=args.pool,
                          churn_per_hour=args.churn, base_ctr=args.base_ctr,
                          ad_quality_sd=args.ad_quality_sd, cohort_prior=args.cohort_prior,
+                         adagrad_initial=args.adagrad_initial,
                          candidates_min=args.candidates or d.candidates_min,
                          candidates_max=args.candidates or d.candidates_max)
         out = args.out / f"seed-{seed}" if args.seeds else args.out
