@@ -229,6 +229,7 @@ class Thompson(ModelPolicy):
 
     name = "ts"
     temperature: float | None = None  # None: ctrloop.core.exploration.DEFAULT_TEMPERATURE
+    only_field: str | None = None  # sample only this field's rows (the others: the mean)
 
     def __init__(self, seed: int) -> None:
         super().__init__(seed)
@@ -260,6 +261,9 @@ class Thompson(ModelPolicy):
             row_var = posterior.row_variance(rows).double().numpy()
         temp = self.temperature
         row_var *= self.exploration.DEFAULT_TEMPERATURE if temp is None else temp
+        if self.only_field is not None:
+            keep = model.spec.names.index(self.only_field)
+            row_var[:, [c for c in range(row_var.shape[1]) if c != keep]] = 0.0
         np_rows = rows.numpy()
         ex = self.exploration
         for i in range(len(chunk)):
@@ -505,14 +509,17 @@ def make_policy(name: str, cfg: LoopConfig) -> Callable[[], Any]:
     if name.startswith("eps-"):
         eps = float(name[4:])
         return lambda: EpsilonGreedy(cfg.seed, eps)
-    if name == "ts" or name.startswith("ts-"):
+    if name in ("ts", "tsad") or name.startswith(("ts-", "tsad-")):
         # ts-T: sampling temperature T (the calibrated posterior's variance times T), as the
-        # service's CTRLOOP_EXPLORE_TEMPERATURE; plain ts: the service default.
-        temperature = float(name[3:]) if name.startswith("ts-") else None
+        # service's CTRLOOP_EXPLORE_TEMPERATURE; plain ts: the service default. tsad[-T]: only
+        # the ad.id rows are sampled (the new ad's own uncertainty), every other row at its mean.
+        base, _, t_arg = name.partition("-")
+        temperature = float(t_arg) if t_arg else None
 
         def make_ts() -> Thompson:
             t = Thompson(cfg.seed)
             t.name, t.temperature = name, temperature
+            t.only_field = "ad.id" if base == "tsad" else None
             return t
         return make_ts
     if name.startswith("vw:"):

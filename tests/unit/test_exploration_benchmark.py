@@ -42,3 +42,14 @@ def test_summarize_merges_seeds_and_tags_runs_with_the_cohort_prior(tmp_path: Pa
 
 def test_the_cohort_prior_is_off_by_default() -> None:
     assert not LoopConfig().cohort_prior and LoopConfig().world().ad_quality_sd == 0.5
+
+
+def test_ts_policy_names_give_temperature_and_sampled_rows() -> None:
+    from benchmarks.exploration import make_policy
+
+    cfg = LoopConfig()
+    ts, ts_t, ad, ad_t = (make_policy(n, cfg)() for n in ("ts", "ts-0.1", "tsad", "tsad-0.1"))
+    assert (ts.temperature, ts.only_field) == (None, None)
+    assert (ts_t.temperature, ts_t.only_field) == (0.1, None)
+    assert (ad.temperature, ad.only_field) == (None, "ad.id")
+    assert (ad_t.temperature, ad_t.only_field, ad_t.name) == (0.1, "ad.id", "tsad-0.1")
