@@ -32,6 +32,12 @@ start; "first day" counts their impressions and clicks while younger than 24 h.
 
     python -m benchmarks.exploration [--hours 1] [--rate 20] [--policies greedy,eps-0.05,...]
         [--out runs/exploration] [--svg docs/img/exploration_regret.svg]
+
+Issue 11: `--seeds 1,2,3` runs every policy on each seed and prints regret per 1k requests and
+every TS policy's ratio to every other with a 95% t-interval across seeds (`--summarize DIR...`
+merges such runs); `--cohort-prior` serves never-trained ad rows their cohort's mean
+(docs/exploration.md "Unseen rows"); `--ad-quality-sd` and `--candidates` shape the world
+(strong incumbents: a wide per-ad spread). Tuning seed 0; held-out seeds 1-6 (docs/exploration.md).
 """
 
 from __future__ import annotations
