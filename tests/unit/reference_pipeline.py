@@ -185,8 +185,8 @@ class Pipeline:
             name = "stem"
         else:
             name = cc.model
-        if name in ("fwfm", "stem"):
-            hp.setdefault("prior_ctr", 0.05)  # conversions per click, not clicks
+        # Every architecture starts at its prior (as trainer/heads.py since the model zoo).
+        hp.setdefault("prior_ctr", 0.05)  # conversions per click, not clicks
         return OnlineLearner(build_model(name, spec, **hp), cc)
 
     def _truth_of(self, converted: Collection[str] | Mapping[str, Collection[str]] | None,
