@@ -45,7 +45,7 @@ def _learning_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--sparse-lr", type=float, help="Adagrad learning rate of embeddings")
     g.add_argument("--dense-lr", type=float, help="Adam learning rate of dense weights")
     g.add_argument("--adagrad-initial", type=float, help="Adagrad's initial accumulator for "
-                   "embedding rows (default 0)")
+                   "embedding rows (default 1e-6; 0: plain Adagrad)")
     g.add_argument("--no-warmup", dest="warmup", action="store_false", default=None,
                    help="learn positives of the first click window too")
     g.add_argument("--seed", type=int, help="model initialisation seed (default 0)")

@@ -53,7 +53,7 @@ class LearningSettings(BaseSettings):
     rank_loss_weight: float = Field(0.0, ge=0, description="weight of the pairwise ranking "
                                     "loss added to BCE (0: BCE alone)")
     sparse_lr: float = Field(0.05, gt=0)
-    adagrad_initial: float = Field(0.0, ge=0, description="Adagrad's initial accumulator for "
+    adagrad_initial: float = Field(1e-6, ge=0, description="Adagrad's initial accumulator for "
                                    "embedding rows (0: plain Adagrad, a row's first step is a "
                                    "full learning-rate step)")
     dense_lr: float = Field(1e-3, gt=0)
