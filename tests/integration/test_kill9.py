@@ -126,6 +126,17 @@ def _progressed(log: Path) -> bool:
     return False
 
 
+def _running_with_nothing_to_read(log: Path, producer: threading.Thread) -> bool:
+    """The stream is all produced, and this restarted trainer is running its loop (it logged
+    its counters) from a checkpoint that may already hold everything it may read now: the
+    previous trainer read every impression, and the clicks and conversions that run ahead of
+    them wait, paused, until the impressions partition has been quiet for
+    CTRLOOP_IDLE_ADVANCE_S (600 s here). Not progressing is then the designed behaviour (CI
+    saw it once); the last trainer, which drains, checks that nothing was lost."""
+    text = log.read_text(errors="replace")
+    return not producer.is_alive() and "restored checkpoint" in text and " events (" in text
+
+
 def _tails(logs: list[Path]) -> str:
     return "\n".join(f"--- {p.name}\n{p.read_text(errors='replace')[-2500:]}" for p in logs)
 
@@ -158,10 +169,14 @@ def test_repeated_kill_9_while_streaming_learns_exactly_what_one_run_learns(
         proc = _start(env, logs[-1])
         try:
             deadline = time.monotonic() + 120  # start-up, restore and a group join: ~4 s idle
-            while not _progressed(logs[-1]) and time.monotonic() < deadline:
+            def started() -> bool:
+                return (_progressed(logs[-1])
+                        or _running_with_nothing_to_read(logs[-1], producer))
+
+            while not started() and time.monotonic() < deadline:
                 assert proc.poll() is None, _tails(logs)
                 time.sleep(0.1)
-            assert _progressed(logs[-1]), _tails(logs)
+            assert started(), _tails(logs)
             if i == len(KILL_AFTER) - 1:  # this one reads the end of the stream live
                 producer.join(300)
             time.sleep(after)
