@@ -84,6 +84,8 @@ def calibration_bins(pred: np.ndarray, actual: np.ndarray, n_bins: int = 10
     rates) and the count. Equal counts, not equal widths: pCTRs crowd near the base rate."""
     pr = np.asarray(pred, np.float64)
     ac = np.asarray(actual, np.float64)
+    if pr.size == 0:  # nothing scored yet (a stack stopped before its first trained model)
+        return []
     order = np.argsort(pr, kind="mergesort")
     return [{"pred": float(pr[ix].mean()), "actual": float(ac[ix].mean()), "n": int(ix.size)}
             for ix in np.array_split(order, min(n_bins, pr.size)) if ix.size]

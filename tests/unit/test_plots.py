@@ -96,6 +96,7 @@ def test_calibration_bins_and_spans_over_time() -> None:
     assert spans[0]["start_ts"] == 0.0 and spans[1]["start_ts"] == pytest.approx(999.8)
     assert all(s["auc"] == s["oracle_auc"] for s in spans)  # the prediction is the truth
     assert over_time(ts[:0], p[:0], p[:0], y[:0]) == []
+    assert calibration_bins(p[:0], p[:0]) == []  # nothing scored yet
 
 
 @pytest.fixture(scope="module")

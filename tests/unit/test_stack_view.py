@@ -175,6 +175,22 @@ def test_the_stack_prints_the_plot_paths_at_the_end(tmp_path: Path) -> None:
     assert json.loads((tmp_path / "stack-summary.json").read_text())["calibration"]["n"] == 400
 
 
+def test_a_run_stopped_before_its_first_trained_model_still_ends_cleanly(
+        tmp_path: Path) -> None:
+    """`ctrloop stack --duration 15` stops before any trained model serves: the summary has no
+    calibration bins and the plots say so (the end of such a run once exited 2 with numpy's
+    "number sections must be larger than 0")."""
+    out = io.StringIO()
+    cfg = stack.StackConfig(workdir=tmp_path, port=0)
+    run = stack._Run(stack.Stack(cfg, out), LiveDriver("http://127.0.0.1:1"))
+    run.driver.stats = _stats(200)  # type: ignore[union-attr]  # 40 s of the prior only
+    stack._finish(run, cfg, t0=0.0, interrupted=False)
+    saved = json.loads((tmp_path / "stack-summary.json").read_text())
+    assert saved["calibration"] == {"n": 0, "bins": []} and saved["timeline"]
+    for name in ("ctr.svg", "fresh-auc.svg", "calibration.svg", "versions.svg"):
+        ET.parse(tmp_path / "plots" / name)
+
+
 # ---------------------------------------------------------------------------- replay's bar
 
 @pytest.mark.parametrize(("data", "lines"), [(b"", 0), (b"a\n" * 3, 3), (b"a\nb", 2),
