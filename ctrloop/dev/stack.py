@@ -903,7 +903,7 @@ def summary_text(summary: dict[str, Any], path: Path) -> str:
     if ctr["rose"]:
         verdict = f"CTR rose {ctr['expected_lift']:+.0%}"
     elif not t["impressions"]:
-        verdict = "no trained model served long enough to compare (run longer)"
+        verdict = "no trained model served long enough (run longer)"
     else:
         verdict = "CTR did not rise"
     lines.append(f"  {verdict}: prior {_fmt_pct(p['expected_ctr'])} -> trained "

@@ -126,6 +126,10 @@ def test_summary_lines_fit_100_columns(tmp_path: Path) -> None:
     lines = text.splitlines()
     assert all(len(line) <= stack.VIEW_WIDTH for line in lines[1:]), text
     assert "CTR rose" in text and "AUC" in text and "logloss" in text
+    # A run too short for a trained model (`--duration 15`) once printed a 108-column line.
+    text = stack.summary_text(_summary(_stats(200)), tmp_path / "stack-summary.json")
+    assert all(len(line) <= stack.VIEW_WIDTH for line in text.splitlines()[1:]), text
+    assert "run longer" in text
 
 
 def _summary(st: DriverStats) -> dict[str, Any]:
